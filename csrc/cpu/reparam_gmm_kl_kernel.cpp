@@ -1,0 +1,158 @@
+// CPU kernel of reparam_gmm_kl, forward and backward (compiled once per ISA).
+#include <ATen/Dispatch.h>
+
+#include "isa_kernels.h"
+#include "vec_loop.h"
+
+namespace halfvae::cpu {
+inline namespace CPU_CAPABILITY {
+namespace {
+
+// Per-chunk scratch: in-kernel eps and the row-reduction buffer.
+template <typename T>
+struct ChunkScratch {
+  NormalFiller<T> filler;
+  std::vector<T> eps;
+  std::vector<T> per_elem;  // kl values (forward) or grad_kl broadcast over k (backward), row mode
+  ChunkScratch(const Blocking& b, bool sampled, bool row) {
+    if (sampled) eps.resize(normal_buffer_size<T>(b.block_elems));
+    if (row) per_elem.resize(b.block_elems + Vectorized<T>::size());
+  }
+  // eps of global elements [start, start+count), indexed by (global - start).
+  const T* block_eps(const PhiloxSeed* seed, const T* given, int64_t start, int64_t count) {
+    if (seed == nullptr) return given + start;
+    filler.fill(*seed, start, count, eps.data());
+    return eps.data();
+  }
+};
+
+template <typename T>
+struct Inputs {
+  const T* mu;
+  const T* logvar;
+  const T* eps = nullptr;  // given eps, or null
+  PhiloxSeed seed{0, 0};
+  const PhiloxSeed* seed_ptr = nullptr;  // non-null when sampled in the kernel
+  explicit Inputs(const ReparamGmmKlProblem& p)
+      : mu(p.mu.data_ptr<T>()), logvar(p.logvar.data_ptr<T>()) {
+    if (p.sampled()) {
+      seed = read_seed(p.seed);
+      seed_ptr = &seed;
+    } else {
+      eps = p.eps.data_ptr<T>();
+    }
+  }
+};
+
+template <typename T, int CT>
+void forward_impl(const ReparamGmmKlProblem& p, at::Tensor& z, at::Tensor& kl) {
+  using V = Vectorized<T>;
+  const PriorPattern<T> pat(p.prior);
+  const Blocking blocking(p.N * p.K, pat.P, 0);
+  const Inputs<T> in(p);
+  T* z_out = z.data_ptr<T>();
+  T* kl_out = kl.data_ptr<T>();
+  const bool row = p.reduction == kReductionRow;
+  const int C = static_cast<int>(p.C);
+  const int64_t K = p.K;
+
+  blocking.for_each_chunk([&](int64_t, int64_t b0, int64_t b1) {
+    ChunkScratch<T> s(blocking, p.sampled(), row);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t start = blocking.block_start(b), count = blocking.block_count(b);
+      const T* eps = s.block_eps(in.seed_ptr, in.eps, start, count);
+      for_each_vector<T>(start, count, pat.P, [&](int64_t g, int64_t j, int64_t local, int64_t n) {
+        V zv, klv;
+        reparam_kl_forward<VecMath<T>, CT>(load(in.mu + g, n), load(in.logvar + g, n),
+                                           load(eps + local, n), C, PriorLanes<T>{pat, j}, zv, klv);
+        store(z_out + g, zv, n);
+        store(row ? s.per_elem.data() + local : kl_out + g, klv, n);
+      });
+      if (row) {  // blocks hold whole rows: block_elems is a multiple of P, P of K
+        for (int64_t r = 0; r < count / K; ++r) {
+          double sum = 0;
+          for (int64_t k = 0; k < K; ++k) sum += s.per_elem[r * K + k];
+          kl_out[start / K + r] = static_cast<T>(sum);
+        }
+      }
+    }
+  });
+}
+
+template <typename T, int CT, bool kPriorGrads>
+void backward_impl(const ReparamGmmKlProblem& p, const at::Tensor& grad_z,
+                   const at::Tensor& grad_kl, at::Tensor& grad_mu, at::Tensor& grad_logvar,
+                   at::Tensor& prior_sums) {
+  using V = Vectorized<T>;
+  const PriorPattern<T> pat(p.prior);
+  const int64_t nsums = num_prior_sums(static_cast<int>(p.C));
+  const Blocking blocking(p.N * p.K, pat.P, kPriorGrads ? nsums : 0);
+  const Inputs<T> in(p);
+  const T* gz = grad_z.data_ptr<T>();
+  const T* gkl = grad_kl.data_ptr<T>();
+  T* gmu_out = grad_mu.data_ptr<T>();
+  T* glv_out = grad_logvar.data_ptr<T>();
+  const bool row = p.reduction == kReductionRow;
+  const int C = static_cast<int>(p.C);
+  const int64_t K = p.K;
+  std::vector<double> chunk_sums(kPriorGrads ? blocking.num_chunks * nsums * pat.P : 0, 0.0);
+
+  blocking.for_each_chunk([&](int64_t chunk, int64_t b0, int64_t b1) {
+    ChunkScratch<T> s(blocking, p.sampled(), row);
+    PriorSums<T> sums(pat);
+    sums.chunk = kPriorGrads ? chunk_sums.data() + chunk * nsums * pat.P : nullptr;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t start = blocking.block_start(b), count = blocking.block_count(b);
+      const T* eps = s.block_eps(in.seed_ptr, in.eps, start, count);
+      const T* gk = gkl + start;
+      if (row) {
+        for (int64_t r = 0; r < count / K; ++r)
+          std::fill_n(s.per_elem.data() + r * K, K, gkl[start / K + r]);
+        gk = s.per_elem.data();
+      }
+      if constexpr (kPriorGrads) sums.begin_block();
+      for_each_vector<T>(start, count, pat.P, [&](int64_t g, int64_t j, int64_t local, int64_t n) {
+        const V gk_v = load(gk + local, n);
+        auto acc = [&](int c, const V& r, const V& r_dprec, const V& r_lv) {
+          sums.add(c, j, r);
+          sums.add(C + c, j, r_dprec);
+          sums.add(2 * C + c, j, r_lv);
+        };
+        V gmu, glv;
+        reparam_kl_backward<VecMath<T>, CT, kPriorGrads>(
+            load(in.mu + g, n), load(in.logvar + g, n), load(eps + local, n), load(gz + g, n),
+            gk_v, C, PriorLanes<T>{pat, j}, acc, gmu, glv);
+        if constexpr (kPriorGrads) sums.add(3 * C, j, gk_v);
+        store(gmu_out + g, gmu, n);
+        store(glv_out + g, glv, n);
+      });
+      if constexpr (kPriorGrads) sums.end_block();
+    }
+  });
+  if constexpr (kPriorGrads)
+    reduce_prior_sums(chunk_sums, blocking.num_chunks, nsums, pat.P, K, prior_sums);
+}
+
+}  // namespace
+
+void reparam_gmm_kl_forward(const ReparamGmmKlProblem& p, at::Tensor& z, at::Tensor& kl) {
+  AT_DISPATCH_FLOATING_TYPES(p.mu.scalar_type(), "reparam_gmm_kl_cpu", [&] {
+    dispatch_components(p.C, [&]<int CT>() { forward_impl<scalar_t, CT>(p, z, kl); });
+  });
+}
+
+void reparam_gmm_kl_backward(const ReparamGmmKlProblem& p, const at::Tensor& grad_z,
+                             const at::Tensor& grad_kl, at::Tensor& grad_mu,
+                             at::Tensor& grad_logvar, at::Tensor& prior_sums) {
+  AT_DISPATCH_FLOATING_TYPES(p.mu.scalar_type(), "reparam_gmm_kl_backward_cpu", [&] {
+    dispatch_components(p.C, [&]<int CT>() {
+      if (prior_sums.defined())
+        backward_impl<scalar_t, CT, true>(p, grad_z, grad_kl, grad_mu, grad_logvar, prior_sums);
+      else
+        backward_impl<scalar_t, CT, false>(p, grad_z, grad_kl, grad_mu, grad_logvar, prior_sums);
+    });
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace halfvae::cpu

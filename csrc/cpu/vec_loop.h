@@ -1,0 +1,209 @@
+// The CPU loop shared by the element-wise kernels (included only by ISA-compiled files).
+//
+// Elements are walked in flattened [N, K] order, W = vector width at a time. The per-k prior tables
+// are repeated into a "pattern" of P = r*K elements, r chosen so that P is a multiple of W; a vector
+// starting at pattern offset j then reads its per-lane prior values with one load at j. Work is cut
+// into blocks of a fixed size and blocks into at most kMaxChunks chunks: the chunking depends only on
+// the problem size, never on the thread count, so per-chunk partial sums combined in chunk order make
+// the prior-gradient reduction bit-for-bit deterministic.
+#pragma once
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "../prior_tables.h"
+#include "halfvae/gmm_math.h"
+#include "halfvae/philox.h"
+
+namespace halfvae::cpu {
+inline namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+template <typename T>
+struct VecMath {
+  using V = Vectorized<T>;
+  static V exp(const V& x) { return x.exp(); }
+  static V log(const V& x) { return x.log(); }
+  static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
+};
+
+// Loads n <= W lanes; lanes past n are zero (the kernels rely on zero upstream gradients there).
+template <typename T>
+inline Vectorized<T> load(const T* p, int64_t n) {
+  using V = Vectorized<T>;
+  return n == V::size() ? V::loadu(p) : V::set(V(T(0)), V::loadu(p, n), n);
+}
+template <typename T>
+inline void store(T* p, const Vectorized<T>& v, int64_t n) {
+  if (n == Vectorized<T>::size()) v.store(p); else v.store(p, static_cast<int>(n));
+}
+
+constexpr int64_t kMaxPattern = 4096;
+constexpr int64_t kBlockElems = 8192;
+constexpr int64_t kMaxChunks = 256;
+
+template <typename T>
+struct PriorPattern {
+  using V = Vectorized<T>;
+  int64_t K = 0, C = 0, P = 0, stride = 0;  // stride: P rounded up to W (padding keeps loads in bounds)
+  std::vector<T> w, m, prec;                // [C][stride]
+
+  explicit PriorPattern(const PriorTables& t) : K(t.K), C(t.C) {
+    const int64_t W = V::size();
+    const int64_t rows = W / std::gcd(K, W);
+    P = (rows * K <= kMaxPattern) ? rows * K : K;
+    stride = (P + W - 1) / W * W + W;
+    w.assign(C * stride, T(0));
+    m.assign(C * stride, T(0));
+    prec.assign(C * stride, T(1));
+    const T* tw = t.w.data_ptr<T>();
+    const T* tm = t.m.data_ptr<T>();
+    const T* tp = t.prec.data_ptr<T>();
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t j = 0; j < P; ++j) {
+        const int64_t k = j % K;
+        w[c * stride + j] = tw[k * C + c];
+        m[c * stride + j] = tm[k * C + c];
+        prec[c * stride + j] = tp[k * C + c];
+      }
+  }
+};
+
+// The prior of the W lanes starting at pattern offset j.
+template <typename T>
+struct PriorLanes {
+  using V = Vectorized<T>;
+  const PriorPattern<T>& pat;
+  int64_t j;
+  V w(int c) const { return V::loadu(pat.w.data() + c * pat.stride + j); }
+  V m(int c) const { return V::loadu(pat.m.data() + c * pat.stride + j); }
+  V prec(int c) const { return V::loadu(pat.prec.data() + c * pat.stride + j); }
+};
+
+struct Blocking {
+  int64_t numel = 0, P = 1, block_elems = 0, num_blocks = 0, num_chunks = 0, blocks_per_chunk = 0;
+
+  // sums_per_pattern: doubles of per-chunk partial sums per pattern position (0 = none); bounds the
+  // chunk count so that the partial sums stay under ~64 MB for huge K*C.
+  Blocking(int64_t numel_, int64_t P_, int64_t sums_per_pattern) : numel(numel_), P(P_) {
+    int64_t patterns = std::max<int64_t>(1, kBlockElems / P);
+    patterns = (patterns + 3) / 4 * 4;  // block starts stay multiples of 4 (one Philox block)
+    block_elems = patterns * P;
+    num_blocks = (numel + block_elems - 1) / block_elems;
+    int64_t max_chunks = kMaxChunks;
+    if (sums_per_pattern > 0)
+      max_chunks = std::clamp<int64_t>((int64_t(1) << 23) / (sums_per_pattern * P), 1, kMaxChunks);
+    num_chunks = std::min(num_blocks, max_chunks);
+    blocks_per_chunk = num_chunks > 0 ? (num_blocks + num_chunks - 1) / num_chunks : 0;
+    if (blocks_per_chunk > 0) num_chunks = (num_blocks + blocks_per_chunk - 1) / blocks_per_chunk;
+  }
+
+  // f(chunk, first_block, end_block) for every chunk, chunks in parallel; a chunk's blocks are
+  // walked in order by one thread.
+  template <typename F>
+  void for_each_chunk(const F& f) const {
+    at::parallel_for(0, num_chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t chunk = c0; chunk < c1; ++chunk)
+        f(chunk, chunk * blocks_per_chunk, std::min(num_blocks, (chunk + 1) * blocks_per_chunk));
+    });
+  }
+  int64_t block_start(int64_t b) const { return b * block_elems; }
+  int64_t block_count(int64_t b) const { return std::min(block_elems, numel - b * block_elems); }
+};
+
+// body(global index, pattern offset, offset in block, lanes) over one block.
+template <typename T, typename Body>
+inline void for_each_vector(int64_t start, int64_t count, int64_t P, const Body& body) {
+  constexpr int64_t W = Vectorized<T>::size();
+  for (int64_t off = 0; off < count; off += P) {
+    const int64_t seg = std::min(P, count - off);
+    for (int64_t j = 0; j < seg; j += W) body(start + off + j, j, off + j, std::min(W, seg - j));
+  }
+}
+
+// Standard normals of global elements [start, start + count), start a multiple of 4, into out
+// (room for count rounded up to 2W). Philox fills the uniforms, Box-Muller runs vectorized.
+template <typename T>
+struct NormalFiller {
+  using V = Vectorized<T>;
+  std::vector<T> radius_u, angle_u;
+
+  void fill(const PhiloxSeed& s, int64_t start, int64_t count, T* out) {
+    const int64_t W = V::size();
+    const int64_t blocks = (count + 3) / 4;
+    const int64_t pairs = 2 * blocks;
+    const int64_t padded = (pairs + W - 1) / W * W;
+    radius_u.assign(padded, T(1));
+    angle_u.assign(padded, T(0));
+    const uint64_t first = static_cast<uint64_t>(start / 4);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const PhiloxBlock x = philox4x32_10(s.seed, s.offset, first + b);
+      radius_u[2 * b] = uniform_open0<T>(x.x[0]);
+      angle_u[2 * b] = uniform_closed0<T>(x.x[1]);
+      radius_u[2 * b + 1] = uniform_open0<T>(x.x[2]);
+      angle_u[2 * b + 1] = uniform_closed0<T>(x.x[3]);
+    }
+    const V two_pi(static_cast<T>(2.0 * M_PI));
+    for (int64_t p = 0; p < padded; p += W) {
+      const V r = (V(T(-2)) * V::loadu(radius_u.data() + p).log()).sqrt();
+      const V theta = two_pi * V::loadu(angle_u.data() + p);
+      const auto [lo, hi] = at::vec::interleave2(r * theta.cos(), r * theta.sin());
+      lo.store(out + 2 * p);
+      hi.store(out + 2 * p + W);
+    }
+  }
+};
+
+template <typename T>
+inline size_t normal_buffer_size(int64_t block_elems) {
+  return static_cast<size_t>(block_elems + 2 * Vectorized<T>::size() + 8);
+}
+
+// Per-block prior-gradient accumulators (in T, short sums), folded into per-chunk float64 sums.
+template <typename T>
+struct PriorSums {
+  using V = Vectorized<T>;
+  int64_t C = 0, nsums = 0, stride = 0, P = 0;
+  std::vector<T> block;       // [nsums][stride]
+  double* chunk = nullptr;    // [nsums][P] of this chunk
+
+  PriorSums(const PriorPattern<T>& pat) : C(pat.C), nsums(num_prior_sums(pat.C)),
+                                          stride(pat.stride), P(pat.P), block(nsums * stride) {}
+  void begin_block() { std::fill(block.begin(), block.end(), T(0)); }
+  void add(int64_t q, int64_t j, const V& v) {
+    T* p = block.data() + q * stride + j;
+    (V::loadu(p) + v).store(p);
+  }
+  void end_block() {
+    for (int64_t q = 0; q < nsums; ++q)
+      for (int64_t j = 0; j < P; ++j) chunk[q * P + j] += static_cast<double>(block[q * stride + j]);
+  }
+};
+
+// Per-chunk sums -> [K, 3C+1] float64, combining chunks in order (deterministic).
+inline void reduce_prior_sums(const std::vector<double>& chunks, int64_t num_chunks, int64_t nsums,
+                              int64_t P, int64_t K, at::Tensor& out) {
+  double* o = out.data_ptr<double>();
+  std::fill(o, o + K * nsums, 0.0);
+  std::vector<double> total(nsums * P, 0.0);
+  for (int64_t c = 0; c < num_chunks; ++c)
+    for (int64_t i = 0; i < nsums * P; ++i) total[i] += chunks[c * nsums * P + i];
+  for (int64_t q = 0; q < nsums; ++q)
+    for (int64_t j = 0; j < P; ++j) o[(j % K) * nsums + q] += total[q * P + j];
+}
+
+// Calls f.template operator()<CT>() with CT = 3 (the default mixture, unrolled) or 0 (runtime C).
+template <typename F>
+inline void dispatch_components(int64_t C, const F& f) {
+  if (C == 3) f.template operator()<3>();
+  else f.template operator()<0>();
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace halfvae::cpu

@@ -1,0 +1,103 @@
+// Per-element math of the fused ops, written once for the CPU (V = at::vec::Vectorized<T>, through
+// a math policy) and CUDA (V = float or double). Notation, for one latent dimension k:
+//   a_c(z) = w_c - 0.5 * (z - m_c)^2 * prec_c,   w_c = log_softmax(logits)_c - 0.5*(log 2pi + lv_c),
+//   prec_c = exp(-lv_c),   log p(z) = logsumexp_c a_c,   r_c = softmax_c(a_c) (responsibilities).
+// Prior gradients are accumulated as four sums per (k, c) -- see PriorGradSums -- and turned into
+// gradients of logits, means and log-variances on the host (prior_tables.cpp).
+#pragma once
+#include <c10/macros/Macros.h>
+
+namespace halfvae {
+
+constexpr double kLog2Pi = 1.8378770664093454835606594728112;
+// Runtime C is allowed up to this many components (compile-time C is unrolled instead).
+constexpr int kMaxComponents = 64;
+// Accumulators per (k, c): sum g*r_c, sum g*r_c*(z-m_c)*prec_c, sum g*r_c*(0.5*(z-m_c)^2*prec_c-0.5);
+// plus one per k: sum g. Layout [K, 3*C + 1].
+C10_HOST_DEVICE constexpr int num_prior_sums(int C) { return 3 * C + 1; }
+
+// CT > 0: the number of components is known at compile time; CT == 0: runtime C <= kMaxComponents.
+template <int CT>
+C10_HOST_DEVICE constexpr int components(int C) { return CT > 0 ? CT : C; }
+template <int CT>
+C10_HOST_DEVICE constexpr int component_capacity() { return CT > 0 ? CT : kMaxComponents; }
+
+// log p(z) for one latent dimension. `prior` exposes w(c), m(c), prec(c) returning V.
+template <class M, int CT, class V, class Prior>
+C10_HOST_DEVICE inline V gmm_log_density(const V& z, int C_runtime, const Prior& prior) {
+  const int C = components<CT>(C_runtime);
+  V a[component_capacity<CT>()];
+  V amax;
+#pragma unroll
+  for (int c = 0; c < C; ++c) {
+    const V d = z - prior.m(c);
+    a[c] = prior.w(c) - V(0.5) * d * d * prior.prec(c);
+    amax = (c == 0) ? a[c] : M::max(amax, a[c]);
+  }
+  V sum = V(0);
+#pragma unroll
+  for (int c = 0; c < C; ++c) sum = sum + M::exp(a[c] - amax);
+  return amax + M::log(sum);
+}
+
+// Score d log p(z) / dz; also hands weight * (responsibility terms) for every component to `acc`
+// (acc(c, g*r, g*r*d*prec, g*r*(0.5*d^2*prec - 0.5))), from which the prior gradients are built.
+template <class M, int CT, bool kPriorGrads, class V, class Prior, class Acc>
+C10_HOST_DEVICE inline V gmm_score(const V& z, const V& weight, int C_runtime, const Prior& prior,
+                                   Acc& acc) {
+  const int C = components<CT>(C_runtime);
+  V a[component_capacity<CT>()];
+  V amax;
+#pragma unroll
+  for (int c = 0; c < C; ++c) {
+    const V d = z - prior.m(c);
+    a[c] = prior.w(c) - V(0.5) * d * d * prior.prec(c);
+    amax = (c == 0) ? a[c] : M::max(amax, a[c]);
+  }
+  V sum = V(0);
+#pragma unroll
+  for (int c = 0; c < C; ++c) {
+    a[c] = M::exp(a[c] - amax);  // unnormalized responsibility
+    sum = sum + a[c];
+  }
+  const V inv_sum = V(1) / sum;
+  V score = V(0);
+#pragma unroll
+  for (int c = 0; c < C; ++c) {
+    const V d = z - prior.m(c);
+    const V dprec = d * prior.prec(c);
+    const V r = a[c] * inv_sum;
+    score = score - r * dprec;
+    if constexpr (kPriorGrads) {
+      const V gr = weight * r;
+      acc(c, gr, gr * dprec, gr * (V(0.5) * d * dprec - V(0.5)));
+    }
+  }
+  return score;
+}
+
+// Forward of the fused op: z = mu + exp(logvar/2)*eps, kl = log N(z; mu, sigma^2) - log p(z).
+template <class M, int CT, class V, class Prior>
+C10_HOST_DEVICE inline void reparam_kl_forward(const V& mu, const V& logvar, const V& eps,
+                                               int C, const Prior& prior, V& z, V& kl) {
+  const V sigma = M::exp(V(0.5) * logvar);
+  z = mu + sigma * eps;
+  const V log_q = V(-0.5) * (V(kLog2Pi) + logvar + eps * eps);
+  kl = log_q - gmm_log_density<M, CT>(z, C, prior);
+}
+
+// Backward of the fused op for upstream gradients grad_z and grad_kl (eps held fixed).
+template <class M, int CT, bool kPriorGrads, class V, class Prior, class Acc>
+C10_HOST_DEVICE inline void reparam_kl_backward(const V& mu, const V& logvar, const V& eps,
+                                                const V& grad_z, const V& grad_kl, int C,
+                                                const Prior& prior, Acc& acc, V& grad_mu,
+                                                V& grad_logvar) {
+  const V sigma = M::exp(V(0.5) * logvar);
+  const V z = mu + sigma * eps;
+  const V score = gmm_score<M, CT, kPriorGrads>(z, grad_kl, C, prior, acc);
+  const V grad_z_total = grad_z - grad_kl * score;  // d kl / dz = -score
+  grad_mu = grad_z_total;
+  grad_logvar = grad_z_total * V(0.5) * sigma * eps - V(0.5) * grad_kl;
+}
+
+}  // namespace halfvae

@@ -1,0 +1,42 @@
+// Device-independent preparation shared by every op: the per-(k, c) prior tables the kernels read,
+// and the conversion of the kernels' per-(k, c) sums into prior gradients. Both are tiny [K, C]
+// computations done with ATen, so the kernels stay element-wise.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <tuple>
+
+namespace halfvae {
+
+struct PriorTables {
+  at::Tensor w;     // log_softmax(logits) - 0.5*(log 2pi + logvars), [K, C], compute dtype
+  at::Tensor m;     // means, [K, C]
+  at::Tensor prec;  // exp(-logvars), [K, C]
+  at::Tensor pi;    // softmax(logits), [K, C]
+  int64_t K = 0;
+  int64_t C = 0;
+};
+
+// dtype of the arithmetic for a given input dtype: float32 for the half types.
+at::ScalarType compute_dtype(at::ScalarType input_dtype);
+
+PriorTables make_prior_tables(const at::Tensor& logits, const at::Tensor& means,
+                              const at::Tensor& logvars);
+
+// sums: [K, 3C+1] as laid out in gmm_math.h. sign = +1 gives the gradients of sum(w * log p),
+// sign = -1 those of sum(w * (-log p)) (the KL's prior term).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prior_grads_from_sums(const at::Tensor& sums,
+                                                                      const PriorTables& tables,
+                                                                      double sign,
+                                                                      at::ScalarType out_dtype);
+
+// Argument checks shared by the ops (the Python layer checks first, with friendlier errors; these
+// keep direct torch.ops calls safe).
+void check_prior(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& logvars);
+void check_latent(const at::Tensor& t, const char* name, const at::Tensor& prior_logits);
+void check_same(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name);
+void check_seed(const c10::optional<at::Tensor>& seed, const at::Tensor& like);
+
+constexpr int64_t kReductionNone = 0;
+constexpr int64_t kReductionRow = 1;
+
+}  // namespace halfvae

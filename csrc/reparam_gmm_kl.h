@@ -1,0 +1,36 @@
+// reparam_gmm_kl: z = mu + exp(logvar/2)*eps and the Monte-Carlo KL log N(z; mu, sigma^2) - log p_k(z)
+// against a per-dimension Gaussian mixture, fused. eps is given, or drawn in the kernel by Philox from
+// a (seed, offset) tensor; the backward regenerates it from the same seed.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include "halfvae/philox.h"
+#include "prior_tables.h"
+
+namespace halfvae {
+
+struct ReparamGmmKlProblem {
+  at::Tensor mu, logvar;  // [N, K], contiguous
+  at::Tensor eps;         // [N, K], contiguous; undefined when sampled in the kernel
+  at::Tensor seed;        // int64[2] on the device of mu; undefined when eps is given
+  PriorTables prior;
+  int64_t N = 0, K = 0, C = 0;
+  int64_t reduction = kReductionRow;
+  bool sampled() const { return !eps.defined(); }
+  at::TensorOptions options() const { return mu.options(); }
+};
+
+ReparamGmmKlProblem prepare_reparam_gmm_kl(const at::Tensor& mu, const at::Tensor& logvar,
+                                           const at::Tensor& prior_logits,
+                                           const at::Tensor& prior_means,
+                                           const at::Tensor& prior_logvars,
+                                           const c10::optional<at::Tensor>& eps,
+                                           const c10::optional<at::Tensor>& seed,
+                                           int64_t reduction);
+
+// kl output of the forward: [N] for reduction row, [N, K] for none.
+at::Tensor empty_kl(const ReparamGmmKlProblem& p);
+// grad_kl broadcast check: [N] or [N, K] matching the reduction.
+at::Tensor checked_grad_kl(const ReparamGmmKlProblem& p, const at::Tensor& grad_kl);
+
+}  // namespace halfvae

@@ -1,0 +1,15 @@
+"""halfvae_ext: encoder-free variational inference (Half-VAE) with fused CPU/CUDA kernels."""
+import torch  # noqa: F401  (must come before _C: the kernels link against torch)
+
+from . import _C  # noqa: F401  (registers the torch.ops.halfvae_ext operators)
+from . import reference
+from .ops import cuda_kernels_available, gmm_log_prob, philox_normal, reparam_gmm_kl
+
+__all__ = [
+    "reparam_gmm_kl",
+    "gmm_log_prob",
+    "philox_normal",
+    "cuda_kernels_available",
+    "reference",
+]
+__version__ = "0.1.0"

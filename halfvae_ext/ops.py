@@ -1,0 +1,219 @@
+"""Public fused ops, their argument checks, and their autograd and fake (meta) registrations.
+
+The C++ operators (torch.ops.halfvae_ext.*) are deterministic in their inputs: the random stream of
+reparam_gmm_kl is a (seed, offset) int64 tensor drawn here from a torch generator, so opcheck,
+torch.compile and the backward (which regenerates eps from the same seed) all see a pure function.
+"""
+from __future__ import annotations
+
+import torch
+
+_REDUCTION_CODES = {"none": 0, "row": 1, "sum": 1}
+_MAX_COMPONENTS = 64
+_ops = torch.ops.halfvae_ext
+
+
+# ----------------------------------------------------------------------------- argument checks
+def _check_tensor(t, name):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def _check_same_device_dtype(tensors: dict):
+    names = list(tensors)
+    first = names[0]
+    ref = tensors[first]
+    for name in names[1:]:
+        t = tensors[name]
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {first} is on {ref.device}; "
+                             "all tensors must be on one device")
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first} has dtype {ref.dtype}; "
+                            "all tensors must have one dtype")
+    if ref.device.type == "cpu" and ref.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{first}: the CPU kernels support float32 and float64, got {ref.dtype} "
+                        "(float16/bfloat16 are supported on CUDA)")
+    if ref.device.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"{first}: unsupported device {ref.device}")
+
+
+def _check_prior(prior_logits, prior_means, prior_logvars):
+    for name, t in (("prior_logits", prior_logits), ("prior_means", prior_means),
+                    ("prior_logvars", prior_logvars)):
+        _check_tensor(t, name)
+        if t.dim() != 2:
+            raise ValueError(f"{name} must have shape [K, C], got {tuple(t.shape)}")
+    if prior_means.shape != prior_logits.shape or prior_logvars.shape != prior_logits.shape:
+        raise ValueError("prior_logits, prior_means and prior_logvars must have one shape [K, C], got "
+                         f"{tuple(prior_logits.shape)}, {tuple(prior_means.shape)}, "
+                         f"{tuple(prior_logvars.shape)}")
+    C = prior_logits.shape[1]
+    if not 1 <= C <= _MAX_COMPONENTS:
+        raise ValueError(f"prior_logits: the number of components C must be in [1, {_MAX_COMPONENTS}],"
+                         f" got {C}")
+
+
+def _check_latent(t, name, K):
+    _check_tensor(t, name)
+    if t.dim() != 2:
+        raise ValueError(f"{name} must have shape [N, K], got {tuple(t.shape)}")
+    if t.shape[1] != K:
+        raise ValueError(f"{name} has K = {t.shape[1]} latent dimensions but the prior has K = {K}")
+
+
+def draw_seed(generator: torch.Generator | None, device) -> torch.Tensor:
+    """The (seed, offset) int64[2] tensor of one in-kernel draw, taken from `generator` (or the
+    default generator of `device`); advances the generator like any other random call."""
+    device = torch.device(device)
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if generator.device.type != device.type:
+            raise ValueError(f"generator is on {generator.device} but mu is on {device}")
+    return torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, device=device,
+                         generator=generator)
+
+
+# ----------------------------------------------------------------------------- public API
+def reparam_gmm_kl(mu, logvar, prior_logits, prior_means, prior_logvars, *, eps=None,
+                   generator=None, reduction="row"):
+    """Reparameterized sample and Monte-Carlo KL against a per-dimension Gaussian-mixture prior.
+
+    z = mu + exp(logvar/2) * eps;  kl = log N(z; mu, exp(logvar)) - log p_k(z), one fused pass.
+
+    mu, logvar: [N, K]; prior_logits, prior_means, prior_logvars: [K, C].
+    eps: [N, K] or None; with None, eps ~ N(0, 1) is drawn inside the kernel (Philox, seeded from
+    `generator` or the default generator of the device) and never stored; the backward regenerates
+    it. reduction: "row" -> kl [N] (sum over k), "none" -> [N, K], "sum" -> scalar.
+    Returns (z [N, K], kl). Differentiable in mu, logvar and the three prior tensors.
+    """
+    _check_prior(prior_logits, prior_means, prior_logvars)
+    K = prior_logits.shape[0]
+    _check_latent(mu, "mu", K)
+    _check_latent(logvar, "logvar", K)
+    if logvar.shape != mu.shape:
+        raise ValueError(f"logvar must have the shape of mu {tuple(mu.shape)}, got "
+                         f"{tuple(logvar.shape)}")
+    tensors = {"mu": mu, "logvar": logvar, "prior_logits": prior_logits,
+               "prior_means": prior_means, "prior_logvars": prior_logvars}
+    if eps is not None:
+        _check_tensor(eps, "eps")
+        if eps.shape != mu.shape:
+            raise ValueError(f"eps must have the shape of mu {tuple(mu.shape)}, got "
+                             f"{tuple(eps.shape)}")
+        if generator is not None:
+            raise ValueError("generator: pass either eps or generator, not both")
+        tensors["eps"] = eps
+    _check_same_device_dtype(tensors)
+    if not isinstance(reduction, str) or reduction not in _REDUCTION_CODES:
+        raise ValueError(f"reduction must be 'row', 'none' or 'sum', got {reduction!r}")
+    seed = draw_seed(generator, mu.device) if eps is None else None
+    z, kl = _ops.reparam_gmm_kl(mu, logvar, prior_logits, prior_means, prior_logvars, eps, seed,
+                                _REDUCTION_CODES[reduction])
+    if reduction == "sum":
+        kl = kl.sum()
+    return z, kl
+
+
+def gmm_log_prob(z, prior_logits, prior_means, prior_logvars):
+    """log p_k(z[n, k]) under the per-dimension Gaussian mixture; z: [N, K], prior: [K, C] -> [N, K].
+    Differentiable in z and the three prior tensors."""
+    _check_prior(prior_logits, prior_means, prior_logvars)
+    _check_latent(z, "z", prior_logits.shape[0])
+    _check_same_device_dtype({"z": z, "prior_logits": prior_logits, "prior_means": prior_means,
+                              "prior_logvars": prior_logvars})
+    return _ops.gmm_log_prob(z, prior_logits, prior_means, prior_logvars)
+
+
+def philox_normal(seed: torch.Tensor, shape, dtype=torch.float32) -> torch.Tensor:
+    """The standard normals reparam_gmm_kl draws in-kernel for `seed` (from draw_seed), in [N, K]
+    order; for reproducing eps and for testing the generator."""
+    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 2:
+        raise TypeError("seed must be an int64 tensor of 2 elements, as returned by draw_seed")
+    shape = tuple(int(s) for s in (shape if isinstance(shape, (tuple, list, torch.Size))
+                                   else (shape,)))
+    if any(s < 0 for s in shape):
+        raise ValueError(f"shape must be non-negative, got {shape}")
+    numel = 1
+    for s in shape:
+        numel *= s
+    return _ops.philox_normal(seed, numel, dtype).view(shape)
+
+
+def cuda_kernels_available() -> bool:
+    """True when this build of halfvae_ext contains the CUDA kernels."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("halfvae_ext::reparam_gmm_kl", "CUDA")
+
+
+# ----------------------------------------------------------------------------- fake kernels
+@torch.library.register_fake("halfvae_ext::reparam_gmm_kl")
+def _reparam_gmm_kl_fake(mu, logvar, prior_logits, prior_means, prior_logvars, eps, seed,
+                         reduction):
+    kl = mu.new_empty((mu.shape[0],)) if reduction == 1 else torch.empty_like(mu)
+    return torch.empty_like(mu), kl
+
+
+@torch.library.register_fake("halfvae_ext::reparam_gmm_kl_backward")
+def _reparam_gmm_kl_backward_fake(grad_z, grad_kl, mu, logvar, prior_logits, prior_means,
+                                  prior_logvars, eps, seed, reduction, prior_grads):
+    return (torch.empty_like(mu), torch.empty_like(mu), torch.empty_like(prior_logits),
+            torch.empty_like(prior_means), torch.empty_like(prior_logvars))
+
+
+@torch.library.register_fake("halfvae_ext::gmm_log_prob")
+def _gmm_log_prob_fake(z, prior_logits, prior_means, prior_logvars):
+    return torch.empty_like(z)
+
+
+@torch.library.register_fake("halfvae_ext::gmm_log_prob_backward")
+def _gmm_log_prob_backward_fake(grad, z, prior_logits, prior_means, prior_logvars, prior_grads):
+    return (torch.empty_like(z), torch.empty_like(prior_logits), torch.empty_like(prior_means),
+            torch.empty_like(prior_logvars))
+
+
+@torch.library.register_fake("halfvae_ext::philox_normal")
+def _philox_normal_fake(seed, numel, dtype):
+    return seed.new_empty((numel,), dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- autograd
+def _reparam_setup_context(ctx, inputs, output):
+    mu, logvar, prior_logits, prior_means, prior_logvars, eps, seed, reduction = inputs
+    ctx.save_for_backward(mu, logvar, prior_logits, prior_means, prior_logvars, eps, seed)
+    ctx.reduction = reduction
+
+
+def _reparam_backward(ctx, grad_z, grad_kl):
+    mu, logvar, prior_logits, prior_means, prior_logvars, eps, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    prior_grads = bool(need[2] or need[3] or need[4])
+    g_mu, g_logvar, g_logits, g_means, g_logvars = _ops.reparam_gmm_kl_backward(
+        grad_z, grad_kl, mu, logvar, prior_logits, prior_means, prior_logvars, eps, seed,
+        ctx.reduction, prior_grads)
+    return (g_mu if need[0] else None, g_logvar if need[1] else None,
+            g_logits if need[2] else None, g_means if need[3] else None,
+            g_logvars if need[4] else None, None, None, None)
+
+
+torch.library.register_autograd("halfvae_ext::reparam_gmm_kl", _reparam_backward,
+                                setup_context=_reparam_setup_context)
+
+
+def _log_prob_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _log_prob_backward(ctx, grad):
+    z, prior_logits, prior_means, prior_logvars = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    g_z, g_logits, g_means, g_logvars = _ops.gmm_log_prob_backward(
+        grad, z, prior_logits, prior_means, prior_logvars, bool(need[1] or need[2] or need[3]))
+    return (g_z if need[0] else None, g_logits if need[1] else None,
+            g_means if need[2] else None, g_logvars if need[3] else None)
+
+
+torch.library.register_autograd("halfvae_ext::gmm_log_prob", _log_prob_backward,
+                                setup_context=_log_prob_setup_context)
