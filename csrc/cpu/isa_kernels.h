@@ -1,6 +1,6 @@
 // Kernel entry points of one instruction set; the including file is compiled with CPU_CAPABILITY set.
 #pragma once
-#include "kernels.h"
+#include "../kernel_table.h"
 
 namespace halfvae::cpu {
 inline namespace CPU_CAPABILITY {
@@ -11,6 +11,6 @@ void reparam_gmm_kl_backward(const ReparamGmmKlProblem& p, const at::Tensor& gra
 void gmm_log_prob_forward(const at::Tensor& z, const PriorTables& prior, at::Tensor& out);
 void gmm_log_prob_backward(const at::Tensor& grad, const at::Tensor& z, const PriorTables& prior,
                            at::Tensor& grad_z, at::Tensor& prior_sums);
-void philox_normal(const PhiloxSeed& seed, at::Tensor& out);
+void philox_normal(const at::Tensor& seed, at::Tensor& out);
 }  // namespace CPU_CAPABILITY
 }  // namespace halfvae::cpu

@@ -9,7 +9,8 @@ namespace halfvae::cpu {
 const Kernels& HALFVAE_CAT(kernels_, CPU_CAPABILITY)() {
   static const Kernels table{&reparam_gmm_kl_forward, &reparam_gmm_kl_backward,
                              &gmm_log_prob_forward,   &gmm_log_prob_backward,
-                             &philox_normal,          HALFVAE_STR(CPU_CAPABILITY)};
+                             &philox_normal,          "cpu-" HALFVAE_STR(CPU_CAPABILITY),
+                             false};
   return table;
 }
 }  // namespace halfvae::cpu

@@ -7,7 +7,8 @@
 namespace halfvae::cpu {
 inline namespace CPU_CAPABILITY {
 
-void philox_normal(const PhiloxSeed& seed, at::Tensor& out) {
+void philox_normal(const at::Tensor& seed_tensor, at::Tensor& out) {
+  const PhiloxSeed seed = read_seed(seed_tensor);
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "philox_normal_cpu", [&] {
     using T = scalar_t;
     const Blocking blocking(out.numel(), 1, 0);

@@ -198,12 +198,6 @@ inline void reduce_prior_sums(const std::vector<double>& chunks, int64_t num_chu
     for (int64_t j = 0; j < P; ++j) o[(j % K) * nsums + q] += total[q * P + j];
 }
 
-// Calls f.template operator()<CT>() with CT = 3 (the default mixture, unrolled) or 0 (runtime C).
-template <typename F>
-inline void dispatch_components(int64_t C, const F& f) {
-  if (C == 3) f.template operator()<3>();
-  else f.template operator()<0>();
-}
 
 }  // namespace CPU_CAPABILITY
 }  // namespace halfvae::cpu

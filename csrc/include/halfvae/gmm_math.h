@@ -7,6 +7,8 @@
 #pragma once
 #include <c10/macros/Macros.h>
 
+#include <cstdint>
+
 namespace halfvae {
 
 constexpr double kLog2Pi = 1.8378770664093454835606594728112;
@@ -98,6 +100,14 @@ C10_HOST_DEVICE inline void reparam_kl_backward(const V& mu, const V& logvar, co
   const V grad_z_total = grad_z - grad_kl * score;  // d kl / dz = -score
   grad_mu = grad_z_total;
   grad_logvar = grad_z_total * V(0.5) * sigma * eps - V(0.5) * grad_kl;
+}
+
+// Host side: calls f.template operator()<CT>() with CT = 3 (the default mixture, unrolled) or 0
+// (runtime C). More unrolled sizes cost compile time for every kernel and instruction set.
+template <typename F>
+inline void dispatch_components(int64_t C, const F& f) {
+  if (C == 3) f.template operator()<3>();
+  else f.template operator()<0>();
 }
 
 }  // namespace halfvae

@@ -1,16 +1,18 @@
-// CPU kernels, compiled once per instruction set (DEFAULT, AVX2, AVX512 -- see CMakeLists.txt) into
-// namespaces of that name; dispatch.cpp picks one at run time from torch's own CPU capability, so
-// ATEN_CPU_CAPABILITY=avx2 (or default) forces a narrower kernel just as it does for torch.
+// The kernels of one device, as a table of functions: the device-independent op wrappers
+// (op_wrappers.cpp) check arguments, allocate outputs and finalize prior gradients, then call these.
+// The CPU has one table per instruction set (DEFAULT, AVX2, AVX512 -- see CMakeLists.txt), chosen at
+// run time from torch's own CPU capability, so ATEN_CPU_CAPABILITY=avx2 narrows ours like torch's.
 #pragma once
 #include <ATen/core/Tensor.h>
 
-#include "../reparam_gmm_kl.h"
+#include "reparam_gmm_kl.h"
 
-namespace halfvae::cpu {
+namespace halfvae {
 
 struct Kernels {
   void (*reparam_gmm_kl_forward)(const ReparamGmmKlProblem& p, at::Tensor& z, at::Tensor& kl);
-  // prior_sums: [K, 3C+1] float64, or undefined when prior gradients are not wanted.
+  // prior_sums: [K, 3C+1] float64 zeros to add into, or undefined when prior gradients are not
+  // wanted. Every kernel is only called with at least one element.
   void (*reparam_gmm_kl_backward)(const ReparamGmmKlProblem& p, const at::Tensor& grad_z,
                                   const at::Tensor& grad_kl, at::Tensor& grad_mu,
                                   at::Tensor& grad_logvar, at::Tensor& prior_sums);
@@ -18,9 +20,12 @@ struct Kernels {
   void (*gmm_log_prob_backward)(const at::Tensor& grad, const at::Tensor& z,
                                 const PriorTables& prior, at::Tensor& grad_z,
                                 at::Tensor& prior_sums);
-  void (*philox_normal)(const PhiloxSeed& seed, at::Tensor& out);
-  const char* isa;
+  void (*philox_normal)(const at::Tensor& seed, at::Tensor& out);  // seed: int64[2] on the device
+  const char* name;           // e.g. "cpu-AVX512", "cuda"
+  bool half_types;            // accepts float16/bfloat16 (computed in float32)
 };
+
+namespace cpu {
 
 // One table per compiled instruction set (defined in kernel_table.cpp).
 const Kernels& kernels_DEFAULT();
@@ -31,5 +36,10 @@ const Kernels& kernels_AVX512();
 const Kernels& kernels();
 
 PhiloxSeed read_seed(const at::Tensor& seed);
+}  // namespace cpu
 
-}  // namespace halfvae::cpu
+namespace cuda {
+const Kernels& kernels();
+}  // namespace cuda
+
+}  // namespace halfvae

@@ -1,0 +1,120 @@
+// CUDA kernel of gmm_log_prob, forward and backward (thread layout: see common.cuh).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include "../kernel_table.h"
+#include "common.cuh"
+
+namespace halfvae::cuda {
+namespace {
+
+template <typename scalar_t, typename acc_t, int CT>
+__global__ void __launch_bounds__(kThreads) forward_kernel(
+    const scalar_t* __restrict__ z, const acc_t* __restrict__ w, const acc_t* __restrict__ m,
+    const acc_t* __restrict__ prec, int64_t numel, int64_t K, int C, int64_t stride,
+    scalar_t* __restrict__ out) {
+  const int64_t first = 4 * (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x);
+  if (first >= numel) return;
+  LanePrior<acc_t, CT> prior[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) prior[q].load(w, m, prec, (first + q) % K, C);
+  for (int64_t base = first; base < numel; base += stride) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int64_t i = base + q;
+      if (i >= numel) break;
+      out[i] = static_cast<scalar_t>(
+          gmm_log_density<DevMath<acc_t>, CT>(static_cast<acc_t>(z[i]), C, prior[q]));
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, int CT, bool kPriorGrads>
+__global__ void __launch_bounds__(kThreads) backward_kernel(
+    const scalar_t* __restrict__ grad, const scalar_t* __restrict__ z,
+    const acc_t* __restrict__ w, const acc_t* __restrict__ m, const acc_t* __restrict__ prec,
+    int64_t numel, int64_t K, int C, int64_t stride, SumsTable sums_table,
+    scalar_t* __restrict__ grad_z) {
+  extern __shared__ double smem[];
+  double* table = kPriorGrads ? begin_sums(sums_table, smem) : nullptr;
+  const int64_t first = 4 * (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x);
+  if (first < numel) {
+    LanePrior<acc_t, CT> prior[4];
+    LaneSums<acc_t, CT> sums[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      prior[q].load(w, m, prec, (first + q) % K, C);
+      if constexpr (kPriorGrads) sums[q].init(table, (first + q) % K, C);
+    }
+    for (int64_t base = first; base < numel; base += stride) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int64_t i = base + q;
+        if (i >= numel) break;
+        const acc_t g = static_cast<acc_t>(grad[i]);
+        const acc_t score = gmm_score<DevMath<acc_t>, CT, kPriorGrads>(static_cast<acc_t>(z[i]),
+                                                                       g, C, prior[q], sums[q]);
+        if constexpr (kPriorGrads) sums[q].add_weight(g);
+        grad_z[i] = static_cast<scalar_t>(g * score);
+      }
+    }
+    if constexpr (kPriorGrads) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) sums[q].flush();
+    }
+  }
+  if constexpr (kPriorGrads) end_sums(sums_table, smem);
+}
+
+void forward(const at::Tensor& z, const PriorTables& prior, at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(z.device());
+  const Launch launch = plan_launch(z.numel(), prior.K);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "gmm_log_prob_cuda",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dispatch_components(prior.C, [&]<int CT>() {
+      forward_kernel<scalar_t, acc_t, CT><<<launch.blocks, kThreads, 0, stream>>>(
+          z.data_ptr<scalar_t>(), prior.w.data_ptr<acc_t>(), prior.m.data_ptr<acc_t>(),
+          prior.prec.data_ptr<acc_t>(), z.numel(), prior.K, static_cast<int>(prior.C),
+          launch.stride, out.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+void backward(const at::Tensor& grad, const at::Tensor& z, const PriorTables& prior,
+              at::Tensor& grad_z, at::Tensor& prior_sums) {
+  const c10::cuda::CUDAGuard guard(z.device());
+  const Launch launch = plan_launch(z.numel(), prior.K);
+  const bool prior_grads = prior_sums.defined();
+  const int64_t table_size = prior.K * num_prior_sums(static_cast<int>(prior.C));
+  const SumsTable table{prior_grads ? prior_sums.data_ptr<double>() : nullptr, table_size,
+                        prior_grads && table_size <= kMaxSharedSums};
+  const size_t smem = table.in_shared ? table_size * sizeof(double) : 0;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(),
+                                  "gmm_log_prob_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dispatch_components(prior.C, [&]<int CT>() {
+      auto launch_with = [&](auto kernel) {
+        kernel<<<launch.blocks, kThreads, smem, stream>>>(
+            grad.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), prior.w.data_ptr<acc_t>(),
+            prior.m.data_ptr<acc_t>(), prior.prec.data_ptr<acc_t>(), z.numel(), prior.K,
+            static_cast<int>(prior.C), launch.stride, table, grad_z.data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (prior_grads) launch_with(backward_kernel<scalar_t, acc_t, CT, true>);
+      else launch_with(backward_kernel<scalar_t, acc_t, CT, false>);
+    });
+  });
+}
+
+}  // namespace
+
+void register_gmm_log_prob(Kernels& k) {
+  k.gmm_log_prob_forward = &forward;
+  k.gmm_log_prob_backward = &backward;
+}
+
+}  // namespace halfvae::cuda

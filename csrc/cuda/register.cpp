@@ -1,0 +1,27 @@
+// CUDA registration: the op wrappers with the CUDA kernel table.
+#include <torch/library.h>
+
+#include "../op_wrappers.h"
+
+namespace halfvae::cuda {
+
+void register_reparam_gmm_kl(Kernels& k);
+void register_gmm_log_prob(Kernels& k);
+void register_philox_normal(Kernels& k);
+
+const Kernels& kernels() {
+  static const Kernels table = [] {
+    Kernels k{};
+    register_reparam_gmm_kl(k);
+    register_gmm_log_prob(k);
+    register_philox_normal(k);
+    k.name = "cuda";
+    k.half_types = true;
+    return k;
+  }();
+  return table;
+}
+
+}  // namespace halfvae::cuda
+
+HALFVAE_REGISTER_OPS(CUDA, halfvae::cuda::kernels)

@@ -1,0 +1,210 @@
+// CUDA kernel of reparam_gmm_kl, forward and backward. float32/float64, and float16/bfloat16
+// inputs computed in float32; in-kernel Philox; 64-bit indexing; the current stream.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include "../kernel_table.h"
+#include "common.cuh"
+
+namespace halfvae::cuda {
+namespace {
+
+// Element i's eps: given, or lane i % 4 of the Philox block this thread generated for its group.
+template <typename scalar_t, typename acc_t, bool kSampled>
+struct EpsSource {
+  const scalar_t* eps;
+  uint64_t seed, offset;
+  acc_t normals[4];
+  __device__ void begin_group(int64_t base) {
+    if constexpr (kSampled) philox_normals<acc_t>(seed, offset, static_cast<uint64_t>(base / 4), normals);
+  }
+  __device__ acc_t at(int64_t i, int q) const {
+    if constexpr (kSampled) return normals[q];
+    else return static_cast<acc_t>(eps[i]);
+  }
+};
+
+template <typename scalar_t, typename acc_t, bool kSampled>
+__device__ EpsSource<scalar_t, acc_t, kSampled> make_eps(const scalar_t* eps, const int64_t* seed) {
+  EpsSource<scalar_t, acc_t, kSampled> e;
+  e.eps = eps;
+  if constexpr (kSampled) {
+    e.seed = static_cast<uint64_t>(seed[0]);
+    e.offset = static_cast<uint64_t>(seed[1]);
+  }
+  return e;
+}
+
+// kl_row (row reduction) is a zeroed acc_t buffer of N entries; rows are summed by atomics, at most
+// two per row and group (a group of 4 can straddle a row boundary).
+template <typename scalar_t, typename acc_t, int CT, bool kSampled, bool kRow>
+__global__ void __launch_bounds__(kThreads) forward_kernel(
+    const scalar_t* __restrict__ mu, const scalar_t* __restrict__ logvar,
+    const scalar_t* __restrict__ eps, const int64_t* __restrict__ seed,
+    const acc_t* __restrict__ w, const acc_t* __restrict__ m, const acc_t* __restrict__ prec,
+    int64_t numel, int64_t K, int C, int64_t stride, scalar_t* __restrict__ z,
+    scalar_t* __restrict__ kl, acc_t* __restrict__ kl_row) {
+  const int64_t first = 4 * (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x);
+  if (first >= numel) return;
+  LanePrior<acc_t, CT> prior[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) prior[q].load(w, m, prec, (first + q) % K, C);
+  auto e = make_eps<scalar_t, acc_t, kSampled>(eps, seed);
+  for (int64_t base = first; base < numel; base += stride) {
+    e.begin_group(base);
+    acc_t row_sum = 0;
+    int64_t row = base / K;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int64_t i = base + q;
+      if (i >= numel) break;
+      acc_t zv, klv;
+      reparam_kl_forward<DevMath<acc_t>, CT>(static_cast<acc_t>(mu[i]),
+                                             static_cast<acc_t>(logvar[i]), e.at(i, q), C,
+                                             prior[q], zv, klv);
+      z[i] = static_cast<scalar_t>(zv);
+      if constexpr (kRow) {
+        if (i / K != row) {
+          atomicAdd(kl_row + row, row_sum);
+          row = i / K;
+          row_sum = 0;
+        }
+        row_sum += klv;
+      } else {
+        kl[i] = static_cast<scalar_t>(klv);
+      }
+    }
+    if constexpr (kRow) atomicAdd(kl_row + row, row_sum);
+  }
+}
+
+template <typename scalar_t, typename acc_t, int CT, bool kSampled, bool kRow, bool kPriorGrads>
+__global__ void __launch_bounds__(kThreads) backward_kernel(
+    const scalar_t* __restrict__ grad_z, const scalar_t* __restrict__ grad_kl,
+    const scalar_t* __restrict__ mu, const scalar_t* __restrict__ logvar,
+    const scalar_t* __restrict__ eps, const int64_t* __restrict__ seed,
+    const acc_t* __restrict__ w, const acc_t* __restrict__ m, const acc_t* __restrict__ prec,
+    int64_t numel, int64_t K, int C, int64_t stride, SumsTable sums_table,
+    scalar_t* __restrict__ grad_mu, scalar_t* __restrict__ grad_logvar) {
+  extern __shared__ double smem[];
+  double* table = kPriorGrads ? begin_sums(sums_table, smem) : nullptr;
+  const int64_t first = 4 * (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x);
+  if (first < numel) {
+    LanePrior<acc_t, CT> prior[4];
+    LaneSums<acc_t, CT> sums[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      prior[q].load(w, m, prec, (first + q) % K, C);
+      if constexpr (kPriorGrads) sums[q].init(table, (first + q) % K, C);
+    }
+    auto e = make_eps<scalar_t, acc_t, kSampled>(eps, seed);
+    for (int64_t base = first; base < numel; base += stride) {
+      e.begin_group(base);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int64_t i = base + q;
+        if (i >= numel) break;
+        const acc_t gk = static_cast<acc_t>(kRow ? grad_kl[i / K] : grad_kl[i]);
+        acc_t gmu, glv;
+        reparam_kl_backward<DevMath<acc_t>, CT, kPriorGrads>(
+            static_cast<acc_t>(mu[i]), static_cast<acc_t>(logvar[i]), e.at(i, q),
+            static_cast<acc_t>(grad_z[i]), gk, C, prior[q], sums[q], gmu, glv);
+        if constexpr (kPriorGrads) sums[q].add_weight(gk);
+        grad_mu[i] = static_cast<scalar_t>(gmu);
+        grad_logvar[i] = static_cast<scalar_t>(glv);
+      }
+    }
+    if constexpr (kPriorGrads) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) sums[q].flush();
+    }
+  }
+  if constexpr (kPriorGrads) end_sums(sums_table, smem);
+}
+
+template <typename F>
+void dispatch_flags(bool a, bool b, const F& f) {
+  if (a) {
+    if (b) f.template operator()<true, true>(); else f.template operator()<true, false>();
+  } else {
+    if (b) f.template operator()<false, true>(); else f.template operator()<false, false>();
+  }
+}
+
+void forward(const ReparamGmmKlProblem& p, at::Tensor& z, at::Tensor& kl) {
+  const c10::cuda::CUDAGuard guard(p.mu.device());
+  const int64_t numel = p.N * p.K;
+  const Launch launch = plan_launch(numel, p.K);
+  const bool row = p.reduction == kReductionRow;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.mu.scalar_type(),
+                                  "reparam_gmm_kl_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // Row sums accumulate in acc_t: in kl itself when it has that dtype, else in a buffer.
+    constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
+    at::Tensor kl_row;
+    if (row) kl_row = kSameType ? kl.zero_() : at::zeros({p.N}, kl.options().dtype(
+                                                   c10::CppTypeToScalarType<acc_t>::value));
+    dispatch_components(p.C, [&]<int CT>() {
+      dispatch_flags(p.sampled(), row, [&]<bool kSampled, bool kRow>() {
+        forward_kernel<scalar_t, acc_t, CT, kSampled, kRow>
+            <<<launch.blocks, kThreads, 0, stream>>>(
+                p.mu.data_ptr<scalar_t>(), p.logvar.data_ptr<scalar_t>(),
+                kSampled ? nullptr : p.eps.data_ptr<scalar_t>(),
+                kSampled ? p.seed.data_ptr<int64_t>() : nullptr, p.prior.w.data_ptr<acc_t>(),
+                p.prior.m.data_ptr<acc_t>(), p.prior.prec.data_ptr<acc_t>(), numel, p.K,
+                static_cast<int>(p.C), launch.stride, z.data_ptr<scalar_t>(),
+                kRow ? nullptr : kl.data_ptr<scalar_t>(),
+                kRow ? kl_row.data_ptr<acc_t>() : nullptr);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+    if (row && !kSameType) kl.copy_(kl_row);
+  });
+}
+
+void backward(const ReparamGmmKlProblem& p, const at::Tensor& grad_z, const at::Tensor& grad_kl,
+              at::Tensor& grad_mu, at::Tensor& grad_logvar, at::Tensor& prior_sums) {
+  const c10::cuda::CUDAGuard guard(p.mu.device());
+  const int64_t numel = p.N * p.K;
+  const Launch launch = plan_launch(numel, p.K);
+  const bool row = p.reduction == kReductionRow;
+  const bool prior_grads = prior_sums.defined();
+  const int64_t table_size = p.K * num_prior_sums(static_cast<int>(p.C));
+  const SumsTable table{prior_grads ? prior_sums.data_ptr<double>() : nullptr, table_size,
+                        prior_grads && table_size <= kMaxSharedSums};
+  const size_t smem = table.in_shared ? table_size * sizeof(double) : 0;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.mu.scalar_type(),
+                                  "reparam_gmm_kl_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dispatch_components(p.C, [&]<int CT>() {
+      dispatch_flags(p.sampled(), row, [&]<bool kSampled, bool kRow>() {
+        auto launch_with = [&](auto kernel) {
+          kernel<<<launch.blocks, kThreads, smem, stream>>>(
+              grad_z.data_ptr<scalar_t>(), grad_kl.data_ptr<scalar_t>(),
+              p.mu.data_ptr<scalar_t>(), p.logvar.data_ptr<scalar_t>(),
+              kSampled ? nullptr : p.eps.data_ptr<scalar_t>(),
+              kSampled ? p.seed.data_ptr<int64_t>() : nullptr, p.prior.w.data_ptr<acc_t>(),
+              p.prior.m.data_ptr<acc_t>(), p.prior.prec.data_ptr<acc_t>(), numel, p.K,
+              static_cast<int>(p.C), launch.stride, table, grad_mu.data_ptr<scalar_t>(),
+              grad_logvar.data_ptr<scalar_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        if (prior_grads)
+          launch_with(backward_kernel<scalar_t, acc_t, CT, kSampled, kRow, true>);
+        else
+          launch_with(backward_kernel<scalar_t, acc_t, CT, kSampled, kRow, false>);
+      });
+    });
+  });
+}
+
+}  // namespace
+
+void register_reparam_gmm_kl(Kernels& k) {
+  k.reparam_gmm_kl_forward = &forward;
+  k.reparam_gmm_kl_backward = &backward;
+}
+
+}  // namespace halfvae::cuda
