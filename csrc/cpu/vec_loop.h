@@ -45,7 +45,7 @@ inline void store(T* p, const Vectorized<T>& v, int64_t n) {
 }
 
 constexpr int64_t kMaxPattern = 4096;
-constexpr int64_t kBlockElems = 8192;
+constexpr int64_t kBlockElems = 1024;  // also the span of a float32 partial sum: keep it short
 constexpr int64_t kMaxChunks = 256;
 
 template <typename T>
