@@ -1,0 +1,46 @@
+# Quickstart: `make demo` (the main job) and `make test` (the tests). Each creates what it needs:
+# a venv in .venv with torch and the build tools, then the extension (incremental: build/).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CUDA build of torch (pip takes it from the local wheel store here); CUDA kernels are compiled
+# when nvcc is found (HALFVAE_CUDA=AUTO), else the build is CPU-only. ON / OFF force it.
+TORCH_SPEC ?= torch==2.14.1
+HALFVAE_CUDA ?= AUTO
+# GPU architectures to compile for; 9.0 = H100/H200. Example: make TORCH_CUDA_ARCH_LIST="8.0;9.0"
+TORCH_CUDA_ARCH_LIST ?= 9.0
+export TORCH_CUDA_ARCH_LIST
+DEPS := numpy scikit-build-core pybind11 cmake ninja pytest hypothesis scipy scikit-learn tqdm matplotlib
+
+SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
+
+.PHONY: all build test demo bench clean
+
+all: build
+
+$(VENV)/.deps-installed:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC) $(DEPS)
+	touch $@
+
+# Rebuilds only what changed: scikit-build-core keeps the CMake/ninja tree in build/.
+$(VENV)/.ext-built: $(VENV)/.deps-installed $(SOURCES)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e . \
+		-Ccmake.define.HALFVAE_CUDA=$(HALFVAE_CUDA) \
+		-Ccmake.define.TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)"
+	touch $@
+
+build: $(VENV)/.ext-built
+
+test: build
+	$(PY) -m pytest -q tests
+
+demo: build
+	$(PY) -m halfvae_ext.demo
+
+bench: build
+	$(PY) benchmarks/bench_quick.py
+
+clean:
+	rm -rf build $(VENV)/.ext-built
