@@ -39,27 +39,24 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& z, const PriorTable
   const T* gp = grad.data_ptr<T>();
   T* gz = grad_z.data_ptr<T>();
   std::vector<double> chunk_sums(kPriorGrads ? blocking.num_chunks * nsums * pat.P : 0, 0.0);
-  blocking.for_each_chunk([&](int64_t chunk, int64_t b0, int64_t b1) {
-    PriorSums<T> sums(pat);
-    sums.chunk = kPriorGrads ? chunk_sums.data() + chunk * nsums * pat.P : nullptr;
-    for (int64_t b = b0; b < b1; ++b) {
-      if constexpr (kPriorGrads) sums.begin_block();
-      for_each_vector<T>(
-          blocking.block_start(b), blocking.block_count(b), pat.P,
-          [&](int64_t g, int64_t j, int64_t, int64_t n) {
-            const V gv = load(gp + g, n);
-            auto acc = [&](int c, const V& r, const V& r_dprec, const V& r_lv) {
-              sums.add(c, j, r);
-              sums.add(C + c, j, r_dprec);
-              sums.add(2 * C + c, j, r_lv);
-            };
-            const V score = gmm_score<VecMath<T>, CT, kPriorGrads>(load(zp + g, n), gv, C,
-                                                                   PriorLanes<T>{pat, j}, acc);
-            if constexpr (kPriorGrads) sums.add(3 * C, j, gv);
-            store(gz + g, gv * score, n);
-          });
-      if constexpr (kPriorGrads) sums.end_block();
-    }
+  dispatch_sums_in_registers<T, CT>(pat, [&]<bool kInRegisters>() {
+    blocking.for_each_chunk([&](int64_t chunk, int64_t b0, int64_t b1) {
+      PriorSums<T, CT, kInRegisters> sums(pat);
+      sums.chunk = kPriorGrads ? chunk_sums.data() + chunk * nsums * pat.P : nullptr;
+      for (int64_t b = b0; b < b1; ++b) {
+        if constexpr (kPriorGrads) sums.begin_block();
+        for_each_vector<T>(blocking.block_start(b), blocking.block_count(b), pat.P,
+                           [&](int64_t g, int64_t j, int64_t, int64_t n) {
+          const V gv = load(gp + g, n);
+          auto acc = sums.at(j);
+          const V score = gmm_score<VecMath<T>, CT, kPriorGrads>(load(zp + g, n), gv, C,
+                                                                 PriorLanes<T>{pat, j}, acc);
+          if constexpr (kPriorGrads) acc.add_weight(gv);
+          store(gz + g, gv * score, n);
+        });
+        if constexpr (kPriorGrads) sums.end_block();
+      }
+    });
   });
   if constexpr (kPriorGrads)
     reduce_prior_sums(chunk_sums, blocking.num_chunks, nsums, pat.P, prior.K, prior_sums);

@@ -97,37 +97,36 @@ void backward_impl(const ReparamGmmKlProblem& p, const at::Tensor& grad_z,
   const int64_t K = p.K;
   std::vector<double> chunk_sums(kPriorGrads ? blocking.num_chunks * nsums * pat.P : 0, 0.0);
 
-  blocking.for_each_chunk([&](int64_t chunk, int64_t b0, int64_t b1) {
-    ChunkScratch<T> s(blocking, p.sampled(), row);
-    PriorSums<T> sums(pat);
-    sums.chunk = kPriorGrads ? chunk_sums.data() + chunk * nsums * pat.P : nullptr;
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t start = blocking.block_start(b), count = blocking.block_count(b);
-      const T* eps = s.block_eps(in.seed_ptr, in.eps, start, count);
-      const T* gk = gkl + start;
-      if (row) {
-        for (int64_t r = 0; r < count / K; ++r)
-          std::fill_n(s.per_elem.data() + r * K, K, gkl[start / K + r]);
-        gk = s.per_elem.data();
+  dispatch_sums_in_registers<T, CT>(pat, [&]<bool kInRegisters>() {
+    blocking.for_each_chunk([&](int64_t chunk, int64_t b0, int64_t b1) {
+      ChunkScratch<T> s(blocking, p.sampled(), row);
+      PriorSums<T, CT, kInRegisters> sums(pat);
+      sums.chunk = kPriorGrads ? chunk_sums.data() + chunk * nsums * pat.P : nullptr;
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t start = blocking.block_start(b), count = blocking.block_count(b);
+        const T* eps = s.block_eps(in.seed_ptr, in.eps, start, count);
+        const T* gk = gkl + start;
+        if (row) {
+          for (int64_t r = 0; r < count / K; ++r)
+            std::fill_n(s.per_elem.data() + r * K, K, gkl[start / K + r]);
+          gk = s.per_elem.data();
+        }
+        if constexpr (kPriorGrads) sums.begin_block();
+        for_each_vector<T>(start, count, pat.P,
+                           [&](int64_t g, int64_t j, int64_t local, int64_t n) {
+          const V gk_v = load(gk + local, n);
+          auto acc = sums.at(j);
+          V gmu, glv;
+          reparam_kl_backward<VecMath<T>, CT, kPriorGrads>(
+              load(in.mu + g, n), load(in.logvar + g, n), load(eps + local, n),
+              load(gz + g, n), gk_v, C, PriorLanes<T>{pat, j}, acc, gmu, glv);
+          if constexpr (kPriorGrads) acc.add_weight(gk_v);
+          store(gmu_out + g, gmu, n);
+          store(glv_out + g, glv, n);
+        });
+        if constexpr (kPriorGrads) sums.end_block();
       }
-      if constexpr (kPriorGrads) sums.begin_block();
-      for_each_vector<T>(start, count, pat.P, [&](int64_t g, int64_t j, int64_t local, int64_t n) {
-        const V gk_v = load(gk + local, n);
-        auto acc = [&](int c, const V& r, const V& r_dprec, const V& r_lv) {
-          sums.add(c, j, r);
-          sums.add(C + c, j, r_dprec);
-          sums.add(2 * C + c, j, r_lv);
-        };
-        V gmu, glv;
-        reparam_kl_backward<VecMath<T>, CT, kPriorGrads>(
-            load(in.mu + g, n), load(in.logvar + g, n), load(eps + local, n), load(gz + g, n),
-            gk_v, C, PriorLanes<T>{pat, j}, acc, gmu, glv);
-        if constexpr (kPriorGrads) sums.add(3 * C, j, gk_v);
-        store(gmu_out + g, gmu, n);
-        store(glv_out + g, glv, n);
-      });
-      if constexpr (kPriorGrads) sums.end_block();
-    }
+    });
   });
   if constexpr (kPriorGrads)
     reduce_prior_sums(chunk_sums, blocking.num_chunks, nsums, pat.P, K, prior_sums);

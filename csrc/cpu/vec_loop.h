@@ -28,7 +28,12 @@ using at::vec::Vectorized;
 template <typename T>
 struct VecMath {
   using V = Vectorized<T>;
-  static V exp(const V& x) { return x.exp(); }
+  // float32: torch's inlined polynomial exp (max error 20 ulp, ~1e-6 relative) instead of a Sleef
+  // call; it is the kernels' most frequent operation. float64 keeps the 1-ulp Sleef exp.
+  static V exp(const V& x) {
+    if constexpr (std::is_same_v<T, float>) return x.exp_u20();
+    else return x.exp();
+  }
   static V log(const V& x) { return x.log(); }
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
 };
@@ -166,25 +171,64 @@ inline size_t normal_buffer_size(int64_t block_elems) {
 }
 
 // Per-block prior-gradient accumulators (in T, short sums), folded into per-chunk float64 sums.
-template <typename T>
+// kInRegisters: the pattern is a single vector (P == W, e.g. K = 8 in float32 on AVX-512) and C is
+// known at compile time, so every vector adds into the same 3C+1 accumulators: keep them in registers.
+template <typename T, int CT, bool kInRegisters>
 struct PriorSums {
   using V = Vectorized<T>;
+  static_assert(!kInRegisters || CT > 0, "register sums need a compile-time C");
   int64_t C = 0, nsums = 0, stride = 0, P = 0;
-  std::vector<T> block;       // [nsums][stride]
-  double* chunk = nullptr;    // [nsums][P] of this chunk
+  std::vector<T> block;     // [nsums][stride]
+  double* chunk = nullptr;  // [nsums][P] of this chunk
+  V regs[kInRegisters ? 3 * CT + 1 : 1];
 
-  PriorSums(const PriorPattern<T>& pat) : C(pat.C), nsums(num_prior_sums(pat.C)),
-                                          stride(pat.stride), P(pat.P), block(nsums * stride) {}
-  void begin_block() { std::fill(block.begin(), block.end(), T(0)); }
+  explicit PriorSums(const PriorPattern<T>& pat)
+      : C(pat.C), nsums(num_prior_sums(pat.C)), stride(pat.stride), P(pat.P),
+        block(nsums * stride) {}
+  void begin_block() {
+    if constexpr (kInRegisters) {
+      for (auto& r : regs) r = V(T(0));
+    } else {
+      std::fill(block.begin(), block.end(), T(0));
+    }
+  }
   void add(int64_t q, int64_t j, const V& v) {
-    T* p = block.data() + q * stride + j;
-    (V::loadu(p) + v).store(p);
+    if constexpr (kInRegisters) {
+      regs[q] = regs[q] + v;
+    } else {
+      T* p = block.data() + q * stride + j;
+      (V::loadu(p) + v).store(p);
+    }
   }
   void end_block() {
+    if constexpr (kInRegisters)
+      for (int64_t q = 0; q < nsums; ++q) regs[q].store(block.data() + q * stride);
     for (int64_t q = 0; q < nsums; ++q)
       for (int64_t j = 0; j < P; ++j) chunk[q * P + j] += static_cast<double>(block[q * stride + j]);
   }
+  // The accumulator gmm_score hands its per-component terms to, for the lanes at pattern offset j.
+  struct Lanes {
+    PriorSums& s;
+    int64_t j;
+    void operator()(int c, const V& r, const V& r_dprec, const V& r_lv) {
+      const int64_t C = CT > 0 ? CT : s.C;
+      s.add(c, j, r);
+      s.add(C + c, j, r_dprec);
+      s.add(2 * C + c, j, r_lv);
+    }
+    void add_weight(const V& g) { s.add(3 * (CT > 0 ? CT : s.C), j, g); }
+  };
+  Lanes at(int64_t j) { return Lanes{*this, j}; }
 };
+
+// Calls f.template operator()<kInRegisters>() (see PriorSums).
+template <typename T, int CT, typename F>
+inline void dispatch_sums_in_registers(const PriorPattern<T>& pat, const F& f) {
+  if constexpr (CT > 0) {
+    if (pat.P == Vectorized<T>::size()) return f.template operator()<true>();
+  }
+  f.template operator()<false>();
+}
 
 // Per-chunk sums -> [K, 3C+1] float64, combining chunks in order (deterministic).
 inline void reduce_prior_sums(const std::vector<double>& chunks, int64_t num_chunks, int64_t nsums,
