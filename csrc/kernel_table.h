@@ -21,6 +21,8 @@ struct Kernels {
                                 const PriorTables& prior, at::Tensor& grad_z,
                                 at::Tensor& prior_sums);
   void (*philox_normal)(const at::Tensor& seed, at::Tensor& out);  // seed: int64[2] on the device
+  // Allocates an uninitialized output (the CPU reuses large buffers: cpu/output_cache.h).
+  at::Tensor (*empty)(at::IntArrayRef sizes, const at::TensorOptions& options);
   const char* name;           // e.g. "cpu-AVX512", "cuda"
   bool half_types;            // accepts float16/bfloat16 (computed in float32)
 };

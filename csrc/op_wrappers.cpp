@@ -26,8 +26,8 @@ std::tuple<at::Tensor, at::Tensor> reparam_gmm_kl_op(
   check_dtype(kernels, mu.scalar_type(), "mu");
   auto p = prepare_reparam_gmm_kl(mu, logvar, prior_logits, prior_means, prior_logvars, eps, seed,
                                   reduction);
-  auto z = at::empty_like(p.mu);
-  auto kl = empty_kl(p);
+  auto z = kernels.empty(p.mu.sizes(), p.options());
+  auto kl = kernels.empty(kl_shape(p), p.options());
   if (p.N * p.K > 0) {
     kernels.reparam_gmm_kl_forward(p, z, kl);
   } else if (kl.numel() > 0) {
@@ -48,8 +48,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> reparam_g
               ", got ", grad_z.sizes());
   const auto gz = grad_z.to(mu.scalar_type()).contiguous();
   const auto gk = checked_grad_kl(p, grad_kl);
-  auto grad_mu = at::empty_like(p.mu);
-  auto grad_logvar = at::empty_like(p.mu);
+  auto grad_mu = kernels.empty(p.mu.sizes(), p.options());
+  auto grad_logvar = kernels.empty(p.mu.sizes(), p.options());
   at::Tensor sums;
   if (prior_grads) sums = zero_sums(p.prior, mu);
   if (p.N * p.K > 0) kernels.reparam_gmm_kl_backward(p, gz, gk, grad_mu, grad_logvar, sums);
@@ -68,7 +68,7 @@ at::Tensor gmm_log_prob_op(const Kernels& kernels, const at::Tensor& z,
   check_latent(z, "z", prior_logits);
   check_dtype(kernels, z.scalar_type(), "z");
   const auto zc = z.contiguous();
-  auto out = at::empty_like(zc);
+  auto out = kernels.empty(zc.sizes(), zc.options());
   if (zc.numel() > 0)
     kernels.gmm_log_prob_forward(zc, make_prior_tables(prior_logits, prior_means, prior_logvars),
                                  out);
@@ -87,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gmm_log_prob_backward
   const auto zc = z.contiguous();
   const auto gc = grad.to(z.scalar_type()).contiguous();
   const auto tables = make_prior_tables(prior_logits, prior_means, prior_logvars);
-  auto grad_z = at::empty_like(zc);
+  auto grad_z = kernels.empty(zc.sizes(), zc.options());
   at::Tensor sums;
   if (prior_grads) sums = zero_sums(tables, z);
   if (zc.numel() > 0) kernels.gmm_log_prob_backward(gc, zc, tables, grad_z, sums);

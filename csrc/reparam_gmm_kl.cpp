@@ -41,9 +41,9 @@ ReparamGmmKlProblem prepare_reparam_gmm_kl(const at::Tensor& mu, const at::Tenso
   return p;
 }
 
-at::Tensor empty_kl(const ReparamGmmKlProblem& p) {
-  return p.reduction == kReductionRow ? at::empty({p.N}, p.options())
-                                      : at::empty({p.N, p.K}, p.options());
+std::vector<int64_t> kl_shape(const ReparamGmmKlProblem& p) {
+  if (p.reduction == kReductionRow) return {p.N};
+  return {p.N, p.K};
 }
 
 at::Tensor checked_grad_kl(const ReparamGmmKlProblem& p, const at::Tensor& grad_kl) {

@@ -4,6 +4,8 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <vector>
+
 #include "halfvae/philox.h"
 #include "prior_tables.h"
 
@@ -28,8 +30,8 @@ ReparamGmmKlProblem prepare_reparam_gmm_kl(const at::Tensor& mu, const at::Tenso
                                            const c10::optional<at::Tensor>& seed,
                                            int64_t reduction);
 
-// kl output of the forward: [N] for reduction row, [N, K] for none.
-at::Tensor empty_kl(const ReparamGmmKlProblem& p);
+// Shape of the forward's kl: [N] for reduction row, [N, K] for none.
+std::vector<int64_t> kl_shape(const ReparamGmmKlProblem& p);
 // grad_kl broadcast check: [N] or [N, K] matching the reduction.
 at::Tensor checked_grad_kl(const ReparamGmmKlProblem& p, const at::Tensor& grad_kl);
 

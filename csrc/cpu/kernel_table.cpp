@@ -1,5 +1,6 @@
 // This instruction set's table of kernels (compiled once per ISA).
 #include "isa_kernels.h"
+#include "output_cache.h"
 
 namespace halfvae::cpu {
 #define HALFVAE_STR2(x) #x
@@ -9,7 +10,8 @@ namespace halfvae::cpu {
 const Kernels& HALFVAE_CAT(kernels_, CPU_CAPABILITY)() {
   static const Kernels table{&reparam_gmm_kl_forward, &reparam_gmm_kl_backward,
                              &gmm_log_prob_forward,   &gmm_log_prob_backward,
-                             &philox_normal,          "cpu-" HALFVAE_STR(CPU_CAPABILITY),
+                             &philox_normal,          &empty_output,
+                             "cpu-" HALFVAE_STR(CPU_CAPABILITY),
                              false};
   return table;
 }

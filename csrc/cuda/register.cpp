@@ -1,4 +1,5 @@
 // CUDA registration: the op wrappers with the CUDA kernel table.
+#include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "../op_wrappers.h"
@@ -15,6 +16,9 @@ const Kernels& kernels() {
     register_reparam_gmm_kl(k);
     register_gmm_log_prob(k);
     register_philox_normal(k);
+    k.empty = [](at::IntArrayRef sizes, const at::TensorOptions& options) {
+      return at::empty(sizes, options);
+    };
     k.name = "cuda";
     k.half_types = true;
     return k;
