@@ -25,6 +25,35 @@ inline namespace CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
+// Natural log of positive, finite float32 lanes (Cephes logf: frexp by bit manipulation, then a
+// degree-9 polynomial; about 1 ulp). Inlined, it costs a fraction of the Sleef call it replaces,
+// which took ~30% of the forward. The kernels only take logs of sums of exponentials >= 1.
+inline Vectorized<float> fast_logf(const Vectorized<float>& x) {
+  using VF = Vectorized<float>;
+  using VI = Vectorized<int32_t>;
+  const VI bits = at::vec::cast<int32_t>(x);
+  const VF exponent = at::vec::convert_to_fp_of_same_size<float>(
+      (bits >> VI(23)) - VI(126));  // x = m * 2^e, m in [0.5, 1)
+  VF m = at::vec::cast<float>((bits & VI(static_cast<int32_t>(0x807FFFFF))) | VI(0x3F000000));
+  const VF below = m < VF(0.707106781186547524f);  // all-ones lanes where m < sqrt(1/2)
+  const VF e = exponent - (below & VF(1.0f));
+  m = VF::blendv(m - VF(1.0f), m + m - VF(1.0f), below);
+  const VF z = m * m;
+  VF y = VF(7.0376836292E-2f);
+  y = at::vec::fmadd(y, m, VF(-1.1514610310E-1f));
+  y = at::vec::fmadd(y, m, VF(1.1676998740E-1f));
+  y = at::vec::fmadd(y, m, VF(-1.2420140846E-1f));
+  y = at::vec::fmadd(y, m, VF(1.4249322787E-1f));
+  y = at::vec::fmadd(y, m, VF(-1.6668057665E-1f));
+  y = at::vec::fmadd(y, m, VF(2.0000714765E-1f));
+  y = at::vec::fmadd(y, m, VF(-2.4999993993E-1f));
+  y = at::vec::fmadd(y, m, VF(3.3333331174E-1f));
+  y = y * m * z;
+  y = at::vec::fmadd(e, VF(-2.12194440e-4f), y);
+  y = at::vec::fmadd(z, VF(-0.5f), y);
+  return at::vec::fmadd(e, VF(0.693359375f), m + y);
+}
+
 template <typename T>
 struct VecMath {
   using V = Vectorized<T>;
@@ -34,7 +63,10 @@ struct VecMath {
     if constexpr (std::is_same_v<T, float>) return x.exp_u20();
     else return x.exp();
   }
-  static V log(const V& x) { return x.log(); }
+  static V log(const V& x) {
+    if constexpr (std::is_same_v<T, float>) return fast_logf(x);
+    else return x.log();
+  }
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
 };
 
