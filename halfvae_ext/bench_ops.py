@@ -1,0 +1,323 @@
+"""Benchmark suite: the fused reparam_gmm_kl against what users would write instead.
+
+    halfvae bench [--device cpu|cuda] [--quick] [--out results/bench]
+    python benchmarks/bench_ops.py ...            (the same)
+
+Compared in one run, per size N*K (K = 8) and mixture size C: the fused op with eps given and with
+in-kernel eps, torch.randn followed by the eps-given op, the eager reference, torch.distributions
+(Normal + MixtureSameFamily, validation off), torch.compile of the reference (compilation timed
+apart and excluded), and a copy of as many bytes as the fused op must move (the memory floor).
+Forward and forward+backward; median of repeats after warm-up; inputs rotate through several copies
+when one set would sit in cache. Writes a table (stdout), bench_ops.json and bench_ops.png, plus
+peak memory of a forward+backward step for the fused and reference paths.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+import halfvae_ext as hv
+from halfvae_ext import reference
+
+CACHE_BYTES = 64 << 20  # rotate inputs until the working set exceeds this (last-level cache here)
+
+
+# ----------------------------------------------------------------------------- implementations
+def distributions_kl(mu, logvar, logits, means, logvars, eps):
+    D = torch.distributions
+    sigma = torch.exp(0.5 * logvar)
+    z = mu + sigma * eps
+    q = D.Normal(mu, sigma, validate_args=False)
+    prior = D.MixtureSameFamily(D.Categorical(logits=logits, validate_args=False),
+                                D.Normal(means, torch.exp(0.5 * logvars), validate_args=False),
+                                validate_args=False)
+    return z, (q.log_prob(z) - prior.log_prob(z)).sum(1)
+
+
+def reference_kl(mu, logvar, logits, means, logvars, eps):
+    return reference.reparam_gmm_kl(mu, logvar, logits, means, logvars, eps=eps)
+
+
+def fused_kl(mu, logvar, logits, means, logvars, eps):
+    return hv.reparam_gmm_kl(mu, logvar, logits, means, logvars, eps=eps)
+
+
+def fused_rng_kl(mu, logvar, logits, means, logvars, eps):
+    return hv.reparam_gmm_kl(mu, logvar, logits, means, logvars)
+
+
+def randn_fused_kl(mu, logvar, logits, means, logvars, eps):
+    return hv.reparam_gmm_kl(mu, logvar, logits, means, logvars, eps=torch.randn_like(mu))
+
+
+# ----------------------------------------------------------------------------- timing
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_once(fn, device):
+    if device.type == "cuda":
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        return s.elapsed_time(e) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def median_time(make_fn, n_sets, device, budget_s, min_repeats, max_repeats):
+    """make_fn(i) -> a closure on input set i. One warm-up per set, then repeats in rotation."""
+    fns = [make_fn(i) for i in range(n_sets)]
+    first = [time_once(f, device) for f in fns]  # warm-up
+    per = max(statistics.median(first), 1e-7)
+    repeats = int(min(max_repeats, max(min_repeats, budget_s / per)))
+    return statistics.median(time_once(fns[r % n_sets], device) for r in range(repeats))
+
+
+class Inputs:
+    def __init__(self, N, K, C, device, dtype, n_sets, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        mk = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device, dtype)
+        self.sets = []
+        for _ in range(n_sets):
+            mu = mk(N, K).requires_grad_()
+            logvar = mk(N, K, scale=0.3).requires_grad_()
+            prior = [mk(K, C).requires_grad_(), mk(K, C, scale=2).requires_grad_(),
+                     mk(K, C, scale=0.3).requires_grad_()]
+            self.sets.append((mu, logvar, *prior, mk(N, K)))
+        self.grad_z = torch.full((N, K), 1e-3, device=device, dtype=dtype)
+        self.grad_kl = torch.ones(N, device=device, dtype=dtype)
+
+    def forward(self, impl, i):
+        args = self.sets[i]
+
+        def run():
+            with torch.no_grad():
+                impl(*args)
+        return run
+
+    def forward_backward(self, impl, i):
+        args = self.sets[i]
+        params = list(args[:5])
+
+        def run():
+            z, kl = impl(*args)
+            torch.autograd.grad([z, kl], params, [self.grad_z, self.grad_kl])
+        return run
+
+
+def copy_floor(bytes_moved, device, dtype, budget_s):
+    """A device copy that reads and writes bytes_moved bytes in all."""
+    numel = max(1, bytes_moved // (2 * torch.tensor([], dtype=dtype).element_size()))
+    n_sets = max(1, min(8, math.ceil(CACHE_BYTES / (2 * numel * 4)))) if device.type == "cpu" else 1
+    srcs = [torch.randn(numel, device=device).to(dtype) for _ in range(n_sets)]
+    dsts = [torch.empty_like(s) for s in srcs]
+    return median_time(lambda i: (lambda: dsts[i].copy_(srcs[i])), n_sets, device, budget_s, 5, 200)
+
+
+def peak_memory(step, device):
+    """Peak bytes allocated while `step` runs, counting only what it allocates."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    cur = peak = 0
+    for e in events:
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    p.add_argument("--sizes", default="14,16,18,20,22,23,24",
+                   help="log2 of N*K, comma-separated")
+    p.add_argument("--components", default="1,3,8", help="mixture sizes C, comma-separated")
+    p.add_argument("--latents", type=int, default=8)
+    p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per cell")
+    p.add_argument("--quick", action="store_true",
+                   help="sizes 16,20,23 and C=3 only, shorter budget (a few minutes on 2 cores)")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    p.add_argument("--slow-max-log2", type=int, default=24,
+                   help="skip eager/distributions/compile above this size (they take seconds)")
+    p.add_argument("--out", default="results/bench")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.components, args.budget = "16,20,23", "3", 0.5
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_ops: --device cuda but no GPU is available")
+    sizes = [int(s) for s in args.sizes.split(",")]
+    comps = [int(c) for c in args.components.split(",")]
+    K = args.latents
+    esize = torch.tensor([], dtype=dtype).element_size()
+
+    impls = {
+        "fused": fused_kl,
+        "fused_rng": fused_rng_kl,
+        "randn+fused": randn_fused_kl,
+        "eager": reference_kl,
+        "distributions": distributions_kl,
+    }
+    compiled = None
+    if not args.no_compile:
+        compiled = torch.compile(reference_kl, dynamic=False)
+        impls["compile"] = compiled
+    slow = {"eager", "distributions", "compile"}
+
+    meta = {"device": str(device), "dtype": args.dtype, "K": K, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "cpu_kernel": hv._C.cpu_kernel_name(),
+            "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    rows = []
+    print(f"# bench_ops {meta}")
+    header = f"{'C':>2} {'log2 NK':>7} {'mode':>7} " + " ".join(f"{n:>13}" for n in
+                                                              [*impls, "copy floor"])
+    print(header + "   (ms)")
+    for C in comps:
+        for lg in sizes:
+            NK = 2**lg
+            N = NK // K
+            bytes_set = NK * esize * 3 + 3 * K * C * esize
+            n_sets = max(1, min(16, math.ceil(CACHE_BYTES / bytes_set))) if device.type == "cpu" else 1
+            inp = Inputs(N, K, C, device, dtype, n_sets, seed=lg * 10 + C)
+            # Compulsory traffic of the fused op (eps given): fwd reads mu, logvar, eps and
+            # writes z, kl[N]; bwd reads grad_z, grad_kl, mu, logvar, eps, writes 2 gradients.
+            moved = {"fwd": NK * esize * 4 + N * esize,
+                     "fwd+bwd": NK * esize * 4 + N * esize + NK * esize * 6 + N * esize}
+            for mode in ("fwd", "fwd+bwd"):
+                make = inp.forward if mode == "fwd" else inp.forward_backward
+                row = {"C": C, "log2_NK": lg, "NK": NK, "mode": mode, "seconds": {},
+                       "bytes_moved": moved[mode]}
+                for name, impl in impls.items():
+                    if name in slow and lg > args.slow_max_log2:
+                        continue
+                    if name == "compile":
+                        t0 = time.perf_counter()
+                        make(impl, 0)()  # first call compiles for this shape and mode
+                        sync(device)
+                        row["compile_seconds"] = time.perf_counter() - t0
+                    row["seconds"][name] = median_time(lambda i: make(impl, i), n_sets, device,
+                                                       args.budget, 3, 100)
+                row["seconds"]["copy floor"] = copy_floor(moved[mode], device, dtype, args.budget)
+                rows.append(row)
+                cells = " ".join(f"{row['seconds'][n] * 1e3:13.3f}" if n in row["seconds"]
+                                 else f"{'-':>13}" for n in [*impls, "copy floor"])
+                print(f"{C:>2} {lg:>7} {mode:>7} {cells}", flush=True)
+            del inp
+
+    # Peak memory of one forward+backward at the largest size not above 2^22, C = 3 if measured.
+    mem_lg = max(s for s in sizes if s <= 22) if any(s <= 22 for s in sizes) else min(sizes)
+    C = 3 if 3 in comps else comps[0]
+    NK, N = 2**mem_lg, 2**mem_lg // K
+    inp = Inputs(N, K, C, device, dtype, 1)
+    # What one step must create: outputs z and kl, their upstream gradients, input gradients.
+    necessary = (NK + N) * esize * 2 + 2 * NK * esize + 3 * K * C * esize
+    grad_z, grad_kl = inp.grad_z, inp.grad_kl
+
+    def step(impl):
+        def run():
+            args = inp.sets[0]
+            z, kl = impl(*args)
+            gz, gk = torch.full_like(z, 1e-3), torch.ones_like(kl)  # created by the step
+            torch.autograd.grad([z, kl], list(args[:5]), [gz, gk])
+        return run
+
+    memory = {"log2_NK": mem_lg, "C": C, "necessary_bytes": necessary}
+    for name in ("fused", "fused_rng", "eager", "distributions"):
+        step(impls[name])()  # warm-up
+        memory[name] = peak_memory(step(impls[name]), device)
+    print(f"\npeak memory of one fwd+bwd step, N*K=2^{mem_lg}, C={C} "
+          f"(outputs + upstream grads + input grads = {necessary / 2**20:.1f} MiB):")
+    for name in ("fused", "fused_rng", "eager", "distributions"):
+        print(f"  {name:14s} {memory[name] / 2**20:9.1f} MiB  ({memory[name] / necessary:.2f}x)")
+
+    summarize(rows, meta)
+    os.makedirs(args.out, exist_ok=True)
+    result = {"meta": meta, "rows": rows, "memory": memory}
+    write_json_atomic(os.path.join(args.out, "bench_ops.json"), result)
+    plot(rows, meta, os.path.join(args.out, "bench_ops.png"))
+    print(f"\nwrote {args.out}/bench_ops.json and {args.out}/bench_ops.png")
+    return result
+
+
+def summarize(rows, meta):
+    print("\nratios (fused, eps given = 1; higher = fused faster), fwd+bwd:")
+    for r in rows:
+        if r["mode"] != "fwd+bwd":
+            continue
+        s = r["seconds"]
+        f = s["fused"]
+        parts = [f"{n} {s[n] / f:6.1f}x" for n in ("eager", "distributions", "compile") if n in s]
+        parts.append(f"randn+fused/fused_rng {s['randn+fused'] / s['fused_rng']:.2f}x")
+        parts.append(f"copy floor reached {s['copy floor'] / f * 100:5.1f}%")
+        cs = f" (compile took {r['compile_seconds']:.1f} s)" if "compile_seconds" in r else ""
+        print(f"  C={r['C']} N*K=2^{r['log2_NK']}: " + ", ".join(parts) + cs)
+
+
+def write_json_atomic(path, obj):
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def plot(rows, meta, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    comps = sorted({r["C"] for r in rows})
+    fig, axes = plt.subplots(2, len(comps), figsize=(5.5 * len(comps), 8), squeeze=False)
+    for j, C in enumerate(comps):
+        sel = [r for r in rows if r["C"] == C and r["mode"] == "fwd+bwd"]
+        names = sorted({n for r in sel for n in r["seconds"]})
+        for n in names:
+            pts = [(r["NK"], r["seconds"][n]) for r in sel if n in r["seconds"]]
+            xs, ts = zip(*pts)
+            style = "k--" if n == "copy floor" else "-o"
+            axes[0][j].loglog(xs, ts, style, label=n, markersize=3)
+            axes[1][j].loglog(xs, [x / t for x, t in zip(xs, ts)], style, label=n, markersize=3)
+        axes[0][j].set_title(f"fwd+bwd, C={C}, K={meta['K']}, {meta['device']}")
+        axes[0][j].set_ylabel("seconds (median)")
+        axes[1][j].set_ylabel("elements / second")
+        axes[1][j].set_xlabel("N*K")
+        axes[0][j].legend(fontsize=7)
+        axes[0][j].grid(True, which="both", alpha=0.3)
+        axes[1][j].grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
