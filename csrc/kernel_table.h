@@ -5,6 +5,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include "latent_rows_update.h"
 #include "reparam_gmm_kl.h"
 
 namespace halfvae {
@@ -21,6 +22,7 @@ struct Kernels {
                                 const PriorTables& prior, at::Tensor& grad_z,
                                 at::Tensor& prior_sums);
   void (*philox_normal)(const at::Tensor& seed, at::Tensor& out);  // seed: int64[2] on the device
+  void (*latent_rows_update)(const RowUpdate& u);
   // Allocates an uninitialized output (the CPU reuses large buffers: cpu/output_cache.h).
   at::Tensor (*empty)(at::IntArrayRef sizes, const at::TensorOptions& options);
   const char* name;           // e.g. "cpu-AVX512", "cuda"

@@ -22,11 +22,11 @@ at::Tensor zero_sums(const PriorTables& t, const at::Tensor& like) {
 std::tuple<at::Tensor, at::Tensor> reparam_gmm_kl_op(
     const Kernels& kernels, const at::Tensor& mu, const at::Tensor& logvar,
     const at::Tensor& prior_logits, const at::Tensor& prior_means, const at::Tensor& prior_logvars,
-    const OptTensor& eps, const OptTensor& seed, int64_t reduction) {
+    const OptTensor& eps, const OptTensor& seed, int64_t reduction, const OptTensor& idx) {
   check_dtype(kernels, mu.scalar_type(), "mu");
   auto p = prepare_reparam_gmm_kl(mu, logvar, prior_logits, prior_means, prior_logvars, eps, seed,
-                                  reduction);
-  auto z = kernels.empty(p.mu.sizes(), p.options());
+                                  reduction, idx);
+  auto z = kernels.empty(p.latent_shape(), p.options());
   auto kl = kernels.empty(kl_shape(p), p.options());
   if (p.N * p.K > 0) {
     kernels.reparam_gmm_kl_forward(p, z, kl);
@@ -40,16 +40,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> reparam_g
     const Kernels& kernels, const at::Tensor& grad_z, const at::Tensor& grad_kl,
     const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& prior_logits,
     const at::Tensor& prior_means, const at::Tensor& prior_logvars, const OptTensor& eps,
-    const OptTensor& seed, int64_t reduction, bool prior_grads) {
+    const OptTensor& seed, int64_t reduction, bool prior_grads, const OptTensor& idx) {
   check_dtype(kernels, mu.scalar_type(), "mu");
   auto p = prepare_reparam_gmm_kl(mu, logvar, prior_logits, prior_means, prior_logvars, eps, seed,
-                                  reduction);
-  TORCH_CHECK(grad_z.sizes() == mu.sizes(), "grad_z must have the shape of mu ", mu.sizes(),
-              ", got ", grad_z.sizes());
+                                  reduction, idx);
+  TORCH_CHECK(grad_z.sizes() == at::IntArrayRef(p.latent_shape()), "grad_z must have shape ",
+              at::IntArrayRef(p.latent_shape()), ", got ", grad_z.sizes());
   const auto gz = grad_z.to(mu.scalar_type()).contiguous();
   const auto gk = checked_grad_kl(p, grad_kl);
-  auto grad_mu = kernels.empty(p.mu.sizes(), p.options());
-  auto grad_logvar = kernels.empty(p.mu.sizes(), p.options());
+  auto grad_mu = kernels.empty(p.latent_shape(), p.options());
+  auto grad_logvar = kernels.empty(p.latent_shape(), p.options());
   at::Tensor sums;
   if (prior_grads) sums = zero_sums(p.prior, mu);
   if (p.N * p.K > 0) kernels.reparam_gmm_kl_backward(p, gz, gk, grad_mu, grad_logvar, sums);

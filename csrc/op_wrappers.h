@@ -14,13 +14,15 @@ using OptTensor = c10::optional<at::Tensor>;
 std::tuple<at::Tensor, at::Tensor> reparam_gmm_kl_op(
     const Kernels& kernels, const at::Tensor& mu, const at::Tensor& logvar,
     const at::Tensor& prior_logits, const at::Tensor& prior_means, const at::Tensor& prior_logvars,
-    const OptTensor& eps, const OptTensor& seed, int64_t reduction);
+    const OptTensor& eps, const OptTensor& seed, int64_t reduction,
+    const OptTensor& idx = c10::nullopt);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> reparam_gmm_kl_backward_op(
     const Kernels& kernels, const at::Tensor& grad_z, const at::Tensor& grad_kl,
     const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& prior_logits,
     const at::Tensor& prior_means, const at::Tensor& prior_logvars, const OptTensor& eps,
-    const OptTensor& seed, int64_t reduction, bool prior_grads);
+    const OptTensor& seed, int64_t reduction, bool prior_grads,
+    const OptTensor& idx = c10::nullopt);
 
 at::Tensor gmm_log_prob_op(const Kernels& kernels, const at::Tensor& z,
                            const at::Tensor& prior_logits, const at::Tensor& prior_means,
@@ -30,6 +32,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gmm_log_prob_backward
     const Kernels& kernels, const at::Tensor& grad, const at::Tensor& z,
     const at::Tensor& prior_logits, const at::Tensor& prior_means, const at::Tensor& prior_logvars,
     bool prior_grads);
+
+void latent_rows_update_op(const Kernels& kernels, const at::Tensor& table,
+                           const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                           const at::Tensor& idx, const at::Tensor& grad_rows,
+                           c10::string_view optimizer, double lr, double beta1, double beta2,
+                           double eps, int64_t step);
 
 at::Tensor philox_normal_op(const Kernels& kernels, const at::Tensor& seed, int64_t numel,
                             at::ScalarType dtype);
@@ -52,6 +60,30 @@ at::Tensor philox_normal_op(const Kernels& kernels, const at::Tensor& seed, int6
              return halfvae::reparam_gmm_kl_backward_op(GET_KERNELS(), gz, gk, mu, logvar, pl,   \
                                                         pm, pv, eps, seed, reduction,            \
                                                         prior_grads);                            \
+           });                                                                                   \
+    m.impl("reparam_gmm_kl_rows",                                                                \
+           [](const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& idx,             \
+              const at::Tensor& pl, const at::Tensor& pm, const at::Tensor& pv,                  \
+              const halfvae::OptTensor& eps, const halfvae::OptTensor& seed, int64_t reduction,  \
+              int64_t /*table_grad*/) {                                                          \
+             return halfvae::reparam_gmm_kl_op(GET_KERNELS(), mu, logvar, pl, pm, pv, eps, seed, \
+                                               reduction, idx);                                  \
+           });                                                                                   \
+    m.impl("reparam_gmm_kl_rows_backward",                                                       \
+           [](const at::Tensor& gz, const at::Tensor& gk, const at::Tensor& mu,                  \
+              const at::Tensor& logvar, const at::Tensor& idx, const at::Tensor& pl,             \
+              const at::Tensor& pm, const at::Tensor& pv, const halfvae::OptTensor& eps,         \
+              const halfvae::OptTensor& seed, int64_t reduction, bool prior_grads) {             \
+             return halfvae::reparam_gmm_kl_backward_op(GET_KERNELS(), gz, gk, mu, logvar, pl,   \
+                                                        pm, pv, eps, seed, reduction,            \
+                                                        prior_grads, idx);                       \
+           });                                                                                   \
+    m.impl("latent_rows_update_",                                                                \
+           [](const at::Tensor& table, const at::Tensor& m1, const at::Tensor& m2,               \
+              const at::Tensor& idx, const at::Tensor& g, c10::string_view opt, double lr,       \
+              double b1, double b2, double eps, int64_t step) {                                  \
+             halfvae::latent_rows_update_op(GET_KERNELS(), table, m1, m2, idx, g, opt, lr, b1,   \
+                                            b2, eps, step);                                      \
            });                                                                                   \
     m.impl("gmm_log_prob", [](const at::Tensor& z, const at::Tensor& pl, const at::Tensor& pm,   \
                               const at::Tensor& pv) {                                            \

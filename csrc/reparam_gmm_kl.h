@@ -12,7 +12,8 @@
 namespace halfvae {
 
 struct ReparamGmmKlProblem {
-  at::Tensor mu, logvar;  // [N, K], contiguous
+  at::Tensor mu, logvar;  // [N, K], contiguous; with idx: the whole tables [rows, K]
+  at::Tensor idx;         // int64 [N] row indices into mu/logvar (reparam_gmm_kl_rows), or undefined
   at::Tensor eps;         // [N, K], contiguous; undefined when sampled in the kernel
   at::Tensor seed;        // int64[2] on the device of mu; undefined when eps is given
   PriorTables prior;
@@ -20,6 +21,8 @@ struct ReparamGmmKlProblem {
   int64_t reduction = kReductionRow;
   bool sampled() const { return !eps.defined(); }
   at::TensorOptions options() const { return mu.options(); }
+  bool gathered() const { return idx.defined(); }
+  std::vector<int64_t> latent_shape() const { return {N, K}; }
 };
 
 ReparamGmmKlProblem prepare_reparam_gmm_kl(const at::Tensor& mu, const at::Tensor& logvar,
@@ -28,7 +31,8 @@ ReparamGmmKlProblem prepare_reparam_gmm_kl(const at::Tensor& mu, const at::Tenso
                                            const at::Tensor& prior_logvars,
                                            const c10::optional<at::Tensor>& eps,
                                            const c10::optional<at::Tensor>& seed,
-                                           int64_t reduction);
+                                           int64_t reduction,
+                                           const c10::optional<at::Tensor>& idx = c10::nullopt);
 
 // Shape of the forward's kl: [N] for reduction row, [N, K] for none.
 std::vector<int64_t> kl_shape(const ReparamGmmKlProblem& p);

@@ -3,10 +3,15 @@ import torch  # noqa: F401  (must come before _C: the kernels link against torch
 
 from . import _C  # noqa: F401  (registers the torch.ops.halfvae_ext operators)
 from . import reference
-from .ops import cuda_kernels_available, gmm_log_prob, philox_normal, reparam_gmm_kl
+from .ops import (cuda_kernels_available, gmm_log_prob, philox_normal, reparam_gmm_kl,
+                  reparam_gmm_kl_rows)
+from .table_optim import FusedRowOptimizer, fused_rows_kl
 
 __all__ = [
     "reparam_gmm_kl",
+    "reparam_gmm_kl_rows",
+    "fused_rows_kl",
+    "FusedRowOptimizer",
     "gmm_log_prob",
     "philox_normal",
     "cuda_kernels_available",

@@ -118,6 +118,69 @@ def reparam_gmm_kl(mu, logvar, prior_logits, prior_means, prior_logvars, *, eps=
     return z, kl
 
 
+_TABLE_GRADS = {"dense": 0, "sparse": 1}
+
+
+def _check_rows_args(mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps, generator,
+                     reduction):
+    """Checks of reparam_gmm_kl_rows; returns the seed tensor (or None when eps is given)."""
+    _check_prior(prior_logits, prior_means, prior_logvars)
+    K = prior_logits.shape[0]
+    _check_latent(mu, "mu", K)
+    _check_latent(logvar, "logvar", K)
+    if logvar.shape != mu.shape:
+        raise ValueError(f"logvar must have the shape of mu {tuple(mu.shape)}, got "
+                         f"{tuple(logvar.shape)}")
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"idx must be a torch.Tensor of row indices, got {type(idx).__name__}")
+    if idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"idx must be a 1-D int64 or int32 tensor, got dtype {idx.dtype} and "
+                         f"shape {tuple(idx.shape)}")
+    if idx.device != mu.device:
+        raise ValueError(f"idx is on {idx.device} but mu is on {mu.device}")
+    tensors = {"mu": mu, "logvar": logvar, "prior_logits": prior_logits,
+               "prior_means": prior_means, "prior_logvars": prior_logvars}
+    if eps is not None:
+        _check_tensor(eps, "eps")
+        if eps.shape != (idx.shape[0], K):
+            raise ValueError(f"eps must have shape [len(idx), K] = {(idx.shape[0], K)}, got "
+                             f"{tuple(eps.shape)}")
+        if generator is not None:
+            raise ValueError("generator: pass either eps or generator, not both")
+        tensors["eps"] = eps
+    _check_same_device_dtype(tensors)
+    if not isinstance(reduction, str) or reduction not in _REDUCTION_CODES:
+        raise ValueError(f"reduction must be 'row', 'none' or 'sum', got {reduction!r}")
+    if idx.numel() > 0 and not torch.compiler.is_compiling():
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= mu.shape[0]:
+            raise IndexError(f"idx values must be in [0, {mu.shape[0]}), got min {lo} and max {hi}")
+    return draw_seed(generator, mu.device) if eps is None else None
+
+
+def reparam_gmm_kl_rows(mu, logvar, idx, prior_logits, prior_means, prior_logvars, *, eps=None,
+                        generator=None, reduction="row", table_grad="dense"):
+    """reparam_gmm_kl on rows `idx` of latent tables, gathered inside the kernel.
+
+    mu, logvar: [rows, K] tables; idx: [B] int64/int32 row indices (duplicates allowed); prior:
+    [K, C]. Returns z [B, K] and kl as reparam_gmm_kl does for the gathered rows.
+    table_grad: "dense" -> mu.grad/logvar.grad are [rows, K] tensors (zero off the batch);
+    "sparse" -> coalesced sparse COO gradients (duplicates summed), for torch.optim.SparseAdam/SGD.
+    For an optimizer step fused into the backward (no table gradient at all), use
+    halfvae_ext.LatentTable(..., fused_optimizer="adam"|"sgd").
+    """
+    seed = _check_rows_args(mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps,
+                            generator, reduction)
+    if table_grad not in _TABLE_GRADS:
+        raise ValueError(f"table_grad must be 'dense' or 'sparse', got {table_grad!r}")
+    z, kl = _ops.reparam_gmm_kl_rows(mu, logvar, idx, prior_logits, prior_means, prior_logvars,
+                                     eps, seed, _REDUCTION_CODES[reduction],
+                                     _TABLE_GRADS[table_grad])
+    if reduction == "sum":
+        kl = kl.sum()
+    return z, kl
+
+
 def gmm_log_prob(z, prior_logits, prior_means, prior_logvars):
     """log p_k(z[n, k]) under the per-dimension Gaussian mixture; z: [N, K], prior: [K, C] -> [N, K].
     Differentiable in z and the three prior tensors."""
@@ -163,6 +226,29 @@ def _reparam_gmm_kl_backward_fake(grad_z, grad_kl, mu, logvar, prior_logits, pri
             torch.empty_like(prior_means), torch.empty_like(prior_logvars))
 
 
+@torch.library.register_fake("halfvae_ext::reparam_gmm_kl_rows")
+def _reparam_gmm_kl_rows_fake(mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps,
+                              seed, reduction, table_grad):
+    B, K = idx.shape[0], mu.shape[1]
+    kl = mu.new_empty((B,)) if reduction == 1 else mu.new_empty((B, K))
+    return mu.new_empty((B, K)), kl
+
+
+@torch.library.register_fake("halfvae_ext::reparam_gmm_kl_rows_backward")
+def _reparam_gmm_kl_rows_backward_fake(grad_z, grad_kl, mu, logvar, idx, prior_logits,
+                                       prior_means, prior_logvars, eps, seed, reduction,
+                                       prior_grads):
+    B, K = idx.shape[0], mu.shape[1]
+    return (mu.new_empty((B, K)), mu.new_empty((B, K)), torch.empty_like(prior_logits),
+            torch.empty_like(prior_means), torch.empty_like(prior_logvars))
+
+
+@torch.library.register_fake("halfvae_ext::latent_rows_update_")
+def _latent_rows_update_fake(table, exp_avg, exp_avg_sq, idx, grad_rows, optimizer, lr, beta1,
+                             beta2, eps, step):
+    return None
+
+
 @torch.library.register_fake("halfvae_ext::gmm_log_prob")
 def _gmm_log_prob_fake(z, prior_logits, prior_means, prior_logvars):
     return torch.empty_like(z)
@@ -200,6 +286,39 @@ def _reparam_backward(ctx, grad_z, grad_kl):
 
 torch.library.register_autograd("halfvae_ext::reparam_gmm_kl", _reparam_backward,
                                 setup_context=_reparam_setup_context)
+
+
+def _rows_setup_context(ctx, inputs, output):
+    mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps, seed, reduction, tg = inputs
+    ctx.save_for_backward(mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps, seed)
+    ctx.reduction = reduction
+    ctx.table_grad = tg
+    ctx.table_shape = tuple(mu.shape)
+
+
+def _table_gradient(rows_grad, idx, shape, sparse):
+    """[B, K] gradients of gathered rows -> the table's gradient (duplicates summed)."""
+    if sparse:
+        return torch.sparse_coo_tensor(idx.long().unsqueeze(0), rows_grad, shape,
+                                       check_invariants=False).coalesce()  # idx range-checked
+    return rows_grad.new_zeros(shape).index_add_(0, idx, rows_grad)
+
+
+def _rows_backward(ctx, grad_z, grad_kl):
+    mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    g_mu, g_logvar, g_logits, g_means, g_logvars = _ops.reparam_gmm_kl_rows_backward(
+        grad_z, grad_kl, mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps, seed,
+        ctx.reduction, bool(need[3] or need[4] or need[5]))
+    sparse = ctx.table_grad == 1
+    return (_table_gradient(g_mu, idx, ctx.table_shape, sparse) if need[0] else None,
+            _table_gradient(g_logvar, idx, ctx.table_shape, sparse) if need[1] else None,
+            None, g_logits if need[3] else None, g_means if need[4] else None,
+            g_logvars if need[5] else None, None, None, None, None)
+
+
+torch.library.register_autograd("halfvae_ext::reparam_gmm_kl_rows", _rows_backward,
+                                setup_context=_rows_setup_context)
 
 
 def _log_prob_setup_context(ctx, inputs, output):

@@ -12,5 +12,6 @@ void gmm_log_prob_forward(const at::Tensor& z, const PriorTables& prior, at::Ten
 void gmm_log_prob_backward(const at::Tensor& grad, const at::Tensor& z, const PriorTables& prior,
                            at::Tensor& grad_z, at::Tensor& prior_sums);
 void philox_normal(const at::Tensor& seed, at::Tensor& out);
+void latent_rows_update(const RowUpdate& u);
 }  // namespace CPU_CAPABILITY
 }  // namespace halfvae::cpu

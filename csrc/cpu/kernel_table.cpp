@@ -10,7 +10,8 @@ namespace halfvae::cpu {
 const Kernels& HALFVAE_CAT(kernels_, CPU_CAPABILITY)() {
   static const Kernels table{&reparam_gmm_kl_forward, &reparam_gmm_kl_backward,
                              &gmm_log_prob_forward,   &gmm_log_prob_backward,
-                             &philox_normal,          &empty_output,
+                             &philox_normal,          &latent_rows_update,
+                             &empty_output,
                              "cpu-" HALFVAE_STR(CPU_CAPABILITY),
                              false};
   return table;

@@ -8,39 +8,58 @@ namespace halfvae::cpu {
 inline namespace CPU_CAPABILITY {
 namespace {
 
-// Per-chunk scratch: in-kernel eps and the row-reduction buffer.
-template <typename T>
-struct ChunkScratch {
-  NormalFiller<T> filler;
-  std::vector<T> eps;
-  std::vector<T> per_elem;  // kl values (forward) or grad_kl broadcast over k (backward), row mode
-  ChunkScratch(const Blocking& b, bool sampled, bool row) {
-    if (sampled) eps.resize(normal_buffer_size<T>(b.block_elems));
-    if (row) per_elem.resize(b.block_elems + Vectorized<T>::size());
-  }
-  // eps of global elements [start, start+count), indexed by (global - start).
-  const T* block_eps(const PhiloxSeed* seed, const T* given, int64_t start, int64_t count) {
-    if (seed == nullptr) return given + start;
-    filler.fill(*seed, start, count, eps.data());
-    return eps.data();
-  }
-};
-
 template <typename T>
 struct Inputs {
   const T* mu;
   const T* logvar;
-  const T* eps = nullptr;  // given eps, or null
+  const int64_t* idx = nullptr;  // rows of the tables mu/logvar (reparam_gmm_kl_rows), or null
+  const T* eps = nullptr;        // given eps, or null
   PhiloxSeed seed{0, 0};
   const PhiloxSeed* seed_ptr = nullptr;  // non-null when sampled in the kernel
   explicit Inputs(const ReparamGmmKlProblem& p)
       : mu(p.mu.data_ptr<T>()), logvar(p.logvar.data_ptr<T>()) {
+    if (p.gathered()) idx = p.idx.data_ptr<int64_t>();
     if (p.sampled()) {
       seed = read_seed(p.seed);
       seed_ptr = &seed;
     } else {
       eps = p.eps.data_ptr<T>();
     }
+  }
+};
+
+// Per-chunk scratch: in-kernel eps, gathered table rows and the row-reduction buffer.
+template <typename T>
+struct ChunkScratch {
+  NormalFiller<T> filler;
+  std::vector<T> eps;
+  std::vector<T> mu_rows, logvar_rows;  // this block's table rows, when gathering
+  std::vector<T> per_elem;  // kl values (forward) or grad_kl broadcast over k (backward), row mode
+  ChunkScratch(const Blocking& b, bool sampled, bool gathered, bool row) {
+    if (sampled) eps.resize(normal_buffer_size<T>(b.block_elems));
+    if (gathered) {
+      mu_rows.resize(b.block_elems + Vectorized<T>::size());
+      logvar_rows.resize(b.block_elems + Vectorized<T>::size());
+    }
+    if (row) per_elem.resize(b.block_elems + Vectorized<T>::size());
+  }
+  // mu and logvar of elements [start, start+count), indexed by (global - start). Gathering copies
+  // the block's rows (a few KB, in L1) rather than the whole batch.
+  std::pair<const T*, const T*> block_latents(const Inputs<T>& in, int64_t K, int64_t start,
+                                              int64_t count) {
+    if (in.idx == nullptr) return {in.mu + start, in.logvar + start};
+    for (int64_t r = 0; r < count / K; ++r) {
+      const int64_t row = in.idx[start / K + r];
+      std::copy_n(in.mu + row * K, K, mu_rows.data() + r * K);
+      std::copy_n(in.logvar + row * K, K, logvar_rows.data() + r * K);
+    }
+    return {mu_rows.data(), logvar_rows.data()};
+  }
+  // eps of global elements [start, start+count), indexed by (global - start).
+  const T* block_eps(const PhiloxSeed* seed, const T* given, int64_t start, int64_t count) {
+    if (seed == nullptr) return given + start;
+    filler.fill(*seed, start, count, eps.data());
+    return eps.data();
   }
 };
 
@@ -57,13 +76,14 @@ void forward_impl(const ReparamGmmKlProblem& p, at::Tensor& z, at::Tensor& kl) {
   const int64_t K = p.K;
 
   blocking.for_each_chunk([&](int64_t, int64_t b0, int64_t b1) {
-    ChunkScratch<T> s(blocking, p.sampled(), row);
+    ChunkScratch<T> s(blocking, p.sampled(), p.gathered(), row);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = blocking.block_start(b), count = blocking.block_count(b);
       const T* eps = s.block_eps(in.seed_ptr, in.eps, start, count);
+      const auto [mu, logvar] = s.block_latents(in, K, start, count);
       for_each_vector<T>(start, count, pat.P, [&](int64_t g, int64_t j, int64_t local, int64_t n) {
         V zv, klv;
-        reparam_kl_forward<VecMath<T>, CT>(load(in.mu + g, n), load(in.logvar + g, n),
+        reparam_kl_forward<VecMath<T>, CT>(load(mu + local, n), load(logvar + local, n),
                                            load(eps + local, n), C, PriorLanes<T>{pat, j}, zv, klv);
         store(z_out + g, zv, n);
         store(row ? s.per_elem.data() + local : kl_out + g, klv, n);
@@ -99,12 +119,13 @@ void backward_impl(const ReparamGmmKlProblem& p, const at::Tensor& grad_z,
 
   dispatch_sums_in_registers<T, CT>(pat, [&]<bool kInRegisters>() {
     blocking.for_each_chunk([&](int64_t chunk, int64_t b0, int64_t b1) {
-      ChunkScratch<T> s(blocking, p.sampled(), row);
+      ChunkScratch<T> s(blocking, p.sampled(), p.gathered(), row);
       PriorSums<T, CT, kInRegisters> sums(pat);
       sums.chunk = kPriorGrads ? chunk_sums.data() + chunk * nsums * pat.P : nullptr;
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t start = blocking.block_start(b), count = blocking.block_count(b);
         const T* eps = s.block_eps(in.seed_ptr, in.eps, start, count);
+        const auto [mu, logvar] = s.block_latents(in, K, start, count);
         const T* gk = gkl + start;
         if (row) {
           for (int64_t r = 0; r < count / K; ++r)
@@ -118,7 +139,7 @@ void backward_impl(const ReparamGmmKlProblem& p, const at::Tensor& grad_z,
           auto acc = sums.at(j);
           V gmu, glv;
           reparam_kl_backward<VecMath<T>, CT, kPriorGrads>(
-              load(in.mu + g, n), load(in.logvar + g, n), load(eps + local, n),
+              load(mu + local, n), load(logvar + local, n), load(eps + local, n),
               load(gz + g, n), gk_v, C, PriorLanes<T>{pat, j}, acc, gmu, glv);
           if constexpr (kPriorGrads) acc.add_weight(gk_v);
           store(gmu_out + g, gmu, n);

@@ -9,6 +9,7 @@ namespace halfvae::cuda {
 void register_reparam_gmm_kl(Kernels& k);
 void register_gmm_log_prob(Kernels& k);
 void register_philox_normal(Kernels& k);
+void register_latent_rows_update(Kernels& k);
 
 const Kernels& kernels() {
   static const Kernels table = [] {
@@ -16,6 +17,7 @@ const Kernels& kernels() {
     register_reparam_gmm_kl(k);
     register_gmm_log_prob(k);
     register_philox_normal(k);
+    register_latent_rows_update(k);
     k.empty = [](at::IntArrayRef sizes, const at::TensorOptions& options) {
       return at::empty(sizes, options);
     };

@@ -35,14 +35,20 @@ __device__ EpsSource<scalar_t, acc_t, kSampled> make_eps(const scalar_t* eps, co
   return e;
 }
 
+// Offset of element i's mu/logvar: i itself, or through the row index when gathering.
+__device__ __forceinline__ int64_t latent_offset(const int64_t* idx, int64_t i, int64_t K) {
+  return idx == nullptr ? i : idx[i / K] * K + i % K;
+}
+
 // kl_row (row reduction) is a zeroed acc_t buffer of N entries; rows are summed by atomics, at most
 // two per row and group (a group of 4 can straddle a row boundary).
 template <typename scalar_t, typename acc_t, int CT, bool kSampled, bool kRow>
 __global__ void __launch_bounds__(kThreads) forward_kernel(
     const scalar_t* __restrict__ mu, const scalar_t* __restrict__ logvar,
-    const scalar_t* __restrict__ eps, const int64_t* __restrict__ seed,
-    const acc_t* __restrict__ w, const acc_t* __restrict__ m, const acc_t* __restrict__ prec,
-    int64_t numel, int64_t K, int C, int64_t stride, scalar_t* __restrict__ z,
+    const int64_t* __restrict__ idx, const scalar_t* __restrict__ eps,
+    const int64_t* __restrict__ seed, const acc_t* __restrict__ w, const acc_t* __restrict__ m,
+    const acc_t* __restrict__ prec, int64_t numel, int64_t K, int C, int64_t stride,
+    scalar_t* __restrict__ z,
     scalar_t* __restrict__ kl, acc_t* __restrict__ kl_row) {
   const int64_t first = 4 * (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x);
   if (first >= numel) return;
@@ -59,8 +65,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
       const int64_t i = base + q;
       if (i >= numel) break;
       acc_t zv, klv;
-      reparam_kl_forward<DevMath<acc_t>, CT>(static_cast<acc_t>(mu[i]),
-                                             static_cast<acc_t>(logvar[i]), e.at(i, q), C,
+      const int64_t li = latent_offset(idx, i, K);
+      reparam_kl_forward<DevMath<acc_t>, CT>(static_cast<acc_t>(mu[li]),
+                                             static_cast<acc_t>(logvar[li]), e.at(i, q), C,
                                              prior[q], zv, klv);
       z[i] = static_cast<scalar_t>(zv);
       if constexpr (kRow) {
@@ -82,9 +89,10 @@ template <typename scalar_t, typename acc_t, int CT, bool kSampled, bool kRow, b
 __global__ void __launch_bounds__(kThreads) backward_kernel(
     const scalar_t* __restrict__ grad_z, const scalar_t* __restrict__ grad_kl,
     const scalar_t* __restrict__ mu, const scalar_t* __restrict__ logvar,
-    const scalar_t* __restrict__ eps, const int64_t* __restrict__ seed,
-    const acc_t* __restrict__ w, const acc_t* __restrict__ m, const acc_t* __restrict__ prec,
-    int64_t numel, int64_t K, int C, int64_t stride, SumsTable sums_table,
+    const int64_t* __restrict__ idx, const scalar_t* __restrict__ eps,
+    const int64_t* __restrict__ seed, const acc_t* __restrict__ w, const acc_t* __restrict__ m,
+    const acc_t* __restrict__ prec, int64_t numel, int64_t K, int C, int64_t stride,
+    SumsTable sums_table,
     scalar_t* __restrict__ grad_mu, scalar_t* __restrict__ grad_logvar) {
   extern __shared__ double smem[];
   double* table = kPriorGrads ? begin_sums(sums_table, smem) : nullptr;
@@ -106,8 +114,9 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
         if (i >= numel) break;
         const acc_t gk = static_cast<acc_t>(kRow ? grad_kl[i / K] : grad_kl[i]);
         acc_t gmu, glv;
+        const int64_t li = latent_offset(idx, i, K);
         reparam_kl_backward<DevMath<acc_t>, CT, kPriorGrads>(
-            static_cast<acc_t>(mu[i]), static_cast<acc_t>(logvar[i]), e.at(i, q),
+            static_cast<acc_t>(mu[li]), static_cast<acc_t>(logvar[li]), e.at(i, q),
             static_cast<acc_t>(grad_z[i]), gk, C, prior[q], sums[q], gmu, glv);
         if constexpr (kPriorGrads) sums[q].add_weight(gk);
         grad_mu[i] = static_cast<scalar_t>(gmu);
@@ -150,6 +159,7 @@ void forward(const ReparamGmmKlProblem& p, at::Tensor& z, at::Tensor& kl) {
         forward_kernel<scalar_t, acc_t, CT, kSampled, kRow>
             <<<launch.blocks, kThreads, 0, stream>>>(
                 p.mu.data_ptr<scalar_t>(), p.logvar.data_ptr<scalar_t>(),
+                p.gathered() ? p.idx.data_ptr<int64_t>() : nullptr,
                 kSampled ? nullptr : p.eps.data_ptr<scalar_t>(),
                 kSampled ? p.seed.data_ptr<int64_t>() : nullptr, p.prior.w.data_ptr<acc_t>(),
                 p.prior.m.data_ptr<acc_t>(), p.prior.prec.data_ptr<acc_t>(), numel, p.K,
@@ -184,6 +194,7 @@ void backward(const ReparamGmmKlProblem& p, const at::Tensor& grad_z, const at::
           kernel<<<launch.blocks, kThreads, smem, stream>>>(
               grad_z.data_ptr<scalar_t>(), grad_kl.data_ptr<scalar_t>(),
               p.mu.data_ptr<scalar_t>(), p.logvar.data_ptr<scalar_t>(),
+              p.gathered() ? p.idx.data_ptr<int64_t>() : nullptr,
               kSampled ? nullptr : p.eps.data_ptr<scalar_t>(),
               kSampled ? p.seed.data_ptr<int64_t>() : nullptr, p.prior.w.data_ptr<acc_t>(),
               p.prior.m.data_ptr<acc_t>(), p.prior.prec.data_ptr<acc_t>(), numel, p.K,

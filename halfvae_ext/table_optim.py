@@ -1,0 +1,89 @@
+"""Optimizer steps fused into the backward of a latent table's KL.
+
+With `FusedRowOptimizer`, the backward of `fused_rows_kl` computes the gradients of the gathered
+rows ([B, K], O(batch) memory), sums duplicate indices in batch order and applies Adam or SGD to
+those rows of the table, and of the optimizer state, in place. No gradient of the table exists at
+any point, and a step costs O(B) whatever the number of rows. Adam follows torch.optim.SparseAdam
+(moments updated only on touched rows, bias correction by a step count shared by the table).
+"""
+from __future__ import annotations
+
+import torch
+
+from .ops import _check_rows_args, _ops, _REDUCTION_CODES
+
+
+class FusedRowOptimizer(torch.nn.Module):
+    """Optimizer state for latent tables `mu`, `logvar` [rows, K], as buffers (so it round-trips
+    through state_dict). kind: "adam" or "sgd"."""
+
+    def __init__(self, num_rows: int, num_latents: int, kind: str = "adam", lr: float = 1e-2,
+                 betas=(0.9, 0.999), eps: float = 1e-8, dtype=torch.float32, device=None):
+        super().__init__()
+        if kind not in ("adam", "sgd"):
+            raise ValueError(f"fused_optimizer must be 'adam', 'sgd' or None, got {kind!r}")
+        if not lr >= 0:
+            raise ValueError(f"lr must be non-negative, got {lr}")
+        b1, b2 = betas
+        if not (0 <= b1 < 1 and 0 <= b2 < 1):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if not eps > 0:
+            raise ValueError(f"eps must be positive, got {eps}")
+        self.kind, self.lr, self.betas, self.eps = kind, float(lr), (float(b1), float(b2)), eps
+        shape = (num_rows, num_latents) if kind == "adam" else (0, num_latents)
+        for name in ("mu_exp_avg", "mu_exp_avg_sq", "logvar_exp_avg", "logvar_exp_avg_sq"):
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+
+    def apply(self, mu, logvar, idx, grad_mu_rows, grad_logvar_rows):
+        """One step on rows idx of both tables, from their per-index gradients [B, K]."""
+        self.step += 1
+        step = int(self.step)
+        b1, b2 = self.betas
+        with torch.no_grad():
+            for table, grad, m, v in ((mu, grad_mu_rows, self.mu_exp_avg, self.mu_exp_avg_sq),
+                                      (logvar, grad_logvar_rows, self.logvar_exp_avg,
+                                       self.logvar_exp_avg_sq)):
+                _ops.latent_rows_update_(table, m, v, idx, grad, self.kind, self.lr, b1, b2,
+                                         self.eps, step)
+
+    def extra_repr(self):
+        return f"kind={self.kind!r}, lr={self.lr}, betas={self.betas}, eps={self.eps}"
+
+
+class _FusedRowsKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mu, logvar, prior_logits, prior_means, prior_logvars, idx, eps, seed,
+                reduction, optimizer):
+        z, kl = _ops.reparam_gmm_kl_rows(mu, logvar, idx, prior_logits, prior_means,
+                                         prior_logvars, eps, seed, reduction, 0)
+        ctx.save_for_backward(mu, logvar, prior_logits, prior_means, prior_logvars, idx, eps, seed)
+        ctx.reduction = reduction
+        ctx.optimizer = optimizer
+        return z, kl
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_kl):
+        mu, logvar, prior_logits, prior_means, prior_logvars, idx, eps, seed = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g_mu, g_logvar, g_logits, g_means, g_logvars = _ops.reparam_gmm_kl_rows_backward(
+            grad_z, grad_kl, mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps, seed,
+            ctx.reduction, bool(need[2] or need[3] or need[4]))
+        ctx.optimizer.apply(mu, logvar, idx, g_mu, g_logvar)
+        return (None, None, g_logits if need[2] else None, g_means if need[3] else None,
+                g_logvars if need[4] else None, None, None, None, None, None)
+
+
+def fused_rows_kl(mu, logvar, idx, prior_logits, prior_means, prior_logvars,
+                  optimizer: FusedRowOptimizer, *, eps=None, generator=None, reduction="row"):
+    """reparam_gmm_kl_rows whose backward steps `optimizer` on the touched rows of mu and logvar
+    (in place) instead of returning their gradients. The prior still gets ordinary gradients."""
+    seed = _check_rows_args(mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps,
+                            generator, reduction)
+    if not mu.requires_grad:
+        raise ValueError("mu must require grad: its optimizer step runs in the backward")
+    z, kl = _FusedRowsKL.apply(mu, logvar, prior_logits, prior_means, prior_logvars, idx, eps,
+                               seed, _REDUCTION_CODES[reduction], optimizer)
+    if reduction == "sum":
+        kl = kl.sum()
+    return z, kl

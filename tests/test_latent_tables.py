@@ -1,0 +1,199 @@
+"""Row-gathering op, sparse table gradients and the optimizer step fused into the backward."""
+import pytest
+import torch
+
+import halfvae_ext as hv
+from halfvae_ext import reference as ref
+from halfvae_ext.table_optim import FusedRowOptimizer, fused_rows_kl
+
+from conftest import has_cuda, requires_cuda
+
+
+def tables(N, K, C, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(N, K, generator=g, dtype=torch.float64).to(device, dtype)
+    logvar = (0.3 * torch.randn(N, K, generator=g, dtype=torch.float64)).to(device, dtype)
+    prior = [torch.randn(K, C, generator=g, dtype=torch.float64).to(device, dtype)
+             for _ in range(3)]
+    return mu, logvar, prior
+
+
+DEVICES = ["cpu"] + (["cuda"] if has_cuda() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["row", "none", "sum"])
+def test_rows_op_equals_gather_then_reference(device, reduction):
+    N, K, C, B = 300, 5, 3, 1000  # B > N: many duplicates
+    mu, logvar, prior = tables(N, K, C, torch.float64, device)
+    idx = torch.randint(0, N, (B,), generator=torch.Generator().manual_seed(1)).to(device)
+    eps = torch.randn(B, K, dtype=torch.float64, device=device)
+    mu.requires_grad_(), logvar.requires_grad_(), [p.requires_grad_() for p in prior]
+    z, kl = hv.reparam_gmm_kl_rows(mu, logvar, idx, *prior, eps=eps, reduction=reduction)
+    z_r, kl_r = ref.reparam_gmm_kl(mu[idx], logvar[idx], *prior, eps=eps, reduction=reduction)
+    torch.testing.assert_close(z, z_r, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kl, kl_r, rtol=1e-10, atol=1e-10)
+    w = (torch.randn_like(z), torch.randn_like(kl))
+    params = [mu, logvar, *prior]
+    got = torch.autograd.grad((z * w[0]).sum() + (kl * w[1]).sum(), params)
+    want = torch.autograd.grad((z_r * w[0]).sum() + (kl_r * w[1]).sum(), params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_gradcheck_rows_op_with_duplicates():
+    mu, logvar, prior = tables(6, 3, 3, torch.float64)
+    idx = torch.tensor([0, 2, 2, 5, 0, 3, 2])
+    eps = torch.randn(7, 3, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (mu, logvar, *prior)]
+    for reduction in ("row", "none"):
+        fn = lambda m, lv, a, b, c: hv.reparam_gmm_kl_rows(m, lv, idx, a, b, c, eps=eps,
+                                                           reduction=reduction)
+        assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_rows_op_in_kernel_eps_matches_philox_stream():
+    mu, logvar, prior = tables(40, 8, 3)
+    idx = torch.randint(0, 40, (100,))
+    seed = hv.ops.draw_seed(torch.Generator().manual_seed(3), "cpu")
+    eps = hv.philox_normal(seed, (100, 8))
+    z, kl = hv.reparam_gmm_kl_rows(mu, logvar, idx, *prior,
+                                   generator=torch.Generator().manual_seed(3))
+    z_r, kl_r = ref.reparam_gmm_kl(mu[idx], logvar[idx], *prior, eps=eps)
+    torch.testing.assert_close(z, z_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kl, kl_r, rtol=1e-4, atol=1e-3)
+
+
+def test_sparse_table_gradient_equals_dense():
+    mu, logvar, prior = tables(50, 4, 3)
+    idx = torch.tensor([3, 7, 3, 49, 0, 7, 7])
+    eps = torch.randn(7, 4)
+    grads = {}
+    for mode in ("dense", "sparse"):
+        m, lv = mu.clone().requires_grad_(), logvar.clone().requires_grad_()
+        z, kl = hv.reparam_gmm_kl_rows(m, lv, idx, *prior, eps=eps, table_grad=mode)
+        (kl.sum() + z.sum()).backward()
+        grads[mode] = (m.grad, lv.grad)
+    for d, s in zip(grads["dense"], grads["sparse"]):
+        # Duplicates summed: one entry per distinct row (autograd's accumulation drops the
+        # coalesced flag, not the property).
+        assert s.is_sparse and s._nnz() == 4
+        assert s._indices().unique().numel() == 4
+        torch.testing.assert_close(s.to_dense(), d)
+    untouched = torch.ones(50, dtype=torch.bool)
+    untouched[idx] = False
+    assert torch.count_nonzero(grads["dense"][0][untouched]) == 0
+
+
+def run_reference_steps(mu0, logvar0, prior, batches, kind, lr):
+    mu, logvar = mu0.clone().requires_grad_(), logvar0.clone().requires_grad_()
+    opt = (torch.optim.SparseAdam([mu, logvar], lr=lr) if kind == "adam"
+           else torch.optim.SGD([mu, logvar], lr=lr))
+    for idx, eps in batches:
+        z, kl = ref.reparam_gmm_kl(torch.nn.functional.embedding(idx, mu, sparse=True),
+                                   torch.nn.functional.embedding(idx, logvar, sparse=True),
+                                   *prior, eps=eps)
+        opt.zero_grad()
+        (kl.sum() + 0.5 * (z * z).sum()).backward()
+        opt.step()
+    return mu.detach(), logvar.detach()
+
+
+def run_fused_steps(mu0, logvar0, prior, batches, kind, lr):
+    mu, logvar = mu0.clone().requires_grad_(), logvar0.clone().requires_grad_()
+    opt = FusedRowOptimizer(mu.shape[0], mu.shape[1], kind, lr=lr)
+    for idx, eps in batches:
+        z, kl = fused_rows_kl(mu, logvar, idx, *prior, opt, eps=eps)
+        (kl.sum() + 0.5 * (z * z).sum()).backward()
+        assert mu.grad is None and logvar.grad is None  # no table gradient, ever
+    return mu.detach(), logvar.detach(), opt
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_fused_steps_equal_gather_reference_sparse_optimizer(kind):
+    N, K, C, B = 200, 8, 3, 64
+    mu0, logvar0, prior = tables(N, K, C)
+    g = torch.Generator().manual_seed(7)
+    batches = []
+    for _ in range(6):
+        idx = torch.randint(0, N // 4, (B,), generator=g)  # small range: duplicates in a batch
+        batches.append((idx, torch.randn(B, K, generator=g)))
+    mu_r, lv_r = run_reference_steps(mu0, logvar0, prior, batches, kind, lr=0.05)
+    mu_f, lv_f, opt = run_fused_steps(mu0, logvar0, prior, batches, kind, lr=0.05)
+    torch.testing.assert_close(mu_f, mu_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lv_f, lv_r, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(mu_f, mu0)
+    touched = torch.zeros(N, dtype=torch.bool)
+    for idx, _ in batches:
+        touched[idx] = True
+    assert torch.equal(mu_f[~touched], mu0[~touched])  # untouched rows keep their values
+    if kind == "adam":
+        assert int(opt.step) == 6
+        assert torch.count_nonzero(opt.mu_exp_avg[~touched]) == 0
+
+
+def test_fused_steps_are_deterministic_with_duplicates():
+    mu0, logvar0, prior = tables(30, 8, 3)
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randint(0, 5, (4096,), generator=g), torch.randn(4096, 8, generator=g))
+               for _ in range(3)]
+    a = run_fused_steps(mu0, logvar0, prior, batches, "adam", 0.01)
+    b = run_fused_steps(mu0, logvar0, prior, batches, "adam", 0.01)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_optimizer_state_round_trips_through_state_dict():
+    mu0, logvar0, prior = tables(20, 4, 3)
+    batches = [(torch.tensor([1, 2, 2, 19]), torch.randn(4, 4)) for _ in range(2)]
+    _, _, opt = run_fused_steps(mu0, logvar0, prior, batches, "adam", 0.1)
+    fresh = FusedRowOptimizer(20, 4, "adam", lr=0.1)
+    fresh.load_state_dict(opt.state_dict())
+    for name, buf in opt.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], buf)
+    assert int(fresh.step) == 2
+
+
+def test_bad_indices_raise_and_write_nothing():
+    mu, logvar, prior = tables(10, 4, 3)
+    eps = torch.randn(3, 4)
+    for bad in (torch.tensor([0, 10, 1]), torch.tensor([0, -1, 1])):
+        with pytest.raises(IndexError, match=r"idx values must be in \[0, 10\)"):
+            hv.reparam_gmm_kl_rows(mu, logvar, bad, *prior, eps=eps)
+        # The raw ops check too (C++), and the optimizer writes nothing before raising.
+        with pytest.raises(RuntimeError, match="idx values must be in"):
+            torch.ops.halfvae_ext.reparam_gmm_kl_rows(mu, logvar, bad, *prior, eps, None, 1, 0)
+        before = mu.clone()
+        m, v = torch.zeros_like(mu), torch.zeros_like(mu)
+        with pytest.raises(RuntimeError, match="idx values must be in"):
+            torch.ops.halfvae_ext.latent_rows_update_(mu, m, v, bad, torch.ones(3, 4), "adam",
+                                                      0.1, 0.9, 0.999, 1e-8, 1)
+        assert torch.equal(mu, before) and torch.count_nonzero(m) == 0
+    with pytest.raises(ValueError, match="idx must be a 1-D"):
+        hv.reparam_gmm_kl_rows(mu, logvar, torch.zeros(3, 1, dtype=torch.long), *prior, eps=eps)
+    with pytest.raises(ValueError, match="idx must be a 1-D int64"):
+        hv.reparam_gmm_kl_rows(mu, logvar, torch.zeros(3), *prior, eps=eps)
+    with pytest.raises(ValueError, match="eps must have shape"):
+        hv.reparam_gmm_kl_rows(mu, logvar, torch.tensor([0, 1]), *prior, eps=eps)
+    with pytest.raises(ValueError, match="fused_optimizer must be"):
+        FusedRowOptimizer(10, 4, "adagrad")
+
+
+def test_rows_op_opcheck():
+    mu, logvar, prior = tables(12, 4, 3, torch.float64)
+    idx = torch.tensor([0, 3, 3, 11])
+    eps = torch.randn(4, 4, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.halfvae_ext.reparam_gmm_kl_rows,
+                          (mu.requires_grad_(), logvar, idx, *prior, eps, None, 1, 0))
+
+
+@requires_cuda
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_cuda_fused_steps_equal_reference(kind):
+    mu0, logvar0, prior = tables(200, 8, 3, device="cuda")
+    g = torch.Generator().manual_seed(7)
+    batches = [(torch.randint(0, 50, (64,), generator=g).cuda(),
+                torch.randn(64, 8, generator=g).cuda()) for _ in range(4)]
+    mu_r, lv_r = run_reference_steps(mu0, logvar0, prior, batches, kind, lr=0.05)
+    mu_f, lv_f, _ = run_fused_steps(mu0, logvar0, prior, batches, kind, lr=0.05)
+    torch.testing.assert_close(mu_f, mu_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lv_f, lv_r, rtol=1e-5, atol=1e-5)
