@@ -33,11 +33,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gmm_log_prob_backward
     const at::Tensor& prior_logits, const at::Tensor& prior_means, const at::Tensor& prior_logvars,
     bool prior_grads);
 
-void latent_rows_update_op(const Kernels& kernels, const at::Tensor& table,
-                           const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
-                           const at::Tensor& idx, const at::Tensor& grad_rows,
-                           c10::string_view optimizer, double lr, double beta1, double beta2,
-                           double eps, int64_t step);
+void latent_rows_update_op(const Kernels& kernels, const at::Tensor& mu,
+                           const at::Tensor& logvar, const at::Tensor& state,
+                           const at::Tensor& idx, const at::Tensor& grad_mu,
+                           const at::Tensor& grad_logvar, c10::string_view optimizer, double lr,
+                           double beta1, double beta2, double eps, int64_t step);
 
 at::Tensor philox_normal_op(const Kernels& kernels, const at::Tensor& seed, int64_t numel,
                             at::ScalarType dtype);
@@ -79,11 +79,11 @@ at::Tensor philox_normal_op(const Kernels& kernels, const at::Tensor& seed, int6
                                                         prior_grads, idx);                       \
            });                                                                                   \
     m.impl("latent_rows_update_",                                                                \
-           [](const at::Tensor& table, const at::Tensor& m1, const at::Tensor& m2,               \
-              const at::Tensor& idx, const at::Tensor& g, c10::string_view opt, double lr,       \
-              double b1, double b2, double eps, int64_t step) {                                  \
-             halfvae::latent_rows_update_op(GET_KERNELS(), table, m1, m2, idx, g, opt, lr, b1,   \
-                                            b2, eps, step);                                      \
+           [](const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& state,           \
+              const at::Tensor& idx, const at::Tensor& gmu, const at::Tensor& glv,               \
+              c10::string_view opt, double lr, double b1, double b2, double eps, int64_t step) { \
+             halfvae::latent_rows_update_op(GET_KERNELS(), mu, logvar, state, idx, gmu, glv,     \
+                                            opt, lr, b1, b2, eps, step);                         \
            });                                                                                   \
     m.impl("gmm_log_prob", [](const at::Tensor& z, const at::Tensor& pl, const at::Tensor& pm,   \
                               const at::Tensor& pv) {                                            \

@@ -30,22 +30,26 @@ class FusedRowOptimizer(torch.nn.Module):
         if not eps > 0:
             raise ValueError(f"eps must be positive, got {eps}")
         self.kind, self.lr, self.betas, self.eps = kind, float(lr), (float(b1), float(b2)), eps
-        shape = (num_rows, num_latents) if kind == "adam" else (0, num_latents)
-        for name in ("mu_exp_avg", "mu_exp_avg_sq", "logvar_exp_avg", "logvar_exp_avg_sq"):
-            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
+        # Adam moments of mu and logvar in one buffer: [4, rows, K] = mu m, mu v, logvar m, logvar v.
+        shape = (4, num_rows, num_latents) if kind == "adam" else (0, num_rows, num_latents)
+        self.register_buffer("state", torch.zeros(shape, dtype=dtype, device=device))
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+
+    @property
+    def mu_exp_avg(self):
+        return self.state[0]
+
+    @property
+    def logvar_exp_avg(self):
+        return self.state[2]
 
     def apply(self, mu, logvar, idx, grad_mu_rows, grad_logvar_rows):
         """One step on rows idx of both tables, from their per-index gradients [B, K]."""
         self.step += 1
-        step = int(self.step)
         b1, b2 = self.betas
         with torch.no_grad():
-            for table, grad, m, v in ((mu, grad_mu_rows, self.mu_exp_avg, self.mu_exp_avg_sq),
-                                      (logvar, grad_logvar_rows, self.logvar_exp_avg,
-                                       self.logvar_exp_avg_sq)):
-                _ops.latent_rows_update_(table, m, v, idx, grad, self.kind, self.lr, b1, b2,
-                                         self.eps, step)
+            _ops.latent_rows_update_(mu, logvar, self.state, idx, grad_mu_rows, grad_logvar_rows,
+                                     self.kind, self.lr, b1, b2, self.eps, int(self.step))
 
     def extra_repr(self):
         return f"kind={self.kind!r}, lr={self.lr}, betas={self.betas}, eps={self.eps}"

@@ -163,11 +163,12 @@ def test_bad_indices_raise_and_write_nothing():
         with pytest.raises(RuntimeError, match="idx values must be in"):
             torch.ops.halfvae_ext.reparam_gmm_kl_rows(mu, logvar, bad, *prior, eps, None, 1, 0)
         before = mu.clone()
-        m, v = torch.zeros_like(mu), torch.zeros_like(mu)
+        state = torch.zeros(4, 10, 4)
         with pytest.raises(RuntimeError, match="idx values must be in"):
-            torch.ops.halfvae_ext.latent_rows_update_(mu, m, v, bad, torch.ones(3, 4), "adam",
-                                                      0.1, 0.9, 0.999, 1e-8, 1)
-        assert torch.equal(mu, before) and torch.count_nonzero(m) == 0
+            torch.ops.halfvae_ext.latent_rows_update_(mu, logvar, state, bad, torch.ones(3, 4),
+                                                      torch.ones(3, 4), "adam", 0.1, 0.9, 0.999,
+                                                      1e-8, 1)
+        assert torch.equal(mu, before) and torch.count_nonzero(state) == 0
     with pytest.raises(ValueError, match="idx must be a 1-D"):
         hv.reparam_gmm_kl_rows(mu, logvar, torch.zeros(3, 1, dtype=torch.long), *prior, eps=eps)
     with pytest.raises(ValueError, match="idx must be a 1-D int64"):

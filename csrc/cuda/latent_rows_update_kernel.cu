@@ -1,5 +1,6 @@
-// CUDA kernel of latent_rows_update_: one thread per (touched row, k) sums that row's gradient in
-// batch order and takes the Adam or SGD step. Deterministic: no atomics.
+// CUDA kernel of latent_rows_update_: indices grouped by a stable sort (ATen), then one thread per
+// (touched row, k) sums that row's gradient in batch order and takes the Adam or SGD step on mu
+// and logvar. Deterministic: no atomics.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
@@ -12,43 +13,54 @@ namespace {
 
 template <typename scalar_t, typename acc_t, bool kAdam>
 __global__ void __launch_bounds__(kThreads) update_kernel(
-    const int64_t* __restrict__ rows, const int64_t* __restrict__ off,
-    const scalar_t* __restrict__ g, int64_t U, int64_t K, scalar_t* __restrict__ w,
-    scalar_t* __restrict__ m, scalar_t* __restrict__ v, acc_t lr, acc_t b1, acc_t b2, acc_t eps,
-    acc_t step_size) {
+    const int64_t* __restrict__ rows, const int64_t* __restrict__ offsets,
+    const int64_t* __restrict__ perm, const scalar_t* __restrict__ grad_mu,
+    const scalar_t* __restrict__ grad_logvar, int64_t U, int64_t K, int64_t table,
+    scalar_t* __restrict__ mu, scalar_t* __restrict__ logvar, scalar_t* __restrict__ state,
+    acc_t lr, acc_t b1, acc_t b2, acc_t eps, acc_t step_size) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= U * K) return;
   const int64_t r = t / K, k = t % K;
-  acc_t sum = 0;
-  for (int64_t j = off[r]; j < off[r + 1]; ++j) sum += static_cast<acc_t>(g[j * K + k]);
   const int64_t i = rows[r] * K + k;
-  if constexpr (kAdam) {
-    acc_t wi = w[i], mi = m[i], vi = v[i];
-    adam_element(&wi, &mi, &vi, sum, b1, b2, eps, step_size);
-    w[i] = static_cast<scalar_t>(wi);
-    m[i] = static_cast<scalar_t>(mi);
-    v[i] = static_cast<scalar_t>(vi);
-  } else {
-    w[i] = static_cast<scalar_t>(static_cast<acc_t>(w[i]) - lr * sum);
+#pragma unroll
+  for (int which = 0; which < 2; ++which) {
+    const scalar_t* g = which == 0 ? grad_mu : grad_logvar;
+    scalar_t* w = which == 0 ? mu : logvar;
+    acc_t sum = 0;
+    for (int64_t j = offsets[r]; j < offsets[r + 1]; ++j)
+      sum += static_cast<acc_t>(g[perm[j] * K + k]);
+    if constexpr (kAdam) {
+      scalar_t* m = state + (2 * which) * table;
+      scalar_t* v = state + (2 * which + 1) * table;
+      acc_t wi = w[i], mi = m[i], vi = v[i];
+      adam_element(&wi, &mi, &vi, sum, b1, b2, eps, step_size);
+      w[i] = static_cast<scalar_t>(wi);
+      m[i] = static_cast<scalar_t>(mi);
+      v[i] = static_cast<scalar_t>(vi);
+    } else {
+      w[i] = static_cast<scalar_t>(static_cast<acc_t>(w[i]) - lr * sum);
+    }
   }
 }
 
 void latent_rows_update(const RowUpdate& u) {
-  const c10::cuda::CUDAGuard guard(u.table.device());
-  const int64_t K = u.table.size(1), U = u.unique_rows.numel();
+  const c10::cuda::CUDAGuard guard(u.mu.device());
+  const auto [sorted, perm] = at::sort(u.idx, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const auto [rows, inverse, counts] = at::unique_consecutive(sorted, false, true);
+  const auto offsets = at::cat({at::zeros({1}, counts.options()), counts.cumsum(0)});
+  const int64_t K = u.mu.size(1), U = rows.numel();
   const int64_t blocks = (U * K + kThreads - 1) / kThreads;
-  if (blocks == 0) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool adam = u.optimizer == RowOptimizer::kAdam;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.table.scalar_type(),
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.mu.scalar_type(),
                                   "latent_rows_update_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto launch = [&](auto kernel) {
       kernel<<<blocks, kThreads, 0, stream>>>(
-          u.unique_rows.data_ptr<int64_t>(), u.offsets.data_ptr<int64_t>(),
-          u.grad_sorted.data_ptr<scalar_t>(), U, K, u.table.data_ptr<scalar_t>(),
-          adam ? u.exp_avg.data_ptr<scalar_t>() : nullptr,
-          adam ? u.exp_avg_sq.data_ptr<scalar_t>() : nullptr, acc_t(u.lr), acc_t(u.beta1),
+          rows.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), perm.data_ptr<int64_t>(),
+          u.grad_mu.data_ptr<scalar_t>(), u.grad_logvar.data_ptr<scalar_t>(), U, K,
+          u.mu.numel(), u.mu.data_ptr<scalar_t>(), u.logvar.data_ptr<scalar_t>(),
+          adam ? u.state.data_ptr<scalar_t>() : nullptr, acc_t(u.lr), acc_t(u.beta1),
           acc_t(u.beta2), acc_t(u.eps), acc_t(u.step_size));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
