@@ -1,0 +1,333 @@
+"""Command line: ``halfvae demo`` (the paper's experiment) and ``halfvae separate`` (your data).
+
+    halfvae demo [--out DIR] [--seeds N] [--quick]
+    halfvae separate FILE -k K -o OUT [--plot PNG] [--decoder linear|mlp] [--max-iter N]
+                     [--restarts N] [--seed S] [--verbose]
+
+Also ``python -m halfvae_ext.cli ...``. ``separate`` reads a CSV/text file (rows = samples, columns
+= observed signals; comma, tab or whitespace separated; an optional header row; blank lines and
+``#`` comments skipped) or a .npy array, and writes the K recovered sources (each standardized to
+zero mean and unit variance; their order and signs are arbitrary, as in any ICA) in the format of
+OUT's extension (.npy, .csv, .tsv, .txt), or the input's format if OUT has none of these. Errors
+are reported as one line on stderr with a non-zero exit status.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import os
+import sys
+
+import numpy as np
+
+__all__ = ["main", "read_signals", "write_signals"]
+
+_TEXT_EXTS = {".csv": ",", ".tsv": "\t", ".txt": None}
+
+
+class CLIError(Exception):
+    """An error reported to the user as one line, without a traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        raise CLIError(f"{self.prog}: {message} (see --help)")
+
+
+# ----------------------------------------------------------------------------- reading
+def _sniff_delimiter(line: str):
+    if "," in line:
+        return ","
+    if "\t" in line:
+        return "\t"
+    if ";" in line:
+        return ";"
+    return None  # whitespace
+
+
+def _split(line: str, delim):
+    if delim is None:
+        return line.split()
+    return [f.strip() for f in next(csv.reader([line], delimiter=delim))]
+
+
+def _is_number(tok: str) -> bool:
+    try:
+        float(tok)
+        return True
+    except ValueError:
+        return False
+
+
+def read_signals(path):
+    """Read [n_samples, n_signals] float64 from a .npy or text file.
+
+    Returns ``(X, info)`` with info = {"format": "npy" | "text", "delimiter", "header"}.
+    Raises CLIError with a one-line message (file, line and column) on any problem.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CLIError(f"cannot read {path}: no such file")
+    if os.path.isdir(path):
+        raise CLIError(f"cannot read {path}: it is a directory")
+    if path.lower().endswith(".npy"):
+        try:
+            X = np.load(path, allow_pickle=False)
+        except Exception as e:  # ValueError (pickled/object), OSError, corrupt header ...
+            raise CLIError(f"cannot read {path} as a .npy array: {e}") from None
+        if X.dtype.names is not None or not (np.issubdtype(X.dtype, np.number)
+                                             or X.dtype == np.bool_):
+            raise CLIError(f"{path}: expected a numeric array, got dtype {X.dtype}")
+        if np.iscomplexobj(X):
+            raise CLIError(f"{path}: complex values are not supported")
+        if X.ndim == 1:
+            raise CLIError(f"{path}: expected a 2-D array [samples, signals], got 1-D of length "
+                           f"{X.shape[0]} (one signal cannot be separated)")
+        if X.ndim != 2:
+            raise CLIError(f"{path}: expected a 2-D array [samples, signals], got shape {X.shape}")
+        X = X.astype(np.float64)
+        bad = np.argwhere(~np.isfinite(X))
+        if bad.size:
+            r, c = bad[0]
+            raise CLIError(f"{path}: row {r}, column {c}: NaN or infinite value "
+                           f"({bad.shape[0]} in all); remove or fill them first")
+        return X, {"format": "npy", "delimiter": None, "header": None}
+    try:
+        with open(path, "r", encoding="utf-8-sig", newline="") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise CLIError(f"cannot read {path}: not a text file (use .npy for binary arrays)") \
+            from None
+    except OSError as e:
+        raise CLIError(f"cannot read {path}: {e.strerror or e}") from None
+    lines = [(i + 1, ln) for i, ln in enumerate(text.splitlines())
+             if ln.strip() and not ln.lstrip().startswith("#")]
+    if not lines:
+        raise CLIError(f"{path}: no data rows")
+    ext = os.path.splitext(path)[1].lower()
+    delim = _TEXT_EXTS.get(ext) if ext in (".csv", ".tsv") else _sniff_delimiter(lines[0][1])
+    header = None
+    first = _split(lines[0][1], delim)
+    if not all(_is_number(t) for t in first):
+        header = first
+        lines = lines[1:]
+        if not lines:
+            raise CLIError(f"{path}: only a header row, no data")
+    width = len(header) if header is not None else len(first)
+    rows = []
+    for lineno, ln in lines:
+        toks = _split(ln, delim)
+        if len(toks) != width:
+            raise CLIError(f"{path}:{lineno}: {len(toks)} values, expected {width} "
+                           "(every row needs one value per signal)")
+        vals = []
+        for col, tok in enumerate(toks):
+            try:
+                v = float(tok)
+            except ValueError:
+                shown = tok if tok else "(empty)"
+                raise CLIError(f"{path}:{lineno}: column {col + 1}: {shown!r} is not a number") \
+                    from None
+            if not math.isfinite(v):
+                raise CLIError(f"{path}:{lineno}: column {col + 1}: {tok!r} (NaN or infinite "
+                               "values are not allowed; remove or fill them first)")
+            vals.append(v)
+        rows.append(vals)
+    X = np.asarray(rows, dtype=np.float64)
+    return X, {"format": "text", "delimiter": delim, "header": header}
+
+
+# ----------------------------------------------------------------------------- writing
+def write_signals(S, path, like=None):
+    """Write S [n, k] to ``path`` atomically, as .npy or delimited text (by extension; for other
+    extensions, like the input described by ``like`` from :func:`read_signals`)."""
+    from .experiments import _atomic_write
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    like = like or {"format": "text", "delimiter": ",", "header": None}
+    if ext == ".npy" or (ext not in _TEXT_EXTS and like["format"] == "npy"):
+        _atomic_write(path, lambda f: np.save(f, S), mode="wb")
+        return
+    if ext in (".csv", ".tsv"):
+        delim = _TEXT_EXTS[ext]
+    else:
+        delim = like.get("delimiter") or (" " if ext == ".txt" or like["format"] == "text"
+                                          else ",")
+    buf = io.StringIO()
+    if like.get("header") is not None:
+        buf.write(delim.join(f"source_{j + 1}" for j in range(S.shape[1])) + "\n")
+    np.savetxt(buf, S, delimiter=delim, fmt="%.9g")
+    _atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def _plot(X, S, path, window=2000):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from .experiments import _atomic_write
+
+    n = min(window, X.shape[0])
+    fig, axes = plt.subplots(2, 1, figsize=(10, 5.5), sharex=True)
+    for title, A, ax in (("observed mixtures", X, axes[0]), ("recovered sources", S, axes[1])):
+        A = A[:n]
+        A = (A - A.mean(0)) / np.maximum(A.std(0), 1e-12)
+        for j in range(A.shape[1]):
+            ax.plot(A[:, j] + 3.2 * (A.shape[1] - 1 - j), lw=0.8)
+        ax.set_yticks([])
+        ax.set_title(title + (f" (first {n} samples)" if n < X.shape[0] else ""), fontsize=10)
+    axes[1].set_xlabel("sample")
+    fig.tight_layout()
+    try:
+        _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90), mode="wb")
+    finally:
+        plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- commands
+def _cmd_separate(args, out, err):
+    import torch
+
+    from .estimator import HalfVAEICA
+
+    X, info = read_signals(args.file)
+    n, d = X.shape
+    if args.k > d:
+        raise CLIError(f"-k {args.k}: the file has only {d} signal column(s); at most {d} "
+                       "sources can be separated from them")
+    if n < 2:
+        raise CLIError(f"{args.file}: at least 2 rows (samples) are needed, got {n}")
+    if args.output is not None:
+        out_dir = os.path.dirname(os.path.abspath(args.output))
+        if not os.path.isdir(out_dir):
+            raise CLIError(f"cannot write {args.output}: directory {out_dir} does not exist")
+    est = HalfVAEICA(args.k, decoder=args.decoder, max_iter=args.max_iter,
+                     n_restarts=args.restarts, random_state=args.seed, verbose=args.verbose)
+    try:
+        S = est.fit_transform(X)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    S = (S - S.mean(0)) / np.maximum(S.std(0), np.finfo(np.float64).tiny)
+    try:
+        write_signals(S, args.output, like=info)
+    except OSError as e:
+        raise CLIError(f"cannot write {args.output}: {e.strerror or e}") from None
+    print(f"separated {d} signal(s) x {n} samples into {args.k} source(s) -> {args.output} "
+          f"(ELBO {est.elbo_:.4f} per sample, restart {est.best_restart_ + 1} of "
+          f"{args.restarts})", file=out)
+    if args.plot:
+        try:
+            _plot(X, S, args.plot)
+        except OSError as e:
+            raise CLIError(f"cannot write {args.plot}: {e.strerror or e}") from None
+        print(f"plot -> {args.plot}", file=out)
+    del torch
+    return 0
+
+
+def _cmd_demo(args, out, err):
+    from .experiments import METHODS, PROBLEMS, run_demo
+
+    methods = args.methods.split(",") if args.methods else list(METHODS)
+    problems = args.problems.split(",") if args.problems else list(PROBLEMS)
+    for m in methods:
+        if m not in METHODS:
+            raise CLIError(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
+    for p in problems:
+        if p not in PROBLEMS:
+            raise CLIError(f"--problems: unknown problem {p!r}; choose from {', '.join(PROBLEMS)}")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"cannot create {args.out}: {e.strerror or e}") from None
+    seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+    run_demo(args.out, seeds=seeds, quick=args.quick, n_samples=args.samples, methods=methods,
+             problems=problems, stream=out)
+    return 0
+
+
+def _positive_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def _nonneg_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}")
+    return v
+
+
+def build_parser():
+    p = _Parser(prog="halfvae", description="Half-VAE (encoder-free VAE) independent component "
+                "analysis.")
+    sub = p.add_subparsers(dest="command", metavar="{demo,separate}", parser_class=_Parser)
+    d = sub.add_parser("demo", help="the paper's experiment: Half-VAE vs VAE vs FastICA on "
+                       "linear and nonlinear mixtures of sine, square and sawtooth")
+    d.add_argument("--out", default="halfvae_demo", metavar="DIR",
+                   help="output directory for results.json and sources.png (default: %(default)s)")
+    d.add_argument("--seeds", type=_positive_int, default=None, metavar="N",
+                   help="number of seeds 0..N-1 (default: 3, or 1 with --quick)")
+    d.add_argument("--quick", action="store_true",
+                   help="fewer epochs and restarts (about a tenth of the time)")
+    d.add_argument("--samples", type=_positive_int, default=5000, metavar="N",
+                   help="samples per problem (default: %(default)s)")
+    d.add_argument("--methods", default=None, help="comma-separated subset of the methods")
+    d.add_argument("--problems", default=None, help="comma-separated subset: linear,nonlinear")
+    s = sub.add_parser("separate", help="separate the mixtures in a CSV/.npy file "
+                       "(rows = samples, columns = observed signals)")
+    s.add_argument("file", metavar="FILE")
+    s.add_argument("-k", type=_positive_int, required=True, metavar="K",
+                   help="number of sources to recover (at most the number of columns)")
+    s.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="output file: .npy, .csv, .tsv or .txt (other: the input's format)")
+    s.add_argument("--plot", metavar="PNG", help="also write a plot of mixtures and sources")
+    s.add_argument("--decoder", choices=("linear", "mlp"), default="linear",
+                   help="linear mixing (default) or a nonlinear MLP decoder")
+    s.add_argument("--max-iter", type=_positive_int, default=1500, metavar="N",
+                   help="training epochs per restart (default: %(default)s)")
+    s.add_argument("--restarts", type=_positive_int, default=4, metavar="N",
+                   help="restarts, the best ELBO is kept (default: %(default)s)")
+    s.add_argument("--seed", type=_nonneg_int, default=0, help="random seed (default: 0)")
+    s.add_argument("--verbose", action="store_true", help="progress bar on stderr")
+    return p
+
+
+def main(argv=None, *, stdout=None, stderr=None) -> int:
+    """Entry point; returns the exit status (0 success, 1 runtime error, 2 usage error)."""
+    out = stdout or sys.stdout
+    err = stderr or sys.stderr
+    parser = build_parser()
+    try:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help, or argparse's own exits
+            return int(e.code or 0)
+        if args.command is None:
+            raise CLIError("halfvae: a command is needed: demo or separate (see --help)")
+    except CLIError as e:
+        print(f"error: {e}", file=err)
+        return 2
+    try:
+        if args.command == "separate":
+            return _cmd_separate(args, out, err)
+        return _cmd_demo(args, out, err)
+    except CLIError as e:
+        print(f"halfvae {args.command}: error: {e}", file=err)
+        return 1
+    except KeyboardInterrupt:
+        print(f"halfvae {args.command}: interrupted", file=err)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""The Half-VAE paper's ICA experiment: Half-VAE vs a VAE with an encoder vs FastICA.
+
+Problems (3 sources: sine, square, sawtooth, standardized):
+- ``linear``: the paper's linear mix (``make_paper_linear``), X = S A^T with a random 3 x 3 A.
+- ``nonlinear``: the same sources through a random invertible 2-layer leaky-ReLU MLP
+  (``make_nonlinear``).
+
+Methods:
+- ``halfvae``: :class:`HalfVAEICA` with its defaults (PCA init, prior warm-up, 4 restarts chosen by
+  ELBO); the MLP decoder on the nonlinear problem.
+- ``halfvae_random``: the same with ``init="random"`` (random latent means and decoder).
+- ``halfvae_plain``: the straightforward version: random init, no prior warm-up, one restart.
+- ``vae``: a VAE with an MLP encoder, trained with the same recipe (whitening, closed-form
+  expected log-likelihood for the linear decoder, prior warm-up, restarts chosen by ELBO).
+- ``fastica``: scikit-learn's FastICA (``whiten="unit-variance"``).
+
+Metrics: the paper's per-component RMSE (standardize, match by |corr|, fix signs) and the mean
+correlation coefficient (MCC). ``run_experiments`` returns a dict of all numbers; ``main`` (and
+``halfvae demo``) prints a table, writes ``results.json`` and ``sources.png`` (atomically).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from .estimator import HalfVAEICA, _random_orthogonal, _reset_parameters, _torch_threads
+from .ica import make_nonlinear, make_paper_linear, mean_corr_coef, per_component_rmse
+from .ica.metrics import align_sources
+from .models import VAE, GMMPrior
+
+__all__ = ["run_experiments", "format_table", "plot_sources", "fit_vae", "METHODS", "PROBLEMS",
+           "SOURCE_NAMES"]
+
+SOURCE_NAMES = ("sine", "square", "sawtooth")
+PROBLEMS = ("linear", "nonlinear")
+METHODS = ("halfvae", "halfvae_random", "halfvae_plain", "vae", "fastica")
+_N_SOURCES = 3
+
+
+# ----------------------------------------------------------------------------- file helpers
+def _atomic_write(path, write, mode="w"):
+    """write(f) into a temporary file next to ``path``, then os.replace it into place."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=directory)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_json(obj, path):
+    _atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- problems
+def make_problem(name: str, n_samples: int, seed: int):
+    if name == "linear":
+        return make_paper_linear(n_samples, random_state=seed)
+    if name == "nonlinear":
+        return make_nonlinear(n_samples, _N_SOURCES, n_layers=2, random_state=seed)
+    raise ValueError(f"unknown problem {name!r}; choose from {PROBLEMS}")
+
+
+# ----------------------------------------------------------------------------- VAE baseline
+def fit_vae(X, n_components, *, decoder="linear", hidden=(64, 64), encoder_hidden=(64, 64),
+            n_mixture=3, max_iter=1500, n_restarts=4, learning_rate=0.01,
+            encoder_learning_rate=0.003, prior_warmup=0.3, random_state=0):
+    """The VAE-with-encoder baseline, trained like :class:`HalfVAEICA` (same whitening, prior and
+    warm-up, closed-form expected log-likelihood for the linear decoder, small initial noise,
+    restarts chosen by the final ELBO). Returns (sources [n, K] = the encoder means, info dict)."""
+    pre = HalfVAEICA(n_components, decoder=decoder)
+    pre._validate_hyperparameters()
+    X = pre._check_X(X, reset=True)
+    Xw = torch.as_tensor(pre._fit_preprocessing(X), dtype=torch.float32)
+    K = pre.n_components_
+    seeds = np.random.SeedSequence(random_state).spawn(n_restarts)
+    best = None
+    elbos = []
+    for r, ss in enumerate(seeds):
+        seed = int(ss.generate_state(1, np.uint64)[0] >> np.uint64(1))
+        g = torch.Generator().manual_seed(seed)
+        model = VAE(Xw.shape[1], K, encoder_hidden=encoder_hidden, decoder=decoder,
+                    prior=GMMPrior(K, n_mixture), hidden=hidden, init_logvar=2 * math.log(0.1),
+                    init_noise_std=0.1)
+        _reset_parameters(model.encoder, g)
+        _reset_parameters(model.decoder, g)
+        with torch.no_grad():
+            model.encoder[-1].bias[K:].fill_(2 * math.log(0.1))
+            if decoder == "linear" and Xw.shape[1] == K:
+                R = torch.eye(K, dtype=torch.float64) if r == 0 else _random_orthogonal(K, g)
+                model.decoder.weight.copy_(R.float())
+        opt = torch.optim.Adam([
+            dict(params=model.encoder.parameters(), lr=encoder_learning_rate),
+            dict(params=list(model.decoder.parameters()) + list(model.likelihood.parameters())
+                 + list(model.prior.parameters()), lr=learning_rate)])
+        warm = int(prior_warmup * max_iter)
+        for epoch in range(max_iter):
+            model.prior.means.requires_grad_(epoch >= warm)
+            model.prior.logits.requires_grad_(epoch >= warm)
+            ll, kl = model.elbo_terms(Xw, generator=g)
+            loss = (kl - ll).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            ge = torch.Generator().manual_seed(seed + 1)
+            elbo = float(np.mean([float((lambda t: (t[0] - t[1]).mean())(
+                model.elbo_terms(Xw, generator=ge))) for _ in range(8)]))
+            if not math.isfinite(elbo):
+                elbo = -math.inf
+            elbos.append(elbo)
+            if best is None or elbo > best[0]:
+                best = (elbo, model.encode(Xw)[0].double().numpy().copy(), r)
+    return best[1], {"elbo": best[0], "best_restart": best[2], "restart_elbos": elbos}
+
+
+# ----------------------------------------------------------------------------- one run
+def _method_settings(quick: bool):
+    return dict(max_iter=600 if quick else 1500, n_restarts=2 if quick else 4)
+
+
+def run_method(method: str, problem: str, X, seed: int, quick: bool = False):
+    """Recovered sources [n, 3] of one method on one problem's X."""
+    s = _method_settings(quick)
+    decoder = "linear" if problem == "linear" else "mlp"
+    if method == "halfvae":
+        return HalfVAEICA(_N_SOURCES, decoder=decoder, random_state=seed, **s).fit_transform(X)
+    if method == "halfvae_random":
+        return HalfVAEICA(_N_SOURCES, decoder=decoder, init="random", random_state=seed,
+                          **s).fit_transform(X)
+    if method == "halfvae_plain":
+        return HalfVAEICA(_N_SOURCES, decoder=decoder, init="random", prior_warmup=0.0,
+                          n_restarts=1, max_iter=s["max_iter"], random_state=seed).fit_transform(X)
+    if method == "vae":
+        return fit_vae(X, _N_SOURCES, decoder=decoder, random_state=seed, **s)[0]
+    if method == "fastica":
+        from sklearn.decomposition import FastICA
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # convergence warnings on the nonlinear problem
+            return FastICA(_N_SOURCES, whiten="unit-variance", random_state=seed,
+                           max_iter=1000).fit_transform(X)
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def run_experiments(seeds=(0, 1, 2), problems=PROBLEMS, methods=METHODS, n_samples=5000,
+                    quick=False, keep_sources_of_seed=None, progress=None):
+    """Run every method on every problem for every seed (the data seed is also the method's
+    random_state). Returns ``{"config": ..., "results": {problem: {method: {"rmse": [[3 per
+    seed]], "mcc": [...], "seconds": [...]}}}, "summary": ...}``; with ``keep_sources_of_seed``,
+    also ``"sources"`` (true and recovered, aligned) of that seed for plotting."""
+    seeds = [int(s) for s in seeds]
+    results = {p: {m: {"rmse": [], "mcc": [], "seconds": []} for m in methods} for p in problems}
+    kept = {}
+    for problem in problems:
+        for seed in seeds:
+            P = make_problem(problem, n_samples, seed)
+            for method in methods:
+                t0 = time.perf_counter()
+                S = run_method(method, problem, P.X, seed, quick)
+                dt = time.perf_counter() - t0
+                rmse = per_component_rmse(P.S, S)
+                mcc = mean_corr_coef(P.S, S)
+                r = results[problem][method]
+                r["rmse"].append([float(v) for v in rmse])
+                r["mcc"].append(float(mcc))
+                r["seconds"].append(dt)
+                if progress is not None:
+                    progress(f"{problem:9s} seed {seed:3d} {method:15s} rmse "
+                             + " ".join(f"{v:.4f}" for v in rmse)
+                             + f"  mcc {mcc:.4f}  {dt:5.1f}s")
+                if keep_sources_of_seed is not None and seed == keep_sources_of_seed:
+                    kept.setdefault(problem, {"true": P.S})[method] = align_sources(P.S, S)
+    out = {"config": {"seeds": seeds, "problems": list(problems), "methods": list(methods),
+                      "n_samples": n_samples, "quick": bool(quick),
+                      "method_settings": _method_settings(quick), "torch": torch.__version__,
+                      "threads": torch.get_num_threads()},
+           "results": results, "summary": summarize(results)}
+    if kept:
+        out["sources"] = kept
+    return out
+
+
+def summarize(results):
+    """Mean, std, median (over seeds) of each component's RMSE and of MCC."""
+    summary = {}
+    for problem, by_method in results.items():
+        summary[problem] = {}
+        for method, r in by_method.items():
+            rmse = np.asarray(r["rmse"], dtype=np.float64).reshape(-1, _N_SOURCES)
+            mcc = np.asarray(r["mcc"], dtype=np.float64)
+            summary[problem][method] = {
+                "rmse_mean": rmse.mean(0).tolist(), "rmse_std": rmse.std(0).tolist(),
+                "rmse_median": np.median(rmse, 0).tolist(),
+                "mcc_mean": float(mcc.mean()), "mcc_std": float(mcc.std()),
+                "mcc_median": float(np.median(mcc)),
+                "seconds_mean": float(np.mean(r["seconds"])), "n_seeds": int(len(mcc))}
+    return summary
+
+
+def format_table(out) -> str:
+    """A text table of per-component RMSE (mean +- std, [median]) and MCC per problem/method."""
+    lines = []
+    n = len(out["config"]["seeds"])
+    for problem, by_method in out["summary"].items():
+        lines.append(f"{problem} mixing, {n} seed(s), {out['config']['n_samples']} samples "
+                     "(per-component RMSE: mean +- std [median]; lower is better)")
+        header = f"  {'method':15s}" + "".join(f"{name:>24s}" for name in SOURCE_NAMES) \
+            + f"{'MCC':>22s}{'time':>8s}"
+        lines.append(header)
+        for method, s in by_method.items():
+            cells = "".join(f"{m:8.4f} +-{sd:7.4f} [{md:.3f}]"
+                            for m, sd, md in zip(s["rmse_mean"], s["rmse_std"], s["rmse_median"]))
+            lines.append(f"  {method:15s}{cells}  {s['mcc_mean']:.4f} +-{s['mcc_std']:.4f}"
+                         f"{s['seconds_mean']:7.1f}s")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_sources(sources, path, window=1000):
+    """PNG of true vs recovered sources (first ``window`` samples): one column per problem, one
+    row per method (the true sources in every panel, dashed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    problems = list(sources)
+    methods = [m for m in sources[problems[0]] if m != "true"]
+    fig, axes = plt.subplots(len(methods), len(problems), figsize=(6.5 * len(problems),
+                                                                  1.9 * len(methods)),
+                             squeeze=False, sharex=True)
+    colors = ("tab:blue", "tab:orange", "tab:green")
+    for j, problem in enumerate(problems):
+        true = sources[problem]["true"][:window]
+        t = np.arange(true.shape[0])
+        for i, method in enumerate(methods):
+            ax = axes[i, j]
+            est = sources[problem][method][:window]
+            est = (est - est.mean(0)) / np.maximum(est.std(0), 1e-12)
+            for k in range(true.shape[1]):
+                off = 3.2 * (true.shape[1] - 1 - k)
+                ax.plot(t, true[:, k] + off, color="0.6", lw=2.2, ls="--")
+                ax.plot(t, est[:, k] + off, color=colors[k % 3], lw=0.9)
+            ax.set_yticks([])
+            ax.set_title(f"{problem}: {method}", fontsize=9)
+    fig.suptitle("true sources (grey, dashed) vs recovered (color)", fontsize=10)
+    fig.tight_layout()
+
+    def write(f):
+        fig.savefig(f, format="png", dpi=90)
+
+    try:
+        _atomic_write(path, write, mode="wb")
+    finally:
+        plt.close(fig)
+
+
+def _jsonable(out):
+    res = {k: v for k, v in out.items() if k != "sources"}
+    return res
+
+
+def run_demo(out_dir="halfvae_demo", seeds=3, quick=False, n_samples=5000, methods=METHODS,
+             problems=PROBLEMS, stream=None):
+    """The CLI's ``demo``: run, print the table, write results.json and sources.png."""
+    import sys
+    stream = stream or sys.stdout
+    os.makedirs(out_dir, exist_ok=True)
+    seed_list = list(range(int(seeds)))
+    t0 = time.perf_counter()
+
+    def progress(msg):
+        print(msg, file=stream, flush=True)
+
+    with _torch_threads(1):  # small problems: one thread is fastest (see HalfVAEICA.n_threads)
+        out = run_experiments(seed_list, problems=problems, methods=methods, n_samples=n_samples,
+                              quick=quick, keep_sources_of_seed=seed_list[0], progress=progress)
+    out["config"]["total_seconds"] = time.perf_counter() - t0
+    print("", file=stream)
+    print(format_table(out), file=stream)
+    json_path = os.path.join(out_dir, "results.json")
+    png_path = os.path.join(out_dir, "sources.png")
+    write_json(_jsonable(out), json_path)
+    plot_sources(out["sources"], png_path)
+    print(f"wrote {json_path} and {png_path} ({out['config']['total_seconds']:.0f}s)",
+          file=stream)
+    return out
+
+
+def main(argv=None):
+    """``python -m halfvae_ext.experiments [--out DIR] [--seeds N] [--quick]`` (= ``halfvae demo``)."""
+    from .cli import main as cli_main
+    return cli_main(["demo", *(argv if argv is not None else __import__("sys").argv[1:])])
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())

@@ -1,0 +1,432 @@
+"""Half-VAE modules (arXiv 2409.04140): a VAE with no encoder, and the VAE baseline with one.
+
+- :class:`GMMPrior`: one trainable 1-D Gaussian mixture per latent dimension, p(z) = prod_k p_k(z_k).
+- :class:`LatentTable`: the amortization-free posterior q(z_n) = N(mu[n], diag(exp(logvar[n]))),
+  one trainable row per data point.
+- :class:`HalfVAE`: latent table + prior + decoder + Gaussian likelihood; per-sample negative ELBO
+  with the fused op ``halfvae_ext.reparam_gmm_kl`` (reparameterized z and Monte-Carlo KL).
+- :class:`VAE`: the same prior, decoder and likelihood with an MLP encoder x -> (mu, logvar).
+
+All the negative ELBOs are per sample ([B]) and include every constant, so ``-negative_elbo`` is a
+genuine lower bound of log p(x) (in nats, for the Gaussian likelihood, a density).
+"""
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import gmm_log_prob, reparam_gmm_kl
+
+__all__ = ["GMMPrior", "LatentTable", "HalfVAE", "VAE", "make_mlp", "elbo_terms", "ACTIVATIONS",
+           "RECON_ESTIMATORS"]
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "leaky_relu": nn.LeakyReLU,
+    "tanh": nn.Tanh,
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "softplus": nn.Softplus,
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+def _check_pos_int(name, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_hidden(hidden) -> tuple:
+    if isinstance(hidden, Integral) and not isinstance(hidden, bool):
+        hidden = (hidden,)
+    try:
+        hidden = tuple(hidden)
+    except TypeError:
+        raise TypeError(f"hidden must be a sequence of layer widths, got {hidden!r}") from None
+    for h in hidden:
+        _check_pos_int("every hidden layer width", h)
+    return tuple(int(h) for h in hidden)
+
+
+def make_mlp(in_dim: int, out_dim: int, hidden: Sequence[int] = (64, 64),
+             activation: str = "relu") -> nn.Sequential:
+    """Linear -> activation -> ... -> Linear; ``hidden`` are the hidden widths (may be empty)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    widths = (_check_pos_int("in_dim", in_dim), *_check_hidden(hidden),
+              _check_pos_int("out_dim", out_dim))
+    layers = []
+    for i in range(len(widths) - 1):
+        if i > 0:
+            layers.append(ACTIVATIONS[activation]())
+        layers.append(nn.Linear(widths[i], widths[i + 1]))
+    return nn.Sequential(*layers)
+
+
+def _build_decoder(decoder, latent_dim, data_dim, hidden, activation) -> nn.Module:
+    if isinstance(decoder, nn.Module):
+        return decoder
+    if decoder == "linear":
+        # No bias: the ICA model x = A s on centered data; a GMM prior's means carry any offset.
+        return nn.Linear(latent_dim, data_dim, bias=False)
+    if decoder == "mlp":
+        return make_mlp(latent_dim, data_dim, hidden, activation)
+    raise ValueError(f"decoder must be 'linear', 'mlp' or an nn.Module, got {decoder!r}")
+
+
+class _GaussianLikelihood(nn.Module):
+    """log N(x; x_mean, diag(exp(logvar))) summed over features, with a learned per-feature
+    log-variance (``noise="learned"``) or a fixed noise standard deviation (``noise=float``)."""
+
+    def __init__(self, data_dim: int, noise="learned", init_noise_std: float = 1.0,
+                 min_logvar: float = -12.0):
+        super().__init__()
+        if isinstance(noise, str):
+            if noise != "learned":
+                raise ValueError(f"noise must be 'learned' or a positive float, got {noise!r}")
+            self.logvar = nn.Parameter(torch.full((data_dim,), 2.0 * math.log(init_noise_std)))
+            self.learned = True
+        elif isinstance(noise, Real) and not isinstance(noise, bool) and math.isfinite(noise) \
+                and noise > 0:
+            self.register_buffer("logvar", torch.full((data_dim,), 2.0 * math.log(noise)))
+            self.learned = False
+        else:
+            raise ValueError(f"noise must be 'learned' or a positive float (the noise standard "
+                             f"deviation), got {noise!r}")
+        self.min_logvar = float(min_logvar)
+
+    def effective_logvar(self) -> torch.Tensor:
+        # A noiseless square problem drives the learned variance towards 0; the floor keeps the
+        # objective finite (the ELBO stays bounded: the posterior variance shrinks with it).
+        return self.logvar.clamp(min=self.min_logvar)
+
+    def log_prob(self, x: torch.Tensor, x_mean: torch.Tensor) -> torch.Tensor:
+        lv = self.effective_logvar()
+        d = x - x_mean
+        return -0.5 * (LOG_2PI + lv + d * d * torch.exp(-lv)).sum(dim=-1)
+
+    def expected_log_prob_linear(self, x: torch.Tensor, linear: nn.Linear, mu: torch.Tensor,
+                                 logvar: torch.Tensor) -> torch.Tensor:
+        """E_{z ~ N(mu, diag(exp(logvar)))} log N(x; linear(z), diag(exp(self.logvar))), exactly:
+        E||x - W z - b||^2_D = ||x - W mu - b||^2_D + sum_k (W^2)_dk exp(logvar_k) per feature d."""
+        lv = self.effective_logvar()
+        d = x - linear(mu)
+        tr = torch.exp(logvar) @ (linear.weight * linear.weight).T
+        return -0.5 * (LOG_2PI + lv + (d * d + tr) * torch.exp(-lv)).sum(dim=-1)
+
+
+# ----------------------------------------------------------------------------- prior
+class GMMPrior(nn.Module):
+    """Factorized prior p(z) = prod_k sum_c pi_kc N(z_k; m_kc, exp(v_kc)).
+
+    Parameters ``logits`` (pi = softmax over c), ``means`` and ``logvars``, each [K, C].
+
+    Initialization: equal weights, means spread evenly over ``[-spread, spread]`` and a common
+    component variance chosen so that each p_k has unit variance (for C >= 2 this needs
+    ``spread < sqrt(3 (C-1) / (C+1))``). The default ``spread=None`` puts 2/3 of the variance in
+    the means, ``spread = sqrt(2 (C-1) / (C+1))``. For C = 3
+    this is means ``[-1, 0, 1]``, std 0.577: overlapping components that make a flat-topped,
+    sub-Gaussian density, a good start for sub-Gaussian sources (sine, square, sawtooth) and one the
+    mixture can still turn super-Gaussian (means together, variances apart). ``jitter`` > 0 adds
+    small random offsets to the means (from ``generator``), so latent dimensions do not start
+    identical.
+    """
+
+    def __init__(self, num_latents: int, num_components: int = 3, *, spread: float | None = None,
+                 jitter: float = 0.0, generator: torch.Generator | None = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        K = _check_pos_int("num_latents", num_latents)
+        C = _check_pos_int("num_components", num_components)
+        if C > 64:
+            raise ValueError(f"num_components must be at most 64, got {C}")
+        dtype = dtype or torch.get_default_dtype()
+        if C == 1:
+            means = torch.zeros(K, 1, dtype=torch.float64)
+            comp_var = 1.0
+        else:
+            if spread is None:
+                spread = math.sqrt(2.0 * (C - 1) / (C + 1))
+            if not (isinstance(spread, Real) and 0 < spread):
+                raise ValueError(f"spread must be a positive number, got {spread!r}")
+            m = torch.linspace(-float(spread), float(spread), C, dtype=torch.float64)
+            comp_var = 1.0 - float((m * m).mean())  # total variance = var(means) + comp_var = 1
+            if comp_var <= 1e-3:
+                raise ValueError(f"spread={spread} is too large for {C} components: the means "
+                                 "alone would exceed unit variance")
+            means = m.expand(K, C).clone()
+        if jitter:
+            means = means + float(jitter) * torch.randn(K, C, generator=generator,
+                                                        dtype=torch.float64)
+        self.logits = nn.Parameter(torch.zeros(K, C, dtype=dtype))
+        self.means = nn.Parameter(means.to(dtype))
+        self.logvars = nn.Parameter(torch.full((K, C), math.log(comp_var), dtype=dtype))
+
+    @property
+    def num_latents(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def num_components(self) -> int:
+        return self.logits.shape[1]
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log p_k(z[n, k]): [N, K] (the fused kernel ``halfvae_ext.gmm_log_prob``)."""
+        return gmm_log_prob(z, self.logits, self.means, self.logvars)
+
+    def weights(self) -> torch.Tensor:
+        """Mixture weights pi, [K, C]."""
+        return torch.softmax(self.logits, dim=-1)
+
+    def mean(self) -> torch.Tensor:
+        """E[z_k], [K]."""
+        return (self.weights() * self.means).sum(-1)
+
+    def variance(self) -> torch.Tensor:
+        """Var[z_k], [K]."""
+        w = self.weights()
+        m = (w * self.means).sum(-1, keepdim=True)
+        return (w * (torch.exp(self.logvars) + (self.means - m) ** 2)).sum(-1)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n draws from p: [n, K]."""
+        n = _check_pos_int("n", n, minimum=0)
+        K, C = self.logits.shape
+        if n == 0:
+            return self.means.new_empty((0, K))
+        w = self.weights().detach()
+        comp = torch.multinomial(w, n, replacement=True, generator=generator).T  # [n, K]
+        k = torch.arange(K, device=w.device).expand(n, K)
+        m = self.means.detach()[k, comp]
+        s = torch.exp(0.5 * self.logvars.detach()[k, comp])
+        eps = torch.randn(n, K, generator=generator, dtype=m.dtype, device=m.device)
+        return m + s * eps
+
+    def extra_repr(self) -> str:
+        return f"num_latents={self.num_latents}, num_components={self.num_components}"
+
+
+# ----------------------------------------------------------------------------- latent table
+class LatentTable(nn.Module):
+    """q(z_n) = N(mu[n], diag(exp(logvar[n]))) for every data point n: parameters [N, K].
+
+    ``forward(idx, prior)`` gathers the rows ``idx`` (all rows for None) and returns the fused op's
+    reparameterized sample z [B, K] and Monte-Carlo KL [B] (``reduction="row"``). With
+    ``sparse=True`` the gather is an embedding lookup whose gradient is a sparse tensor (for
+    ``torch.optim.SparseAdam``: mini-batches then leave the other rows' optimizer state alone).
+    """
+
+    def __init__(self, num_rows: int, num_latents: int, *, init_mu: torch.Tensor | None = None,
+                 init_logvar: float = -2.0, init_std: float = 1.0,
+                 generator: torch.Generator | None = None, sparse: bool = False,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        N = _check_pos_int("num_rows", num_rows)
+        K = _check_pos_int("num_latents", num_latents)
+        dtype = dtype or torch.get_default_dtype()
+        if init_mu is None:
+            mu = init_std * torch.randn(N, K, generator=generator, dtype=torch.float64)
+        else:
+            mu = torch.as_tensor(init_mu, dtype=torch.float64)
+            if mu.shape != (N, K):
+                raise ValueError(f"init_mu must have shape {(N, K)}, got {tuple(mu.shape)}")
+        self.mu = nn.Parameter(mu.to(dtype).contiguous())
+        self.logvar = nn.Parameter(torch.full((N, K), float(init_logvar), dtype=dtype))
+        self.sparse = bool(sparse)
+
+    @property
+    def num_rows(self) -> int:
+        return self.mu.shape[0]
+
+    @property
+    def num_latents(self) -> int:
+        return self.mu.shape[1]
+
+    def gather(self, idx: torch.Tensor | None):
+        if idx is None:
+            return self.mu, self.logvar
+        idx = torch.as_tensor(idx, device=self.mu.device)
+        if idx.dtype not in (torch.int64, torch.int32) or idx.dim() != 1:
+            raise ValueError(f"idx must be a 1-D integer tensor of row indices, got dtype "
+                             f"{idx.dtype} and shape {tuple(idx.shape)}")
+        if self.sparse:
+            return (F.embedding(idx, self.mu, sparse=True),
+                    F.embedding(idx, self.logvar, sparse=True))
+        return self.mu.index_select(0, idx), self.logvar.index_select(0, idx)
+
+    def forward(self, idx: torch.Tensor | None, prior: GMMPrior,
+                generator: torch.Generator | None = None, eps: torch.Tensor | None = None):
+        mu, logvar = self.gather(idx)
+        return reparam_gmm_kl(mu, logvar, prior.logits, prior.means, prior.logvars, eps=eps,
+                              generator=generator, reduction="row")
+
+    def extra_repr(self) -> str:
+        return f"num_rows={self.num_rows}, num_latents={self.num_latents}, sparse={self.sparse}"
+
+
+# ----------------------------------------------------------------------------- ELBO estimators
+RECON_ESTIMATORS = ("auto", "exact", "antithetic", "sample")
+
+
+def elbo_terms(model, x, mu, logvar, *, generator=None, eps=None, recon="auto"):
+    """(E_q log p(x | z) estimate [B], one-draw Monte-Carlo KL [B]) for q = N(mu, diag(exp(logvar))).
+
+    ``model`` has ``prior`` (a :class:`GMMPrior`), ``decoder`` and ``likelihood``. The KL term uses
+    one reparameterized draw z = mu + sigma * eps from the fused kernel (eps drawn in-kernel from
+    ``generator`` unless given). The likelihood term, by ``recon``:
+
+    - "sample": log p(x | z) at that z;
+    - "antithetic": the mean over z and its mirror image 2 mu - z = mu - sigma * eps; the terms odd
+      in eps cancel, which removes most of the gradient noise (with a small observation noise
+      sigma_x the one-draw gradient with respect to mu is noise of order 1/sigma_x);
+    - "exact": the closed form for a linear decoder (nn.Linear);
+    - "auto": "exact" for an nn.Linear decoder, else "antithetic".
+
+    All are unbiased for the ELBO's likelihood term.
+    """
+    if recon not in RECON_ESTIMATORS:
+        raise ValueError(f"recon must be one of {RECON_ESTIMATORS}, got {recon!r}")
+    p = model.prior
+    z, kl = reparam_gmm_kl(mu, logvar, p.logits, p.means, p.logvars, eps=eps,
+                           generator=generator, reduction="row")
+    linear = isinstance(model.decoder, nn.Linear)
+    if recon == "auto":
+        recon = "exact" if linear else "antithetic"
+    if recon == "exact":
+        if not linear:
+            raise ValueError("recon='exact' needs a linear decoder (an nn.Linear)")
+        ll = model.likelihood.expected_log_prob_linear(x, model.decoder, mu, logvar)
+    elif recon == "antithetic":
+        B = z.shape[0]
+        xm = model.decoder(torch.cat([z, 2.0 * mu - z]))
+        ll = 0.5 * model.likelihood.log_prob(x.repeat(2, 1), xm).view(2, B).sum(0)
+    else:
+        ll = model.likelihood.log_prob(x, model.decoder(z))
+    return ll, kl
+
+
+# ----------------------------------------------------------------------------- models
+class HalfVAE(nn.Module):
+    """Encoder-free VAE: a latent table (one q(z_n) per data point), a GMM prior, a decoder and a
+    Gaussian likelihood.
+
+    decoder: "linear" (x = W z, no bias), "mlp" (``hidden`` widths, ``activation``) or any
+    nn.Module mapping [B, latent_dim] to [B, data_dim]. prior: a :class:`GMMPrior` or None (a new
+    one with ``num_components`` components). noise: "learned" (a per-feature log-variance
+    parameter ``likelihood.logvar``, initialized to ``init_noise_std``) or a float, the fixed noise
+    standard deviation.
+    """
+
+    def __init__(self, num_samples: int, data_dim: int, latent_dim: int, decoder="linear",
+                 prior: GMMPrior | None = None, hidden=(64, 64), activation: str = "relu",
+                 noise="learned", *, num_components: int = 3, init_mu: torch.Tensor | None = None,
+                 init_logvar: float = -2.0, init_noise_std: float = 1.0,
+                 generator: torch.Generator | None = None, sparse: bool = False):
+        super().__init__()
+        self.num_samples = _check_pos_int("num_samples", num_samples)
+        self.data_dim = _check_pos_int("data_dim", data_dim)
+        self.latent_dim = _check_pos_int("latent_dim", latent_dim)
+        if prior is None:
+            prior = GMMPrior(latent_dim, num_components)
+        elif not isinstance(prior, GMMPrior):
+            raise TypeError(f"prior must be a GMMPrior or None, got {type(prior).__name__}")
+        if prior.num_latents != latent_dim:
+            raise ValueError(f"the prior has {prior.num_latents} latent dimensions, "
+                             f"latent_dim is {latent_dim}")
+        self.prior = prior
+        self.latents = LatentTable(num_samples, latent_dim, init_mu=init_mu,
+                                   init_logvar=init_logvar, generator=generator, sparse=sparse)
+        self.decoder = _build_decoder(decoder, latent_dim, data_dim, hidden, activation)
+        self.likelihood = _GaussianLikelihood(data_dim, noise, init_noise_std)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The likelihood mean: [B, latent_dim] -> [B, data_dim]."""
+        return self.decoder(z)
+
+    def elbo_terms(self, x: torch.Tensor, idx: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None, eps: torch.Tensor | None = None,
+                   recon: str = "auto"):
+        """(expected log-likelihood [B], Monte-Carlo KL [B]) for the data rows ``idx``.
+
+        x: [B, data_dim], the data of the table rows ``idx`` ([B] row indices; None: all rows in
+        order, B = num_samples). See :func:`elbo_terms` for the estimators (``recon``).
+        """
+        mu, logvar = self.latents.gather(idx)
+        if x.dim() != 2 or x.shape != (mu.shape[0], self.data_dim):
+            raise ValueError(f"x must have shape {(mu.shape[0], self.data_dim)}, got "
+                             f"{tuple(x.shape)}")
+        return elbo_terms(self, x, mu, logvar, generator=generator, eps=eps, recon=recon)
+
+    def negative_elbo(self, x: torch.Tensor, idx: torch.Tensor | None = None,
+                      generator: torch.Generator | None = None, kl_weight: float = 1.0,
+                      eps: torch.Tensor | None = None, recon: str = "auto") -> torch.Tensor:
+        """-ELBO per sample, [B]: -E_q log p(x | z) + kl_weight * KL(q(z_n) || p); see
+        :func:`elbo_terms` for the arguments and the estimators."""
+        ll, kl = self.elbo_terms(x, idx, generator=generator, eps=eps, recon=recon)
+        return kl_weight * kl - ll
+
+    @property
+    def mu(self) -> torch.Tensor:
+        return self.latents.mu
+
+
+class VAE(nn.Module):
+    """The baseline with an encoder: an MLP maps x to (mu, logvar) of q(z | x); the prior,
+    decoder and likelihood options are those of :class:`HalfVAE`."""
+
+    def __init__(self, data_dim: int, latent_dim: int, encoder_hidden=(64, 64), decoder="linear",
+                 prior: GMMPrior | None = None, hidden=(64, 64), activation: str = "relu",
+                 noise="learned", *, num_components: int = 3, init_logvar: float = -2.0,
+                 init_noise_std: float = 1.0):
+        super().__init__()
+        self.data_dim = _check_pos_int("data_dim", data_dim)
+        self.latent_dim = _check_pos_int("latent_dim", latent_dim)
+        if prior is None:
+            prior = GMMPrior(latent_dim, num_components)
+        elif not isinstance(prior, GMMPrior):
+            raise TypeError(f"prior must be a GMMPrior or None, got {type(prior).__name__}")
+        if prior.num_latents != latent_dim:
+            raise ValueError(f"the prior has {prior.num_latents} latent dimensions, "
+                             f"latent_dim is {latent_dim}")
+        self.prior = prior
+        self.encoder = make_mlp(data_dim, 2 * latent_dim, encoder_hidden, activation)
+        with torch.no_grad():  # start with a small posterior variance, as the latent table does
+            last = self.encoder[-1]
+            last.bias[latent_dim:].fill_(float(init_logvar))
+        self.decoder = _build_decoder(decoder, latent_dim, data_dim, hidden, activation)
+        self.likelihood = _GaussianLikelihood(data_dim, noise, init_noise_std)
+
+    def encode(self, x: torch.Tensor):
+        """(mu, logvar) of q(z | x), each [B, latent_dim]."""
+        h = self.encoder(x)
+        return h[:, :self.latent_dim], h[:, self.latent_dim:]
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+    def elbo_terms(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                   eps: torch.Tensor | None = None, recon: str = "auto"):
+        """(expected log-likelihood [B], Monte-Carlo KL [B]) with q(z | x) from the encoder; see
+        :func:`elbo_terms` for the estimators."""
+        if x.dim() != 2 or x.shape[1] != self.data_dim:
+            raise ValueError(f"x must have shape [B, {self.data_dim}], got {tuple(x.shape)}")
+        mu, logvar = self.encode(x)
+        return elbo_terms(self, x, mu.contiguous(), logvar.contiguous(), generator=generator,
+                          eps=eps, recon=recon)
+
+    def negative_elbo(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                      kl_weight: float = 1.0, eps: torch.Tensor | None = None,
+                      recon: str = "auto") -> torch.Tensor:
+        """-ELBO per sample, [B]; see :func:`elbo_terms`."""
+        ll, kl = self.elbo_terms(x, generator=generator, eps=eps, recon=recon)
+        return kl_weight * kl - ll

@@ -1,0 +1,197 @@
+"""The halfvae command line: separate (CSV / .npy in and out, plot, errors) and demo."""
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from halfvae_ext.cli import main, read_signals
+from halfvae_ext.ica import make_linear, mean_corr_coef
+
+FAST = ["--max-iter", "400", "--restarts", "1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return make_linear(600, 3, "laplace", random_state=1)
+
+
+def run(argv):
+    out, err = io.StringIO(), io.StringIO()
+    rc = main(argv, stdout=out, stderr=err)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def assert_clean_error(rc, err, *fragments):
+    assert rc != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+# ----------------------------------------------------------------------------- separate
+def test_separate_csv_with_header(problem, tmp_path):
+    src = tmp_path / "mix.csv"
+    np.savetxt(src, problem.X, delimiter=",", header="a,b,c", comments="")
+    out = tmp_path / "sources.csv"
+    png = tmp_path / "plot.png"
+    rc, stdout, err = run(["separate", str(src), "-k", "3", "-o", str(out), "--plot", str(png),
+                           *FAST])
+    assert rc == 0, err
+    assert "3 source(s)" in stdout
+    lines = out.read_text().splitlines()
+    assert lines[0] == "source_1,source_2,source_3"
+    S = np.loadtxt(out, delimiter=",", skiprows=1)
+    assert S.shape == (600, 3)
+    np.testing.assert_allclose(S.mean(0), 0, atol=1e-6)
+    np.testing.assert_allclose(S.std(0), 1, atol=1e-6)
+    assert mean_corr_coef(problem.S, S) > 0.97
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mix.csv", "plot.png", "sources.csv"]
+
+
+def test_separate_npy_same_format_and_fewer_sources(problem, tmp_path):
+    src = tmp_path / "mix.npy"
+    np.save(src, problem.X)
+    out = tmp_path / "sources.out"  # unknown extension: the input's format (.npy)
+    rc, _, err = run(["separate", str(src), "-k", "2", "-o", str(out), *FAST])
+    assert rc == 0, err
+    S = np.load(out)
+    assert S.shape == (600, 2)
+
+
+def test_separate_whitespace_text_without_header(problem, tmp_path):
+    src = tmp_path / "mix.txt"
+    np.savetxt(src, problem.X[:200], fmt="%.10f")
+    out = tmp_path / "s.txt"
+    rc, _, err = run(["separate", str(src), "-k", "3", "-o", str(out), "--max-iter", "20",
+                      "--restarts", "1"])
+    assert rc == 0, err
+    S = np.loadtxt(out)
+    assert S.shape == (200, 3)
+    X, info = read_signals(src)
+    assert info == {"format": "text", "delimiter": None, "header": None}
+    np.testing.assert_allclose(X, problem.X[:200], atol=1e-9)
+
+
+def test_separate_is_reproducible(problem, tmp_path):
+    src = tmp_path / "mix.npy"
+    np.save(src, problem.X[:200])
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"s{i}.npy"
+        assert run(["separate", str(src), "-k", "3", "-o", str(out), "--max-iter", "30",
+                    "--restarts", "2", "--seed", "5"])[0] == 0
+        outs.append(np.load(out))
+    np.testing.assert_array_equal(*outs)
+
+
+@pytest.mark.parametrize("content, fragments", [
+    ("1,2\n3,abc\n5,6\n", ["mix.csv:2", "column 2", "'abc' is not a number"]),
+    ("1,2\n3,nan\n5,6\n", ["mix.csv:2", "NaN or infinite"]),
+    ("1,2\n3,4,5\n", ["mix.csv:2", "3 values, expected 2"]),
+    ("", ["no data rows"]),
+    ("x,y\n", ["only a header"]),
+    ("1,2\n3,\n", ["'(empty)' is not a number"]),
+])
+def test_separate_bad_text_files(tmp_path, content, fragments):
+    src = tmp_path / "mix.csv"
+    src.write_text(content)
+    rc, _, err = run(["separate", str(src), "-k", "1", "-o", str(tmp_path / "o.csv")])
+    assert_clean_error(rc, err, *fragments)
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_separate_bad_npy_and_paths(tmp_path, problem):
+    one_d = tmp_path / "v.npy"
+    np.save(one_d, np.arange(10.0))
+    assert_clean_error(*run(["separate", str(one_d), "-k", "1", "-o", "o.npy"])[::2], "2-D")
+    nan = tmp_path / "nan.npy"
+    X = problem.X.copy()
+    X[3, 1] = np.nan
+    np.save(nan, X)
+    assert_clean_error(*run(["separate", str(nan), "-k", "1", "-o", "o.npy"])[::2],
+                       "row 3, column 1")
+    obj = tmp_path / "obj.npy"
+    np.save(obj, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    assert_clean_error(*run(["separate", str(obj), "-k", "1", "-o", "o.npy"])[::2], "cannot read")
+    garbage = tmp_path / "g.npy"
+    garbage.write_bytes(b"not numpy")
+    assert_clean_error(*run(["separate", str(garbage), "-k", "1", "-o", "o.npy"])[::2],
+                       "cannot read")
+    binary = tmp_path / "b.csv"
+    binary.write_bytes(b"\xff\xfe\x00\x81\x00")
+    assert_clean_error(*run(["separate", str(binary), "-k", "1", "-o", "o.npy"])[::2],
+                       "not a text file")
+    assert_clean_error(*run(["separate", str(tmp_path / "missing.csv"), "-k", "1", "-o",
+                             "o.csv"])[::2], "no such file")
+    assert_clean_error(*run(["separate", str(tmp_path), "-k", "1", "-o", "o.csv"])[::2],
+                       "directory")
+    good = tmp_path / "good.npy"
+    np.save(good, problem.X)
+    assert_clean_error(*run(["separate", str(good), "-k", "4", "-o", "o.npy"])[::2],
+                       "-k 4", "only 3 signal")
+    assert_clean_error(*run(["separate", str(good), "-k", "2", "-o",
+                             str(tmp_path / "nodir" / "o.npy")])[::2], "does not exist")
+    rank1 = tmp_path / "rank1.npy"
+    np.save(rank1, np.outer(np.arange(50.0), [1.0, 2.0]))
+    assert_clean_error(*run(["separate", str(rank1), "-k", "2", "-o", "o.npy"])[::2],
+                       "exceeds the rank")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["separate", "f.csv", "-k", "0", "-o", "o.csv"], "positive integer"),
+    (["separate", "f.csv", "-k", "two", "-o", "o.csv"], "positive integer"),
+    (["separate", "f.csv", "-o", "o.csv"], "-k"),
+    (["separate", "f.csv", "-k", "2", "-o", "o.csv", "--decoder", "cnn"], "invalid choice"),
+    (["frobnicate"], "invalid choice"),
+    ([], "a command is needed"),
+    (["demo", "--methods", "magic"], "unknown method"),
+    (["demo", "--seeds", "-1"], "positive integer"),
+])
+def test_usage_errors(argv, fragment):
+    rc, _, err = run(argv)
+    assert_clean_error(rc, err, fragment)
+
+
+def test_help_exits_zero(capsys):
+    assert main(["--help"]) == 0
+    assert "separate" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- demo
+def test_demo_small(tmp_path):
+    out_dir = tmp_path / "demo"
+    rc, stdout, err = run(["demo", "--out", str(out_dir), "--quick", "--seeds", "2",
+                           "--samples", "300", "--methods", "fastica,halfvae_plain",
+                           "--problems", "linear"])
+    assert rc == 0, err
+    assert "linear mixing, 2 seed(s)" in stdout and "sawtooth" in stdout
+    res = json.loads((out_dir / "results.json").read_text())
+    assert res["config"]["seeds"] == [0, 1]
+    r = res["results"]["linear"]["fastica"]
+    assert np.asarray(r["rmse"]).shape == (2, 3) and len(r["mcc"]) == 2
+    assert res["summary"]["linear"]["fastica"]["mcc_mean"] > 0.95
+    assert (out_dir / "sources.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(os.listdir(out_dir)) == ["results.json", "sources.png"]
+
+
+def test_python_dash_m_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "halfvae_ext.cli", "separate", "nofile.csv",
+                           "-k", "2", "-o", "x.csv"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "halfvae separate: error: cannot read nofile.csv: no such file"

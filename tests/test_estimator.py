@@ -1,0 +1,327 @@
+"""HalfVAEICA: scikit-learn conventions, separation quality, reproducibility, checkpoint/resume."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+
+from halfvae_ext.estimator import HalfVAEICA, atomic_torch_save
+from halfvae_ext.ica import make_linear, make_paper_linear, mean_corr_coef, per_component_rmse
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These problems are tiny: one thread is fastest, and on a busy 2-core machine a 2-thread
+    OpenMP team can stall for a scheduler tick at every parallel region."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+FAST = dict(max_iter=400, n_restarts=2, random_state=0)
+
+
+@pytest.fixture(scope="module")
+def laplace():
+    return make_linear(600, 3, "laplace", random_state=1)
+
+
+@pytest.fixture(scope="module")
+def fitted(laplace):
+    est = HalfVAEICA(3, **FAST)
+    S = est.fit_transform(laplace.X)
+    return est, S
+
+
+def _state_equal(a: HalfVAEICA, b: HalfVAEICA):
+    sa, sb = a.model_.state_dict(), b.model_.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    np.testing.assert_array_equal(a.elbo_history_, b.elbo_history_)
+    np.testing.assert_array_equal(a.restart_elbos_, b.restart_elbos_)
+    assert a.best_restart_ == b.best_restart_ and a.n_iter_ == b.n_iter_
+
+
+# ----------------------------------------------------------------------------- basics
+def test_fitted_attributes_and_shapes(fitted, laplace):
+    est, S = fitted
+    n, d = laplace.X.shape
+    assert S.shape == (n, 3) and S.dtype == np.float64
+    assert est.n_components_ == 3 and est.n_features_in_ == d
+    assert est.mixing_.shape == (d, 3) and est.components_.shape == (3, d)
+    np.testing.assert_allclose(est.components_ @ est.mixing_, np.eye(3), atol=1e-8)
+    assert est.mean_.shape == (d,)
+    assert est.elbo_history_.shape == (FAST["max_iter"],) == (est.n_iter_,)
+    assert est.restart_elbos_.shape == (2,)
+    assert est.best_restart_ == int(np.argmax(est.restart_elbos_))
+    assert est.elbo_ == est.restart_elbos_[est.best_restart_]
+    assert np.all(np.isfinite(est.elbo_history_))
+    assert est.elbo_history_[-1] > est.elbo_history_[0]
+    assert list(est.get_feature_names_out()) == ["halfvaeica0", "halfvaeica1", "halfvaeica2"]
+
+
+def test_params_are_stored_unchanged_and_clonable():
+    est = HalfVAEICA(2, hidden=[8], noise=0.3, random_state=4)
+    assert est.hidden == [8] and est.noise == 0.3 and est.n_components == 2
+    c = clone(est)
+    assert c.get_params() == est.get_params()
+
+
+def test_reproducible_under_random_state(laplace, fitted):
+    est, S = fitted
+    S2 = HalfVAEICA(3, **FAST).fit_transform(laplace.X)
+    np.testing.assert_array_equal(S, S2)
+    S3 = HalfVAEICA(3, **{**FAST, "random_state": 1}).fit_transform(laplace.X)
+    assert not np.array_equal(S, S3)
+
+
+def test_transform_new_rows(laplace):
+    est = HalfVAEICA(3, **{**FAST, "max_iter": 800}).fit(laplace.X[:450])
+    St = est.transform(laplace.X[450:])
+    assert St.shape == (150, 3)
+    assert mean_corr_coef(laplace.S[450:], St) > 0.97
+    np.testing.assert_array_equal(St, est.transform(laplace.X[450:]))  # deterministic
+    assert est.transform(laplace.X[450:451]).shape == (1, 3)  # a single row works
+    # On the training rows it agrees with the fitted table (both are posterior means).
+    S_fit = est.model_.latents.mu.detach().double().numpy()
+    St_train = est.transform(laplace.X[:450])
+    assert np.corrcoef(S_fit[:, 0], St_train[:, 0])[0, 1] > 0.99
+
+
+def test_inverse_transform_round_trip(fitted, laplace):
+    est, S = fitted
+    X_rec = est.inverse_transform(S)
+    assert X_rec.shape == laplace.X.shape
+    rel = np.linalg.norm(X_rec - laplace.X) / np.linalg.norm(laplace.X - laplace.X.mean(0))
+    assert rel < 0.1
+    np.testing.assert_allclose(X_rec, S @ est.mixing_.T + est.mean_, rtol=1e-5, atol=1e-5)
+    S2 = est.transform(X_rec)
+    np.testing.assert_allclose(est.inverse_transform(S2), X_rec, atol=0.05 * np.abs(X_rec).max())
+
+
+# ----------------------------------------------------------------------------- quality
+def test_end_to_end_paper_sources_default_recipe():
+    """The paper's sine/square/sawtooth problem, the default recipe with fewer epochs/samples."""
+    P = make_paper_linear(2000, random_state=11)
+    est = HalfVAEICA(3, max_iter=800, n_restarts=2, random_state=0)
+    S = est.fit_transform(P.X)
+    rmse = per_component_rmse(P.S, S)
+    assert rmse.max() < 0.1, rmse
+
+
+def test_end_to_end_laplace_mcc(laplace, fitted):
+    _, S = fitted
+    assert mean_corr_coef(laplace.S, S) > 0.97
+
+
+def test_minibatch_training(laplace):
+    est = HalfVAEICA(3, batch_size=200, max_iter=200, n_restarts=1, random_state=0)
+    S = est.fit_transform(laplace.X)
+    assert S.shape == (600, 3)
+    assert est.model_.latents.sparse
+    assert mean_corr_coef(laplace.S, S) > 0.97
+
+
+@pytest.mark.parametrize("init", ["random", "fastica"])
+def test_other_inits(laplace, init):
+    est = HalfVAEICA(3, init=init, max_iter=200, n_restarts=1, random_state=0)
+    S = est.fit_transform(laplace.X)
+    assert S.shape == (600, 3) and np.all(np.isfinite(S))
+    if init == "fastica":
+        assert mean_corr_coef(laplace.S, S) > 0.97
+
+
+def test_mlp_decoder_shapes(laplace):
+    est = HalfVAEICA(3, decoder="mlp", hidden=(16,), max_iter=30, n_restarts=1, random_state=0)
+    S = est.fit_transform(laplace.X)
+    assert S.shape == (600, 3)
+    assert not hasattr(est, "mixing_") and not hasattr(est, "components_")
+    assert est.transform(laplace.X[:7]).shape == (7, 3)
+    assert est.inverse_transform(S[:5]).shape == (5, 3)
+
+
+@pytest.mark.parametrize("whiten", ["standardize", False])
+def test_whiten_options(laplace, whiten):
+    est = HalfVAEICA(2, whiten=whiten, max_iter=30, n_restarts=1, random_state=0)
+    S = est.fit_transform(laplace.X)
+    assert S.shape == (600, 2) and est.mixing_.shape == (3, 2)
+
+
+def test_verbose_progress_bar(laplace, capsys):
+    HalfVAEICA(3, max_iter=5, n_restarts=2, verbose=True, random_state=0).fit(laplace.X)
+    err = capsys.readouterr().err
+    assert "HalfVAEICA" in err and "10/10" in err
+
+
+# ----------------------------------------------------------------------------- checkpointing
+def test_stop_and_resume_in_memory_equals_uninterrupted(laplace, fitted):
+    ref, _ = fitted
+    est = HalfVAEICA(3, **FAST)
+    est.fit(laplace.X, stop_after=77)  # in the middle of restart 0
+    assert not hasattr(est, "model_")
+    est.fit(laplace.X, resume=True, stop_after=400)  # across the restart boundary
+    assert not hasattr(est, "model_")
+    est.fit(laplace.X, resume=True)
+    _state_equal(est, ref)
+
+
+def test_stop_save_load_resume_equals_uninterrupted(laplace, fitted, tmp_path):
+    ref, S_ref = fitted
+    est = HalfVAEICA(3, **FAST)
+    est.fit(laplace.X, stop_after=450)
+    path = tmp_path / "run.pt"
+    est.save(path)
+    loaded = HalfVAEICA.load(path)
+    assert not hasattr(loaded, "model_")
+    S = loaded.fit_transform(laplace.X, resume=True)
+    _state_equal(loaded, ref)
+    np.testing.assert_array_equal(S, S_ref)
+
+
+def test_checkpoint_every_survives_a_crash(laplace, fitted, tmp_path, monkeypatch):
+    ref, _ = fitted
+    path = tmp_path / "ckpt.pt"
+    params = dict(FAST, checkpoint_path=str(path), checkpoint_every=25)
+    calls = {"n": 0}
+    real_epoch = HalfVAEICA._epoch
+
+    def crashing_epoch(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 471:  # restart 1, epoch 70: the last checkpoint is at its epoch 50
+            raise KeyboardInterrupt
+        return real_epoch(self, *args, **kwargs)
+
+    monkeypatch.setattr(HalfVAEICA, "_epoch", crashing_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        HalfVAEICA(3, **params).fit(laplace.X)
+    monkeypatch.setattr(HalfVAEICA, "_epoch", real_epoch)
+    assert path.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary files left
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["run"]["restart"] == 1 and ckpt["run"]["epoch"] == 50
+    resumed = HalfVAEICA(3, **params).fit(laplace.X, resume=True)
+    _state_equal(resumed, ref)
+    # The finished checkpoint loads as a fitted estimator.
+    done = HalfVAEICA.load(path)
+    _state_equal(done, ref)
+
+
+def test_resume_refuses_other_data_or_parameters(laplace, tmp_path):
+    est = HalfVAEICA(3, **FAST)
+    est.fit(laplace.X, stop_after=10)
+    X2 = laplace.X.copy()
+    X2[0, 0] += 1.0
+    with pytest.raises(ValueError, match="not the data"):
+        est.fit(X2, resume=True)
+    est.set_params(max_iter=200)
+    with pytest.raises(ValueError, match="max_iter"):
+        est.fit(laplace.X, resume=True)
+    # Without a run to resume, resume=True starts fresh.
+    fresh = HalfVAEICA(3, max_iter=5, n_restarts=1, random_state=0)
+    fresh.fit(laplace.X, resume=True)
+    assert fresh.n_iter_ == 5
+
+
+def test_save_load_fitted_model(fitted, laplace, tmp_path):
+    est, S = fitted
+    path = tmp_path / "model.pt"
+    est.save(path)
+    loaded = HalfVAEICA.load(path)
+    assert loaded.get_params() == est.get_params()
+    _state_equal(loaded, est)
+    np.testing.assert_array_equal(loaded.mixing_, est.mixing_)
+    np.testing.assert_array_equal(loaded.transform(laplace.X[:50]), est.transform(laplace.X[:50]))
+    np.testing.assert_array_equal(loaded.inverse_transform(S[:9]), est.inverse_transform(S[:9]))
+    # The optimizer state of the kept restart is in the file.
+    best = torch.load(path, weights_only=True)["run"]["best"]
+    assert len(best["optimizers"]) == 2 and best["optimizers"][0]["state"]
+
+
+def test_atomic_save_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "f.pt"
+    atomic_torch_save({"a": torch.ones(2)}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_torch_save({"a": Unpicklable()}, path)
+    assert torch.equal(torch.load(path)["a"], torch.ones(2))
+    assert os.listdir(tmp_path) == ["f.pt"]
+
+
+def test_load_rejects_other_files(tmp_path):
+    p = tmp_path / "x.pt"
+    torch.save({"format": "other"}, p)
+    with pytest.raises(ValueError, match="not a HalfVAEICA"):
+        HalfVAEICA.load(p)
+    p.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a readable"):
+        HalfVAEICA.load(p)
+    with pytest.raises(ValueError, match="call fit first"):
+        HalfVAEICA(2).save(tmp_path / "y.pt")
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("X, exc, match", [
+    (np.array([[1.0, np.nan], [2.0, 3.0], [0.0, 1.0]]), ValueError, "NaN"),
+    (np.array([[1.0, np.inf], [2.0, 3.0], [0.0, 1.0]]), ValueError, "infinity"),
+    (np.arange(5.0), ValueError, "2D array"),
+    (np.zeros((4, 2, 2)), ValueError, "dim 3"),
+    ([["a", "b"], ["c", "d"]], ValueError, "convert"),
+    (np.zeros((1, 2)), ValueError, "minimum of 2"),
+    (None, TypeError, "X must be"),
+    ("data.csv", TypeError, "X must be"),
+])
+def test_bad_X(X, exc, match):
+    with pytest.raises(exc, match=match):
+        HalfVAEICA(1, max_iter=2).fit(X)
+
+
+def test_n_components_too_large(laplace):
+    with pytest.raises(ValueError, match="larger than the number of features"):
+        HalfVAEICA(4, max_iter=2).fit(laplace.X)
+    X = np.column_stack([laplace.X, laplace.X[:, 0] + laplace.X[:, 1]])  # rank 3, 4 features
+    with pytest.raises(ValueError, match="exceeds the rank"):
+        HalfVAEICA(4, max_iter=2).fit(X)
+    with pytest.raises(ValueError, match="exceeds the rank"):
+        HalfVAEICA(3, max_iter=2).fit(laplace.X[:3])  # 3 samples: centered rank 2
+
+
+@pytest.mark.parametrize("params, exc, match", [
+    (dict(n_components=0), ValueError, "n_components"),
+    (dict(n_components=2.5), TypeError, "n_components"),
+    (dict(decoder="conv"), ValueError, "decoder"),
+    (dict(whiten="zca"), ValueError, "whiten"),
+    (dict(init="ica"), ValueError, "init"),
+    (dict(noise="fixed"), ValueError, "noise"),
+    (dict(noise=-1.0), ValueError, "noise"),
+    (dict(prior_warmup=1.0), ValueError, "prior_warmup"),
+    (dict(max_iter=0), ValueError, "max_iter"),
+    (dict(learning_rate=0.0), ValueError, "learning_rate"),
+    (dict(random_state=-3), ValueError, "random_state"),
+    (dict(checkpoint_every=5), ValueError, "checkpoint_path"),
+    (dict(activation="swish"), ValueError, "activation"),
+    (dict(device="tpu9"), ValueError, "device"),
+])
+def test_bad_hyperparameters(laplace, params, exc, match):
+    with pytest.raises(exc, match=match):
+        HalfVAEICA(**{"n_components": 2, "max_iter": 2, **params}).fit(laplace.X)
+
+
+def test_bad_transform_input(fitted):
+    est, _ = fitted
+    with pytest.raises(ValueError, match="features"):
+        est.transform(np.zeros((5, 4)))
+    with pytest.raises(ValueError, match="NaN"):
+        est.transform(np.full((5, 3), np.nan))
+    with pytest.raises(ValueError, match="columns"):
+        est.inverse_transform(np.zeros((5, 2)))
+    with pytest.raises(TypeError):
+        est.inverse_transform(None)
+    from sklearn.exceptions import NotFittedError
+    with pytest.raises(NotFittedError):
+        HalfVAEICA(2).transform(np.zeros((3, 3)))

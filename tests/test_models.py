@@ -1,0 +1,227 @@
+"""Half-VAE modules: shapes, gradients, agreement with the plain PyTorch reference."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from halfvae_ext import reference
+from halfvae_ext.models import VAE, GMMPrior, HalfVAE, LatentTable, make_mlp
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These problems are tiny: one thread is fastest, and on a busy 2-core machine a 2-thread
+    OpenMP team can stall for a scheduler tick at every parallel region."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_gmm_prior_init_is_unit_variance_and_symmetric():
+    p = GMMPrior(4, 3)
+    assert p.logits.shape == p.means.shape == p.logvars.shape == (4, 3)
+    torch.testing.assert_close(p.means[0], torch.tensor([-1.0, 0.0, 1.0]))
+    torch.testing.assert_close(p.variance(), torch.ones(4))
+    torch.testing.assert_close(p.mean(), torch.zeros(4))
+    for C in (1, 2, 5):
+        torch.testing.assert_close(GMMPrior(2, C).variance(), torch.ones(2))
+
+
+def test_gmm_prior_log_prob_matches_reference_and_gradients():
+    g = torch.Generator().manual_seed(0)
+    p = GMMPrior(3, 4, jitter=0.3, generator=g).double()
+    with torch.no_grad():
+        p.logits.normal_(generator=g)
+        p.logvars.add_(0.3 * torch.randn(3, 4, generator=g, dtype=torch.float64))
+    z = torch.randn(50, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    lp = p.log_prob(z)
+    ref = reference.gmm_log_prob(z, p.logits, p.means, p.logvars)
+    torch.testing.assert_close(lp, ref)
+    params = [z, p.logits, p.means, p.logvars]
+    g1 = torch.autograd.grad(lp.sum(), params)
+    g2 = torch.autograd.grad(ref.sum(), params)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
+def test_gmm_prior_sample_moments_and_generator():
+    p = GMMPrior(2, 3)
+    with torch.no_grad():
+        p.means.copy_(torch.tensor([[-2.0, 0.0, 2.0], [0.0, 0.5, 1.0]]))
+        p.logits.copy_(torch.tensor([[0.0, -1.0, 1.0], [0.0, 0.0, 0.0]]))
+    s = p.sample(40000, generator=torch.Generator().manual_seed(1))
+    assert s.shape == (40000, 2)
+    torch.testing.assert_close(s.mean(0), p.mean().detach(), atol=0.03, rtol=0)
+    torch.testing.assert_close(s.var(0), p.variance().detach(), atol=0.06, rtol=0)
+    s2 = p.sample(40000, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(s, s2)
+    assert p.sample(0).shape == (0, 2)
+
+
+def test_gmm_prior_bad_arguments():
+    with pytest.raises(ValueError, match="num_latents"):
+        GMMPrior(0)
+    with pytest.raises(ValueError, match="num_components"):
+        GMMPrior(2, 65)
+    with pytest.raises(ValueError, match="spread"):
+        GMMPrior(2, 2, spread=1.5)
+
+
+def test_latent_table_forward_matches_reference():
+    g = torch.Generator().manual_seed(0)
+    table = LatentTable(20, 3, generator=g, init_logvar=-1.0).double()
+    prior = GMMPrior(3, 3).double()
+    idx = torch.tensor([3, 7, 7, 19])
+    eps = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    z, kl = table(idx, prior, eps=eps)
+    zr, klr = reference.reparam_gmm_kl(table.mu[idx], table.logvar[idx], prior.logits,
+                                       prior.means, prior.logvars, eps=eps)
+    assert z.shape == (4, 3) and kl.shape == (4,)
+    torch.testing.assert_close(z, zr)
+    torch.testing.assert_close(kl, klr)
+    (z.sum() + kl.sum()).backward()
+    # Only the gathered rows get a gradient; row 7 twice.
+    rows = table.mu.grad.abs().sum(1) > 0
+    assert rows.nonzero().flatten().tolist() == [3, 7, 19]
+
+
+def test_latent_table_all_rows_sparse_and_generator():
+    table = LatentTable(6, 2, generator=torch.Generator().manual_seed(0), sparse=True)
+    prior = GMMPrior(2)
+    z1, kl1 = table(None, prior, generator=torch.Generator().manual_seed(5))
+    z2, kl2 = table(None, prior, generator=torch.Generator().manual_seed(5))
+    assert z1.shape == (6, 2) and kl1.shape == (6,)
+    assert torch.equal(z1, z2) and torch.equal(kl1, kl2)
+    z, kl = table(torch.tensor([0, 4]), prior)
+    kl.sum().backward()
+    assert table.mu.grad.is_sparse
+    with pytest.raises(ValueError, match="idx"):
+        table(torch.tensor([[0, 1]]), prior)
+    with pytest.raises(ValueError, match="init_mu"):
+        LatentTable(3, 2, init_mu=torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize("decoder", ["linear", "mlp"])
+@pytest.mark.parametrize("noise", ["learned", 0.5])
+def test_halfvae_negative_elbo_shapes_gradients(decoder, noise):
+    torch.manual_seed(0)
+    m = HalfVAE(30, 5, 2, decoder=decoder, noise=noise, hidden=(8,), activation="tanh")
+    x = torch.randn(30, 5)
+    idx = torch.arange(10, 20)
+    loss = m.negative_elbo(x[idx], idx, generator=torch.Generator().manual_seed(0))
+    assert loss.shape == (10,) and torch.isfinite(loss).all()
+    loss.mean().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+    assert (m.likelihood.logvar.grad is not None) == (noise == "learned")
+    assert m.decode(torch.zeros(4, 2)).shape == (4, 5)
+    assert m.negative_elbo(x).shape == (30,)
+
+
+def test_halfvae_elbo_matches_hand_computation():
+    m = HalfVAE(4, 3, 2, noise=0.7).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    eps = torch.randn(4, 2, dtype=torch.float64)
+    got = m.negative_elbo(x, None, eps=eps, kl_weight=0.5, recon="sample")
+    p = m.prior
+    z, kl = reference.reparam_gmm_kl(m.latents.mu, m.latents.logvar, p.logits, p.means,
+                                     p.logvars, eps=eps)
+    xm = z @ m.decoder.weight.T
+    var = 0.7 ** 2
+    ll = (-0.5 * (math.log(2 * math.pi * var) + (x - xm) ** 2 / var)).sum(1)
+    torch.testing.assert_close(got, 0.5 * kl - ll)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_expected_recon_is_the_mean_of_the_one_sample_term(bias):
+    """For a linear decoder the closed-form E_q log p(x|z) equals the average of the one-sample
+    term over many eps, and the KL term is the same draw either way."""
+    g = torch.Generator().manual_seed(3)
+    dec = nn.Linear(2, 3, bias=bias).double()
+    m = HalfVAE(5, 3, 2, decoder=dec, noise=0.4, init_logvar=-0.5, generator=g).double()
+    x = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    S = 200000
+    eps = torch.randn(S, 5, 2, generator=g, dtype=torch.float64)
+    idx = torch.arange(5).repeat(S)
+    ll_mc, _ = m.elbo_terms(x.repeat(S, 1), idx, eps=eps.reshape(-1, 2), recon="sample")
+    ll_exact, kl = m.elbo_terms(x, None, eps=eps[0], recon="exact")
+    torch.testing.assert_close(ll_mc.view(S, 5).mean(0), ll_exact, atol=0.02, rtol=0)
+    _, kl_mc = m.elbo_terms(x, None, eps=eps[0], recon="sample")
+    torch.testing.assert_close(kl, kl_mc)
+    # The default picks the closed form for nn.Linear decoders.
+    torch.testing.assert_close(m.negative_elbo(x, eps=eps[0]), kl - ll_exact)
+    with pytest.raises(ValueError, match="linear decoder"):
+        HalfVAE(5, 3, 2, decoder="mlp").elbo_terms(x.float(), recon="exact")
+    with pytest.raises(ValueError, match="recon must be"):
+        m.elbo_terms(x, recon="mean")
+    # Antithetic pairs: for a linear decoder the mean term is exact; only the trace term is noisy.
+    ll_anti, _ = m.elbo_terms(x.repeat(S, 1), idx, eps=eps.reshape(-1, 2), recon="antithetic")
+    torch.testing.assert_close(ll_anti.view(S, 5).mean(0), ll_exact, atol=0.02, rtol=0)
+    assert ll_anti.view(S, 5).std(0).max() < 0.5 * ll_mc.view(S, 5).std(0).max()
+
+
+def test_halfvae_custom_decoder_and_bad_args():
+    dec = nn.Sequential(nn.Linear(2, 3))
+    m = HalfVAE(5, 3, 2, decoder=dec)
+    assert m.decoder is dec
+    with pytest.raises(ValueError, match="decoder"):
+        HalfVAE(5, 3, 2, decoder="conv")
+    with pytest.raises(ValueError, match="noise"):
+        HalfVAE(5, 3, 2, noise=-1.0)
+    with pytest.raises(ValueError, match="activation"):
+        HalfVAE(5, 3, 2, decoder="mlp", activation="nope")
+    with pytest.raises(ValueError, match="latent dimensions"):
+        HalfVAE(5, 3, 2, prior=GMMPrior(3))
+    with pytest.raises(TypeError, match="prior"):
+        HalfVAE(5, 3, 2, prior="gmm")
+    with pytest.raises(ValueError, match="x must have shape"):
+        HalfVAE(5, 3, 2).negative_elbo(torch.zeros(5, 4))
+
+
+def test_vae_negative_elbo_shapes_gradients():
+    torch.manual_seed(0)
+    m = VAE(4, 2, encoder_hidden=(16,), decoder="mlp", hidden=(8,))
+    x = torch.randn(12, 4)
+    loss = m.negative_elbo(x, generator=torch.Generator().manual_seed(0))
+    assert loss.shape == (12,) and torch.isfinite(loss).all()
+    loss.mean().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    mu, logvar = m.encode(x)
+    assert mu.shape == logvar.shape == (12, 2)
+    eps = torch.randn(12, 2)
+    lin = VAE(4, 2, encoder_hidden=(16,))
+    ll, kl = lin.elbo_terms(x, eps=eps)
+    ll1, kl1 = lin.elbo_terms(x, eps=eps, recon="sample")
+    torch.testing.assert_close(kl, kl1)
+    assert ll.shape == ll1.shape == (12,)
+    with pytest.raises(ValueError, match="x must have shape"):
+        m.negative_elbo(torch.zeros(3, 5))
+
+
+def test_halfvae_training_lowers_negative_elbo():
+    """A few hundred Adam steps on a tiny linear problem improve the ELBO a lot."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.sign(torch.randn(200, 2, generator=g))
+    x = s @ torch.tensor([[1.0, 0.5], [-0.3, 1.0]]).T + 0.05 * torch.randn(200, 2, generator=g)
+    m = HalfVAE(200, 2, 2, generator=g)
+    opt = torch.optim.Adam(m.parameters(), lr=0.05)
+    first = None
+    for _ in range(300):
+        loss = m.negative_elbo(x, generator=g).mean()
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first - 2.0
+
+
+def test_make_mlp():
+    mlp = make_mlp(3, 4, (5, 6), "gelu")
+    assert [type(l).__name__ for l in mlp] == ["Linear", "GELU", "Linear", "GELU", "Linear"]
+    assert make_mlp(3, 4, ()).__len__() == 1
+    with pytest.raises(ValueError):
+        make_mlp(3, 4, (0,))
