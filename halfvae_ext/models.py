@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import gmm_log_prob, reparam_gmm_kl
+from .ops import gmm_log_prob, reparam_gmm_kl, reparam_gmm_kl_rows
+from .table_optim import FusedRowOptimizer, fused_rows_kl
 
 __all__ = ["GMMPrior", "LatentTable", "HalfVAE", "VAE", "make_mlp", "elbo_terms", "ACTIVATIONS",
            "RECON_ESTIMATORS"]
@@ -220,19 +221,29 @@ class GMMPrior(nn.Module):
 class LatentTable(nn.Module):
     """q(z_n) = N(mu[n], diag(exp(logvar[n]))) for every data point n: parameters [N, K].
 
-    ``forward(idx, prior)`` gathers the rows ``idx`` (all rows for None) and returns the fused op's
-    reparameterized sample z [B, K] and Monte-Carlo KL [B] (``reduction="row"``). With
-    ``sparse=True`` the gather is an embedding lookup whose gradient is a sparse tensor (for
-    ``torch.optim.SparseAdam``: mini-batches then leave the other rows' optimizer state alone).
+    ``forward(idx, prior)`` returns the fused op's reparameterized sample z [B, K] and Monte-Carlo
+    KL [B] (``reduction="row"``) for rows ``idx`` (all rows for None); the rows are gathered inside
+    the kernel (``reparam_gmm_kl_rows``), no [B, K] copy is made first.
+
+    Table gradients: dense [N, K] by default; ``sparse=True`` gives coalesced sparse COO gradients
+    (for ``torch.optim.SparseAdam``/``SGD``: mini-batches leave other rows' optimizer state alone);
+    ``fused_optimizer="adam"|"sgd"`` (with ``lr``, ``betas``, ``eps``) runs the optimizer step
+    inside the backward on the touched rows only: no gradient of the table is ever created, a step
+    costs O(batch), and the optimizer state (``table_optimizer``, buffers) is part of state_dict.
+    Leave mu/logvar out of any other optimizer in that mode.
     """
 
     def __init__(self, num_rows: int, num_latents: int, *, init_mu: torch.Tensor | None = None,
                  init_logvar: float = -2.0, init_std: float = 1.0,
                  generator: torch.Generator | None = None, sparse: bool = False,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, fused_optimizer: str | None = None,
+                 lr: float = 1e-2, betas=(0.9, 0.999), eps: float = 1e-8):
         super().__init__()
         N = _check_pos_int("num_rows", num_rows)
         K = _check_pos_int("num_latents", num_latents)
+        if fused_optimizer is not None and sparse:
+            raise ValueError("sparse: a table with a fused optimizer has no gradient at all; "
+                             "pass sparse=False with fused_optimizer")
         dtype = dtype or torch.get_default_dtype()
         if init_mu is None:
             mu = init_std * torch.randn(N, K, generator=generator, dtype=torch.float64)
@@ -243,6 +254,9 @@ class LatentTable(nn.Module):
         self.mu = nn.Parameter(mu.to(dtype).contiguous())
         self.logvar = nn.Parameter(torch.full((N, K), float(init_logvar), dtype=dtype))
         self.sparse = bool(sparse)
+        self.table_optimizer = (None if fused_optimizer is None else
+                                FusedRowOptimizer(N, K, fused_optimizer, lr=lr, betas=betas,
+                                                  eps=eps, dtype=dtype))
 
     @property
     def num_rows(self) -> int:
@@ -253,12 +267,29 @@ class LatentTable(nn.Module):
         return self.mu.shape[1]
 
     def gather(self, idx: torch.Tensor | None):
+        """(mu, logvar) of rows idx ([B, K] each; all rows for None), differentiable.
+
+        With a fused optimizer the rows are fresh leaves whose gradients, once the backward has
+        produced both, step the optimizer on those rows of the table (a multi-grad hook): the
+        model can use them anywhere (likelihood terms, the KL op) and still no table gradient
+        exists."""
+        if self.table_optimizer is not None:
+            if idx is None:
+                idx = torch.arange(self.num_rows, device=self.mu.device)
+            idx = self._check_idx(idx)
+            with torch.no_grad():
+                mu = self.mu.index_select(0, idx).requires_grad_()
+                logvar = self.logvar.index_select(0, idx).requires_grad_()
+
+            def step(grads):
+                g_mu, g_logvar = (torch.zeros_like(mu) if g is None else g for g in grads)
+                self.table_optimizer.apply(self.mu, self.logvar, idx, g_mu, g_logvar)
+
+            torch.autograd.graph.register_multi_grad_hook((mu, logvar), step)
+            return mu, logvar
         if idx is None:
             return self.mu, self.logvar
-        idx = torch.as_tensor(idx, device=self.mu.device)
-        if idx.dtype not in (torch.int64, torch.int32) or idx.dim() != 1:
-            raise ValueError(f"idx must be a 1-D integer tensor of row indices, got dtype "
-                             f"{idx.dtype} and shape {tuple(idx.shape)}")
+        idx = self._check_idx(idx)
         if self.sparse:
             return (F.embedding(idx, self.mu, sparse=True),
                     F.embedding(idx, self.logvar, sparse=True))
@@ -266,9 +297,26 @@ class LatentTable(nn.Module):
 
     def forward(self, idx: torch.Tensor | None, prior: GMMPrior,
                 generator: torch.Generator | None = None, eps: torch.Tensor | None = None):
-        mu, logvar = self.gather(idx)
-        return reparam_gmm_kl(mu, logvar, prior.logits, prior.means, prior.logvars, eps=eps,
-                              generator=generator, reduction="row")
+        prior_params = (prior.logits, prior.means, prior.logvars)
+        if self.table_optimizer is not None:
+            if idx is None:
+                idx = torch.arange(self.num_rows, device=self.mu.device)
+            return fused_rows_kl(self.mu, self.logvar, self._check_idx(idx), *prior_params,
+                                 self.table_optimizer, eps=eps, generator=generator,
+                                 reduction="row")
+        if idx is None:
+            return reparam_gmm_kl(self.mu, self.logvar, *prior_params, eps=eps,
+                                  generator=generator, reduction="row")
+        return reparam_gmm_kl_rows(self.mu, self.logvar, self._check_idx(idx), *prior_params,
+                                   eps=eps, generator=generator, reduction="row",
+                                   table_grad="sparse" if self.sparse else "dense")
+
+    def _check_idx(self, idx):
+        idx = torch.as_tensor(idx, device=self.mu.device)
+        if idx.dtype not in (torch.int64, torch.int32) or idx.dim() != 1:
+            raise ValueError(f"idx must be a 1-D integer tensor of row indices, got dtype "
+                             f"{idx.dtype} and shape {tuple(idx.shape)}")
+        return idx
 
     def extra_repr(self) -> str:
         return f"num_rows={self.num_rows}, num_latents={self.num_latents}, sparse={self.sparse}"
@@ -324,14 +372,16 @@ class HalfVAE(nn.Module):
     nn.Module mapping [B, latent_dim] to [B, data_dim]. prior: a :class:`GMMPrior` or None (a new
     one with ``num_components`` components). noise: "learned" (a per-feature log-variance
     parameter ``likelihood.logvar``, initialized to ``init_noise_std``) or a float, the fixed noise
-    standard deviation.
+    standard deviation. sparse / table_optimizer ("adam" | "sgd", with table_lr): how the latent
+    table is trained, see :class:`LatentTable` (fused_optimizer).
     """
 
     def __init__(self, num_samples: int, data_dim: int, latent_dim: int, decoder="linear",
                  prior: GMMPrior | None = None, hidden=(64, 64), activation: str = "relu",
                  noise="learned", *, num_components: int = 3, init_mu: torch.Tensor | None = None,
                  init_logvar: float = -2.0, init_noise_std: float = 1.0,
-                 generator: torch.Generator | None = None, sparse: bool = False):
+                 generator: torch.Generator | None = None, sparse: bool = False,
+                 table_optimizer: str | None = None, table_lr: float = 1e-2):
         super().__init__()
         self.num_samples = _check_pos_int("num_samples", num_samples)
         self.data_dim = _check_pos_int("data_dim", data_dim)
@@ -345,7 +395,8 @@ class HalfVAE(nn.Module):
                              f"latent_dim is {latent_dim}")
         self.prior = prior
         self.latents = LatentTable(num_samples, latent_dim, init_mu=init_mu,
-                                   init_logvar=init_logvar, generator=generator, sparse=sparse)
+                                   init_logvar=init_logvar, generator=generator, sparse=sparse,
+                                   fused_optimizer=table_optimizer, lr=table_lr)
         self.decoder = _build_decoder(decoder, latent_dim, data_dim, hidden, activation)
         self.likelihood = _GaussianLikelihood(data_dim, noise, init_noise_std)
 
