@@ -6,6 +6,7 @@ from . import reference
 from .ops import (cuda_kernels_available, gmm_log_prob, philox_normal, reparam_gmm_kl,
                   reparam_gmm_kl_rows)
 from .table_optim import FusedRowOptimizer, fused_rows_kl
+from .models import VAE, GMMPrior, HalfVAE, LatentTable
 
 __all__ = [
     "reparam_gmm_kl",
@@ -16,5 +17,20 @@ __all__ = [
     "philox_normal",
     "cuda_kernels_available",
     "reference",
+    "GMMPrior",
+    "LatentTable",
+    "HalfVAE",
+    "VAE",
+    "HalfVAEICA",
 ]
+
+
+def __getattr__(name):
+    # The estimator pulls in scikit-learn: import it on first use, not with the package.
+    if name == "HalfVAEICA":
+        from .estimator import HalfVAEICA
+        return HalfVAEICA
+    raise AttributeError(f"module 'halfvae_ext' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
