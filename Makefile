@@ -14,7 +14,7 @@ DEPS := numpy scikit-build-core pybind11 cmake ninja pytest hypothesis scipy sci
 
 SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 
-.PHONY: all build test demo quick-demo bench clean
+.PHONY: all build test demo bench clean
 
 all: build
 
@@ -40,10 +40,6 @@ test: build
 # 3 seeds; a few minutes on 2 cores): table on stdout, results/demo/{results.json,sources.png}.
 demo: build
 	$(PY) -m halfvae_ext.cli demo --out results/demo
-
-# The fused op against the eager reference, one line of figures (seconds).
-quick-demo: build
-	$(PY) -m halfvae_ext.demo
 
 bench: build
 	$(PY) -m halfvae_ext.bench_ops --quick

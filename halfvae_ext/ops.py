@@ -64,6 +64,35 @@ def _check_latent(t, name, K):
         raise ValueError(f"{name} has K = {t.shape[1]} latent dimensions but the prior has K = {K}")
 
 
+def _check_kl_args(mu, logvar, prior_logits, prior_means, prior_logvars, eps, generator,
+                   reduction, eps_rows=None):
+    """Checks shared by reparam_gmm_kl and reparam_gmm_kl_rows; returns the seed tensor of an
+    in-kernel draw, or None when eps is given. eps must be [N, K] like mu, or [eps_rows, K] for
+    gathered rows."""
+    _check_prior(prior_logits, prior_means, prior_logvars)
+    K = prior_logits.shape[0]
+    _check_latent(mu, "mu", K)
+    _check_latent(logvar, "logvar", K)
+    if logvar.shape != mu.shape:
+        raise ValueError(f"logvar must have the shape of mu {tuple(mu.shape)}, got "
+                         f"{tuple(logvar.shape)}")
+    tensors = {"mu": mu, "logvar": logvar, "prior_logits": prior_logits,
+               "prior_means": prior_means, "prior_logvars": prior_logvars}
+    if eps is not None:
+        _check_tensor(eps, "eps")
+        want = tuple(mu.shape) if eps_rows is None else (eps_rows, K)
+        if tuple(eps.shape) != want:
+            what = "the shape of mu" if eps_rows is None else "shape [len(idx), K] ="
+            raise ValueError(f"eps must have {what} {want}, got {tuple(eps.shape)}")
+        if generator is not None:
+            raise ValueError("generator: pass either eps or generator, not both")
+        tensors["eps"] = eps
+    _check_same_device_dtype(tensors)
+    if not isinstance(reduction, str) or reduction not in _REDUCTION_CODES:
+        raise ValueError(f"reduction must be 'row', 'none' or 'sum', got {reduction!r}")
+    return draw_seed(generator, mu.device) if eps is None else None
+
+
 def draw_seed(generator: torch.Generator | None, device) -> torch.Tensor:
     """The (seed, offset) int64[2] tensor of one in-kernel draw, taken from `generator` (or the
     default generator of `device`); advances the generator like any other random call."""
@@ -90,27 +119,8 @@ def reparam_gmm_kl(mu, logvar, prior_logits, prior_means, prior_logvars, *, eps=
     it. reduction: "row" -> kl [N] (sum over k), "none" -> [N, K], "sum" -> scalar.
     Returns (z [N, K], kl). Differentiable in mu, logvar and the three prior tensors.
     """
-    _check_prior(prior_logits, prior_means, prior_logvars)
-    K = prior_logits.shape[0]
-    _check_latent(mu, "mu", K)
-    _check_latent(logvar, "logvar", K)
-    if logvar.shape != mu.shape:
-        raise ValueError(f"logvar must have the shape of mu {tuple(mu.shape)}, got "
-                         f"{tuple(logvar.shape)}")
-    tensors = {"mu": mu, "logvar": logvar, "prior_logits": prior_logits,
-               "prior_means": prior_means, "prior_logvars": prior_logvars}
-    if eps is not None:
-        _check_tensor(eps, "eps")
-        if eps.shape != mu.shape:
-            raise ValueError(f"eps must have the shape of mu {tuple(mu.shape)}, got "
-                             f"{tuple(eps.shape)}")
-        if generator is not None:
-            raise ValueError("generator: pass either eps or generator, not both")
-        tensors["eps"] = eps
-    _check_same_device_dtype(tensors)
-    if not isinstance(reduction, str) or reduction not in _REDUCTION_CODES:
-        raise ValueError(f"reduction must be 'row', 'none' or 'sum', got {reduction!r}")
-    seed = draw_seed(generator, mu.device) if eps is None else None
+    seed = _check_kl_args(mu, logvar, prior_logits, prior_means, prior_logvars, eps, generator,
+                          reduction)
     z, kl = _ops.reparam_gmm_kl(mu, logvar, prior_logits, prior_means, prior_logvars, eps, seed,
                                 _REDUCTION_CODES[reduction])
     if reduction == "sum":
@@ -124,38 +134,20 @@ _TABLE_GRADS = {"dense": 0, "sparse": 1}
 def _check_rows_args(mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps, generator,
                      reduction):
     """Checks of reparam_gmm_kl_rows; returns the seed tensor (or None when eps is given)."""
-    _check_prior(prior_logits, prior_means, prior_logvars)
-    K = prior_logits.shape[0]
-    _check_latent(mu, "mu", K)
-    _check_latent(logvar, "logvar", K)
-    if logvar.shape != mu.shape:
-        raise ValueError(f"logvar must have the shape of mu {tuple(mu.shape)}, got "
-                         f"{tuple(logvar.shape)}")
     if not isinstance(idx, torch.Tensor):
         raise TypeError(f"idx must be a torch.Tensor of row indices, got {type(idx).__name__}")
     if idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"idx must be a 1-D int64 or int32 tensor, got dtype {idx.dtype} and "
                          f"shape {tuple(idx.shape)}")
+    seed = _check_kl_args(mu, logvar, prior_logits, prior_means, prior_logvars, eps, generator,
+                          reduction, eps_rows=idx.shape[0])
     if idx.device != mu.device:
         raise ValueError(f"idx is on {idx.device} but mu is on {mu.device}")
-    tensors = {"mu": mu, "logvar": logvar, "prior_logits": prior_logits,
-               "prior_means": prior_means, "prior_logvars": prior_logvars}
-    if eps is not None:
-        _check_tensor(eps, "eps")
-        if eps.shape != (idx.shape[0], K):
-            raise ValueError(f"eps must have shape [len(idx), K] = {(idx.shape[0], K)}, got "
-                             f"{tuple(eps.shape)}")
-        if generator is not None:
-            raise ValueError("generator: pass either eps or generator, not both")
-        tensors["eps"] = eps
-    _check_same_device_dtype(tensors)
-    if not isinstance(reduction, str) or reduction not in _REDUCTION_CODES:
-        raise ValueError(f"reduction must be 'row', 'none' or 'sum', got {reduction!r}")
     if idx.numel() > 0 and not torch.compiler.is_compiling():
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= mu.shape[0]:
             raise IndexError(f"idx values must be in [0, {mu.shape[0]}), got min {lo} and max {hi}")
-    return draw_seed(generator, mu.device) if eps is None else None
+    return seed
 
 
 def reparam_gmm_kl_rows(mu, logvar, idx, prior_logits, prior_means, prior_logvars, *, eps=None,

@@ -124,6 +124,18 @@ struct LaneSums<T, 0> {
   __device__ void flush() {}
 };
 
+// A thread's 4 lanes: the prior of each lane's latent dimension, and (backward) its sums.
+template <typename T, int CT, bool kPriorGrads>
+__device__ __forceinline__ void init_lanes(LanePrior<T, CT> (&prior)[4], LaneSums<T, CT> (&sums)[4],
+                                           const T* w, const T* m, const T* prec, double* table,
+                                           int64_t first, int64_t K, int C) {
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    prior[q].load(w, m, prec, (first + q) % K, C);
+    if constexpr (kPriorGrads) sums[q].init(table, (first + q) % K, C);
+  }
+}
+
 // Shared-memory staging of the [K, 3C+1] sums table when it fits; `global` otherwise.
 struct SumsTable {
   double* global;

@@ -100,11 +100,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
   if (first < numel) {
     LanePrior<acc_t, CT> prior[4];
     LaneSums<acc_t, CT> sums[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      prior[q].load(w, m, prec, (first + q) % K, C);
-      if constexpr (kPriorGrads) sums[q].init(table, (first + q) % K, C);
-    }
+    init_lanes<acc_t, CT, kPriorGrads>(prior, sums, w, m, prec, table, first, K, C);
     auto e = make_eps<scalar_t, acc_t, kSampled>(eps, seed);
     for (int64_t base = first; base < numel; base += stride) {
       e.begin_group(base);
