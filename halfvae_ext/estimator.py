@@ -22,7 +22,8 @@ The training recipe (see benchmarks/ICA_EXPERIMENTS.md for what it came from):
   well by a 3-component mixture that the mix is a local optimum; a fixed flat-topped prior has no
   such optimum, and free variances still let a dimension become super-Gaussian (Laplace) at once.
 - Adam with a larger learning rate for the latent table (``table_learning_rate``) than for the
-  decoder, noise and prior (``learning_rate``).
+  decoder, noise and prior (``learning_rate``); both decay along a half cosine over the last
+  ``lr_decay`` fraction of the epochs, which settles the table rows.
 - ``n_restarts`` restarts; the one with the highest final ELBO (averaged over ``n_eval_samples``
   draws) is kept. The ground truth is never looked at.
 """
@@ -116,6 +117,16 @@ def _torch_threads(n):
         torch.set_num_threads(old)
 
 
+def lr_factor(epoch: int, max_iter: int, lr_decay: float) -> float:
+    """Learning-rate multiplier: 1, then a half cosine down to 0.01 over the last ``lr_decay``
+    fraction of the ``max_iter`` epochs."""
+    start = (1.0 - lr_decay) * max_iter
+    if lr_decay == 0 or epoch < start:
+        return 1.0
+    frac = (epoch - start) / (max_iter - start)
+    return max(0.5 * (1.0 + math.cos(math.pi * frac)), 0.01)
+
+
 def _to_state(obj):
     """Deep copy of a state dict / nested structure (tensors cloned), detached from live objects."""
     return copy.deepcopy(obj)
@@ -133,7 +144,9 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         Components C of each latent dimension's Gaussian-mixture prior.
     decoder : {"linear", "mlp"}
         x = W z (linear ICA) or an MLP (nonlinear mixing; ``hidden``, ``activation``).
-    hidden, activation : MLP decoder widths and activation.
+    hidden, activation : MLP decoder widths and activation. The defaults, one hidden layer of 32
+        leaky-ReLU units, did best on the nonlinear benchmark (wider and deeper decoders fit the
+        data as well without separating the sources; see benchmarks/ICA_EXPERIMENTS.md).
     noise : "learned" or float
         Observation noise: a learned per-feature variance, or a fixed std (in whitened units).
     whiten : {"pca", "standardize", False}
@@ -155,6 +168,10 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
     prior_warmup : float in [0, 1)
         Fraction of each restart's epochs during which the prior's component means and weights
         stay at their initialization (the variances learn).
+    lr_decay : float in [0, 1]
+        Fraction of each restart's epochs, at the end, over which the learning rates decay to 1%
+        along a half cosine (constant before). It settles the latent table, whose rows otherwise
+        keep jittering with the Monte-Carlo gradients.
     n_restarts : int
         Independent restarts; the one with the best final ELBO is kept.
     n_eval_samples : int
@@ -198,10 +215,10 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         The trained model of the kept restart (on ``device``).
     """
 
-    def __init__(self, n_components=None, *, n_mixture=3, decoder="linear", hidden=(64, 64),
-                 activation="relu", noise="learned", whiten="pca", init="pca", max_iter=1500,
+    def __init__(self, n_components=None, *, n_mixture=3, decoder="linear", hidden=(32,),
+                 activation="leaky_relu", noise="learned", whiten="pca", init="pca", max_iter=1500,
                  batch_size=None, learning_rate=0.01, table_learning_rate=0.05,
-                 prior_warmup=0.3, n_restarts=4, n_eval_samples=8, transform_max_iter=300,
+                 prior_warmup=0.3, lr_decay=0.3, n_restarts=4, n_eval_samples=8, transform_max_iter=300,
                  checkpoint_path=None, checkpoint_every=None, random_state=None, device="cpu",
                  n_threads=None, verbose=False):
         self.n_components = n_components
@@ -217,6 +234,7 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         self.learning_rate = learning_rate
         self.table_learning_rate = table_learning_rate
         self.prior_warmup = prior_warmup
+        self.lr_decay = lr_decay
         self.n_restarts = n_restarts
         self.n_eval_samples = n_eval_samples
         self.transform_max_iter = transform_max_iter
@@ -278,6 +296,9 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         if isinstance(self.prior_warmup, bool) or not isinstance(self.prior_warmup, Real) \
                 or not 0 <= self.prior_warmup < 1:
             raise ValueError(f"prior_warmup must be a number in [0, 1), got {self.prior_warmup!r}")
+        if isinstance(self.lr_decay, bool) or not isinstance(self.lr_decay, Real) \
+                or not 0 <= self.lr_decay <= 1:
+            raise ValueError(f"lr_decay must be a number in [0, 1], got {self.lr_decay!r}")
         pos_int("n_restarts")
         pos_int("n_eval_samples")
         pos_int("transform_max_iter", minimum=0)
@@ -422,9 +443,16 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         prior.logits.requires_grad_(not frozen)
         prior.logvars.requires_grad_(True)
 
+    def _lr_factor(self, epoch: int) -> float:
+        return lr_factor(epoch, self.max_iter, self.lr_decay)
+
     def _epoch(self, model, optimizers, Xw, generator, epoch: int) -> float:
         """One pass over the data; returns the epoch's mean one-draw ELBO per sample."""
         self._set_prior_trainable(model.prior, epoch)
+        f = self._lr_factor(epoch)
+        optimizers[0].param_groups[0]["lr"] = self.table_learning_rate * f
+        for group in optimizers[1].param_groups:
+            group["lr"] = self.learning_rate * f
         n = Xw.shape[0]
         if self.batch_size is None or self.batch_size >= n:
             batches = [None]
@@ -497,9 +525,10 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         """Fit the model to X [n_samples, n_features].
 
         resume: continue the unfinished run held by this estimator (a fit stopped by
-        ``stop_after``, or one restored by :meth:`load`) or, if none, the checkpoint at
-        ``checkpoint_path``; X and the training parameters must be those of that run. The result
-        is identical to an uninterrupted fit. Without a run to continue, a fresh fit starts.
+        ``stop_after``, or one restored by :meth:`load`) or, if none (e.g. after a fit was
+        interrupted by an exception), the checkpoint at ``checkpoint_path``; X and the training
+        parameters must be those of that run. The result is identical to an uninterrupted fit.
+        Without a run to continue, a fresh fit starts.
         stop_after: stop after that many epochs (counted over all restarts) in this call; the run
         stays resumable and the estimator is not fitted until the run completes.
         """
@@ -524,8 +553,15 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         Xw = torch.as_tensor(Xw_np, dtype=torch.float32, device=device).contiguous()
         if self.decoder != "linear":  # transform() starts new rows at their nearest neighbor
             self._Xw_train = Xw.detach().cpu()
-        with _torch_threads(self._threads(X.shape[0])):
-            self._train(run, Xw, device, stop_after)
+        try:
+            with _torch_threads(self._threads(X.shape[0])):
+                self._train(run, Xw, device, stop_after)
+        except BaseException:
+            # Interrupted mid-epoch (Ctrl-C, an error): the live state is lost or half-updated,
+            # so forget the in-memory run; fit(X, resume=True) then resumes from the last
+            # checkpoint at checkpoint_path (consistent), or starts afresh.
+            self._run = None
+            raise
         if run["done"]:
             self._set_fitted(run, device)
         return self

@@ -178,7 +178,7 @@ def test_demo_small(tmp_path):
     out_dir = tmp_path / "demo"
     rc, stdout, err = run(["demo", "--out", str(out_dir), "--quick", "--seeds", "2",
                            "--samples", "300", "--methods", "fastica,halfvae_plain",
-                           "--problems", "linear"])
+                           "--problems", "linear", "--jobs", "1"])
     assert rc == 0, err
     assert "linear mixing, 2 seed(s)" in stdout and "sawtooth" in stdout
     res = json.loads((out_dir / "results.json").read_text())
@@ -188,6 +188,17 @@ def test_demo_small(tmp_path):
     assert res["summary"]["linear"]["fastica"]["mcc_mean"] > 0.95
     assert (out_dir / "sources.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(os.listdir(out_dir)) == ["results.json", "sources.png"]
+
+
+def test_demo_results_do_not_depend_on_worker_processes():
+    from halfvae_ext.experiments import run_experiments
+    kw = dict(seeds=[0, 1], problems=["linear", "nonlinear"], methods=["halfvae_plain"],
+              n_samples=200, quick=True)
+    one = run_experiments(n_jobs=1, **kw)
+    two = run_experiments(n_jobs=2, **kw)
+    for p in ("linear", "nonlinear"):
+        a, b = one["results"][p]["halfvae_plain"], two["results"][p]["halfvae_plain"]
+        assert a["rmse"] == b["rmse"] and a["mcc"] == b["mcc"]
 
 
 def test_python_dash_m_entry_point():

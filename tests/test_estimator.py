@@ -194,8 +194,9 @@ def test_checkpoint_every_survives_a_crash(laplace, fitted, tmp_path, monkeypatc
         return real_epoch(self, *args, **kwargs)
 
     monkeypatch.setattr(HalfVAEICA, "_epoch", crashing_epoch)
+    crashed = HalfVAEICA(3, **params)
     with pytest.raises(KeyboardInterrupt):
-        HalfVAEICA(3, **params).fit(laplace.X)
+        crashed.fit(laplace.X)
     monkeypatch.setattr(HalfVAEICA, "_epoch", real_epoch)
     assert path.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary files left
@@ -203,6 +204,10 @@ def test_checkpoint_every_survives_a_crash(laplace, fitted, tmp_path, monkeypatc
     assert ckpt["run"]["restart"] == 1 and ckpt["run"]["epoch"] == 50
     resumed = HalfVAEICA(3, **params).fit(laplace.X, resume=True)
     _state_equal(resumed, ref)
+    # The interrupted estimator itself resumes from the file, not from its lost live state.
+    torch.save(ckpt, path)  # back to the crash-time checkpoint
+    crashed.fit(laplace.X, resume=True)
+    _state_equal(crashed, ref)
     # The finished checkpoint loads as a fitted estimator.
     done = HalfVAEICA.load(path)
     _state_equal(done, ref)
@@ -300,6 +305,7 @@ def test_n_components_too_large(laplace):
     (dict(noise="fixed"), ValueError, "noise"),
     (dict(noise=-1.0), ValueError, "noise"),
     (dict(prior_warmup=1.0), ValueError, "prior_warmup"),
+    (dict(lr_decay=-0.1), ValueError, "lr_decay"),
     (dict(max_iter=0), ValueError, "max_iter"),
     (dict(learning_rate=0.0), ValueError, "learning_rate"),
     (dict(random_state=-3), ValueError, "random_state"),
