@@ -363,6 +363,18 @@ def elbo_terms(model, x, mu, logvar, *, generator=None, eps=None, recon="auto"):
     return ll, kl
 
 
+def _resolve_prior(prior, latent_dim: int, num_components: int) -> "GMMPrior":
+    """The given GMMPrior (checked against latent_dim), or a new one."""
+    if prior is None:
+        return GMMPrior(latent_dim, num_components)
+    if not isinstance(prior, GMMPrior):
+        raise TypeError(f"prior must be a GMMPrior or None, got {type(prior).__name__}")
+    if prior.num_latents != latent_dim:
+        raise ValueError(f"the prior has {prior.num_latents} latent dimensions, "
+                         f"latent_dim is {latent_dim}")
+    return prior
+
+
 # ----------------------------------------------------------------------------- models
 class HalfVAE(nn.Module):
     """Encoder-free VAE: a latent table (one q(z_n) per data point), a GMM prior, a decoder and a
@@ -386,14 +398,7 @@ class HalfVAE(nn.Module):
         self.num_samples = _check_pos_int("num_samples", num_samples)
         self.data_dim = _check_pos_int("data_dim", data_dim)
         self.latent_dim = _check_pos_int("latent_dim", latent_dim)
-        if prior is None:
-            prior = GMMPrior(latent_dim, num_components)
-        elif not isinstance(prior, GMMPrior):
-            raise TypeError(f"prior must be a GMMPrior or None, got {type(prior).__name__}")
-        if prior.num_latents != latent_dim:
-            raise ValueError(f"the prior has {prior.num_latents} latent dimensions, "
-                             f"latent_dim is {latent_dim}")
-        self.prior = prior
+        self.prior = _resolve_prior(prior, latent_dim, num_components)
         self.latents = LatentTable(num_samples, latent_dim, init_mu=init_mu,
                                    init_logvar=init_logvar, generator=generator, sparse=sparse,
                                    fused_optimizer=table_optimizer, lr=table_lr)
@@ -442,14 +447,7 @@ class VAE(nn.Module):
         super().__init__()
         self.data_dim = _check_pos_int("data_dim", data_dim)
         self.latent_dim = _check_pos_int("latent_dim", latent_dim)
-        if prior is None:
-            prior = GMMPrior(latent_dim, num_components)
-        elif not isinstance(prior, GMMPrior):
-            raise TypeError(f"prior must be a GMMPrior or None, got {type(prior).__name__}")
-        if prior.num_latents != latent_dim:
-            raise ValueError(f"the prior has {prior.num_latents} latent dimensions, "
-                             f"latent_dim is {latent_dim}")
-        self.prior = prior
+        self.prior = _resolve_prior(prior, latent_dim, num_components)
         self.encoder = make_mlp(data_dim, 2 * latent_dim, encoder_hidden, activation)
         with torch.no_grad():  # start with a small posterior variance, as the latent table does
             last = self.encoder[-1]
