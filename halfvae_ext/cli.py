@@ -1,7 +1,7 @@
 """Command line: ``halfvae demo`` (the paper's experiment) and ``halfvae separate`` (your data).
 
-    halfvae demo [--out DIR] [--seeds N] [--quick]
-    halfvae separate FILE -k K -o OUT [--plot PNG] [--decoder linear|mlp] [--max-iter N]
+    halfvae demo [--out DIR] [--seeds N] [--first-seed S] [--quick] [--jobs N]
+    halfvae separate FILE -k K -o OUT [--plot PNG] [--decoder linear|residual|mlp] [--max-iter N]
                      [--restarts N] [--seed S] [--verbose]
 
 Also ``python -m halfvae_ext.cli ...``. ``separate`` reads a CSV/text file (rows = samples, columns
@@ -240,7 +240,7 @@ def _cmd_demo(args, out, err):
         raise CLIError(f"cannot create {args.out}: {e.strerror or e}") from None
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     run_demo(args.out, seeds=seeds, quick=args.quick, n_samples=args.samples, methods=methods,
-             problems=problems, n_jobs=args.jobs, stream=out)
+             problems=problems, n_jobs=args.jobs, first_seed=args.first_seed, stream=out)
     return 0
 
 
@@ -276,7 +276,9 @@ def build_parser():
     d.add_argument("--out", default="halfvae_demo", metavar="DIR",
                    help="output directory for results.json and sources.png (default: %(default)s)")
     d.add_argument("--seeds", type=_positive_int, default=None, metavar="N",
-                   help="number of seeds 0..N-1 (default: 3, or 1 with --quick)")
+                   help="number of seeds (default: 3, or 1 with --quick)")
+    d.add_argument("--first-seed", type=_nonneg_int, default=0, metavar="S",
+                   help="seeds S..S+N-1 (default: 0)")
     d.add_argument("--quick", action="store_true",
                    help="fewer epochs and restarts (about a tenth of the time)")
     d.add_argument("--samples", type=_positive_int, default=5000, metavar="N",
@@ -293,8 +295,9 @@ def build_parser():
     s.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="output file: .npy, .csv, .tsv or .txt (other: the input's format)")
     s.add_argument("--plot", metavar="PNG", help="also write a plot of mixtures and sources")
-    s.add_argument("--decoder", choices=("linear", "mlp"), default="linear",
-                   help="linear mixing (default) or a nonlinear MLP decoder")
+    s.add_argument("--decoder", choices=("linear", "residual", "mlp"), default="linear",
+                   help="linear mixing (default); residual (linear + MLP correction) or mlp for "
+                   "nonlinear mixing")
     s.add_argument("--max-iter", type=_positive_int, default=1500, metavar="N",
                    help="training epochs per restart (default: %(default)s)")
     s.add_argument("--restarts", type=_positive_int, default=4, metavar="N",

@@ -23,8 +23,8 @@ from torch import nn
 from .ops import gmm_log_prob, reparam_gmm_kl, reparam_gmm_kl_rows
 from .table_optim import FusedRowOptimizer, fused_rows_kl
 
-__all__ = ["GMMPrior", "LatentTable", "HalfVAE", "VAE", "make_mlp", "elbo_terms", "ACTIVATIONS",
-           "RECON_ESTIMATORS"]
+__all__ = ["GMMPrior", "LatentTable", "HalfVAE", "VAE", "ResidualDecoder", "make_mlp",
+           "elbo_terms", "ACTIVATIONS", "DECODERS", "RECON_ESTIMATORS"]
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -73,6 +73,33 @@ def make_mlp(in_dim: int, out_dim: int, hidden: Sequence[int] = (64, 64),
     return nn.Sequential(*layers)
 
 
+class ResidualDecoder(nn.Module):
+    """x = W z + mlp(z): a linear mixing (no bias) plus a nonlinear correction.
+
+    The MLP's output layer starts at zero, so the decoder starts as exactly the linear model and
+    can be initialized like it (``linear.weight``); training then learns the nonlinear part. For
+    nonlinear ICA this starts from a linear solution instead of a random map.
+    """
+
+    def __init__(self, latent_dim: int, data_dim: int, hidden=(32,), activation="leaky_relu"):
+        super().__init__()
+        self.linear = nn.Linear(latent_dim, data_dim, bias=False)
+        self.mlp = make_mlp(latent_dim, data_dim, hidden, activation)
+        self.zero_correction_()
+
+    @torch.no_grad()
+    def zero_correction_(self):
+        """Set the MLP's output layer to zero: the decoder becomes its linear part."""
+        self.mlp[-1].weight.zero_()
+        self.mlp[-1].bias.zero_()
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.linear(z) + self.mlp(z)
+
+
+DECODERS = ("linear", "mlp", "residual")
+
+
 def _build_decoder(decoder, latent_dim, data_dim, hidden, activation) -> nn.Module:
     if isinstance(decoder, nn.Module):
         return decoder
@@ -81,7 +108,10 @@ def _build_decoder(decoder, latent_dim, data_dim, hidden, activation) -> nn.Modu
         return nn.Linear(latent_dim, data_dim, bias=False)
     if decoder == "mlp":
         return make_mlp(latent_dim, data_dim, hidden, activation)
-    raise ValueError(f"decoder must be 'linear', 'mlp' or an nn.Module, got {decoder!r}")
+    if decoder == "residual":
+        return ResidualDecoder(latent_dim, data_dim, hidden, activation)
+    raise ValueError(f"decoder must be 'linear', 'mlp', 'residual' or an nn.Module, "
+                     f"got {decoder!r}")
 
 
 class _GaussianLikelihood(nn.Module):
@@ -380,8 +410,9 @@ class HalfVAE(nn.Module):
     """Encoder-free VAE: a latent table (one q(z_n) per data point), a GMM prior, a decoder and a
     Gaussian likelihood.
 
-    decoder: "linear" (x = W z, no bias), "mlp" (``hidden`` widths, ``activation``) or any
-    nn.Module mapping [B, latent_dim] to [B, data_dim]. prior: a :class:`GMMPrior` or None (a new
+    decoder: "linear" (x = W z, no bias), "mlp" (``hidden`` widths, ``activation``), "residual"
+    (x = W z + mlp(z), see :class:`ResidualDecoder`) or any nn.Module mapping [B, latent_dim] to
+    [B, data_dim]. prior: a :class:`GMMPrior` or None (a new
     one with ``num_components`` components). noise: "learned" (a per-feature log-variance
     parameter ``likelihood.logvar``, initialized to ``init_noise_std``) or a float, the fixed noise
     standard deviation. sparse / table_optimizer ("adam" | "sgd", with table_lr): how the latent

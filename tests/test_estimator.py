@@ -142,6 +142,17 @@ def test_mlp_decoder_shapes(laplace):
     assert est.inverse_transform(S[:5]).shape == (5, 3)
 
 
+def test_residual_decoder(laplace):
+    est = HalfVAEICA(3, decoder="residual", max_iter=400, n_restarts=1, random_state=0)
+    S = est.fit_transform(laplace.X)
+    assert S.shape == (600, 3) and not hasattr(est, "mixing_")
+    # A linear problem: the extra flexibility costs a little, one short restart still separates.
+    assert mean_corr_coef(laplace.S, S) > 0.9
+    assert est.transform(laplace.X[:4]).shape == (4, 3)
+    rel = np.linalg.norm(est.inverse_transform(S) - laplace.X) / np.linalg.norm(laplace.X)
+    assert rel < 0.1
+
+
 @pytest.mark.parametrize("whiten", ["standardize", False])
 def test_whiten_options(laplace, whiten):
     est = HalfVAEICA(2, whiten=whiten, max_iter=30, n_restarts=1, random_state=0)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from halfvae_ext import reference
-from halfvae_ext.models import VAE, GMMPrior, HalfVAE, LatentTable, make_mlp
+from halfvae_ext.models import VAE, GMMPrior, HalfVAE, LatentTable, ResidualDecoder, make_mlp
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -217,6 +217,20 @@ def test_halfvae_training_lowers_negative_elbo():
         loss.backward()
         opt.step()
     assert loss.item() < first - 2.0
+
+
+def test_residual_decoder_starts_linear_and_trains_both_parts():
+    torch.manual_seed(0)
+    m = HalfVAE(20, 4, 2, decoder="residual", hidden=(8,))
+    dec = m.decoder
+    assert isinstance(dec, ResidualDecoder)
+    z = torch.randn(6, 2)
+    torch.testing.assert_close(m.decode(z), dec.linear(z))  # zero correction at the start
+    loss = m.negative_elbo(torch.randn(20, 4), generator=torch.Generator().manual_seed(0)).mean()
+    loss.backward()
+    assert dec.linear.weight.grad.abs().sum() > 0 and dec.mlp[-1].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="residual"):
+        HalfVAE(5, 3, 2, decoder="resnet")
 
 
 def test_make_mlp():
