@@ -102,8 +102,7 @@ def fit_vae(X, n_components, *, decoder="linear", hidden=(32,), activation="leak
         g = torch.Generator().manual_seed(seed)
         model = VAE(Xw.shape[1], K, encoder_hidden=encoder_hidden, decoder=decoder,
                     prior=GMMPrior(K, n_mixture), hidden=hidden, activation=activation,
-                    init_logvar=2 * math.log(0.1),
-                    init_noise_std=0.1)
+                    init_logvar=2 * math.log(0.1), init_noise_std=0.1)
         _reset_parameters(model.encoder, g)
         _reset_parameters(model.decoder, g)
         with torch.no_grad():
@@ -133,8 +132,11 @@ def fit_vae(X, n_components, *, decoder="linear", hidden=(32,), activation="leak
             opt.step()
         with torch.no_grad():
             ge = torch.Generator().manual_seed(seed + 1)
-            elbo = float(np.mean([float((lambda t: (t[0] - t[1]).mean())(
-                model.elbo_terms(Xw, generator=ge))) for _ in range(8)]))
+            draws = []
+            for _ in range(8):
+                ll, kl = model.elbo_terms(Xw, generator=ge)
+                draws.append(float((ll - kl).mean()))
+            elbo = float(np.mean(draws))
             if not math.isfinite(elbo):
                 elbo = -math.inf
             elbos.append(elbo)
