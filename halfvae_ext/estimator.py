@@ -53,7 +53,7 @@ from torch import nn
 
 from .models import ACTIVATIONS, DECODERS, GMMPrior, HalfVAE, ResidualDecoder, elbo_terms
 
-__all__ = ["HalfVAEICA", "atomic_torch_save"]
+__all__ = ["HalfVAEICA", "atomic_write", "atomic_torch_save"]
 
 _FORMAT = "halfvae_ext.HalfVAEICA"
 _FORMAT_VERSION = 1
@@ -68,15 +68,15 @@ _SMALL_PROBLEM = 1 << 17
 
 
 # ----------------------------------------------------------------------------- file helpers
-def atomic_torch_save(obj, path) -> None:
-    """torch.save to a temporary file in the target's directory, then os.replace: a reader (or a
+def atomic_write(path, write, mode="w") -> None:
+    """write(f) into a temporary file in the target's directory, then os.replace: a reader (or a
     crash) never sees a half-written file."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=directory)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -86,6 +86,11 @@ def atomic_torch_save(obj, path) -> None:
         except OSError:
             pass
         raise
+
+
+def atomic_torch_save(obj, path) -> None:
+    """torch.save with atomic_write."""
+    atomic_write(path, lambda f: torch.save(obj, f), "wb")
 
 
 def _fingerprint(X: np.ndarray) -> str:

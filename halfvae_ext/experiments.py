@@ -33,7 +33,8 @@ import warnings
 import numpy as np
 import torch
 
-from .estimator import HalfVAEICA, _random_orthogonal, _reset_parameters, _torch_threads, lr_factor
+from .estimator import (HalfVAEICA, _random_orthogonal, _reset_parameters, _torch_threads,
+                        atomic_write as _atomic_write, lr_factor)
 from .ica import make_nonlinear, make_paper_linear, mean_corr_coef, per_component_rmse
 from .ica.metrics import align_sources
 from .models import VAE, GMMPrior, ResidualDecoder
@@ -48,25 +49,6 @@ _N_SOURCES = 3
 
 
 # ----------------------------------------------------------------------------- file helpers
-def _atomic_write(path, write, mode="w"):
-    """write(f) into a temporary file next to ``path``, then os.replace it into place."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=directory)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def write_json(obj, path):
     _atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=False))
 
