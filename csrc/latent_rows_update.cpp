@@ -34,9 +34,9 @@ void latent_rows_update_op(const Kernels& kernels, const at::Tensor& mu,
   RowUpdate u;
   if (optimizer == "adam") {
     u.optimizer = RowOptimizer::kAdam;
-    TORCH_CHECK(state.dim() == 3 && state.size(0) == 4 && state.size(1) == mu.size(0) &&
+    TORCH_CHECK(state.dim() == 3 && state.size(0) == mu.size(0) && state.size(1) == 4 &&
                     state.size(2) == mu.size(1) && state.is_contiguous(),
-                "Adam state must be a contiguous [4, rows, K] tensor, got ", state.sizes());
+                "Adam state must be a contiguous [rows, 4, K] tensor, got ", state.sizes());
     check_same(state, "state", mu, "mu");
     TORCH_CHECK(step >= 1, "step must be >= 1 (the step being taken), got ", step);
     TORCH_CHECK(0 <= beta1 && beta1 < 1 && 0 <= beta2 && beta2 < 1,

@@ -10,7 +10,7 @@ enum class RowOptimizer { kAdam, kSgd };
 
 struct RowUpdate {
   at::Tensor mu, logvar;            // [rows, K], contiguous, updated in place
-  at::Tensor state;                 // Adam: [4, rows, K] = mu m, mu v, logvar m, logvar v
+  at::Tensor state;                 // Adam: [rows, 4, K] = m of mu, m of logvar, v of mu, v of logvar
   at::Tensor idx;                   // int64 [B], range-checked
   at::Tensor grad_mu, grad_logvar;  // [B, K] gradients of the gathered rows, one per index
   RowOptimizer optimizer = RowOptimizer::kAdam;

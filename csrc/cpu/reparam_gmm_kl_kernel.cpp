@@ -2,6 +2,7 @@
 #include <ATen/Dispatch.h>
 
 #include "isa_kernels.h"
+#include "prefetch.h"
 #include "vec_loop.h"
 
 namespace halfvae::cpu {
@@ -13,12 +14,16 @@ struct Inputs {
   const T* mu;
   const T* logvar;
   const int64_t* idx = nullptr;  // rows of the tables mu/logvar (reparam_gmm_kl_rows), or null
+  int64_t batch_rows = 0;        // length of idx
   const T* eps = nullptr;        // given eps, or null
   PhiloxSeed seed{0, 0};
   const PhiloxSeed* seed_ptr = nullptr;  // non-null when sampled in the kernel
   explicit Inputs(const ReparamGmmKlProblem& p)
       : mu(p.mu.data_ptr<T>()), logvar(p.logvar.data_ptr<T>()) {
-    if (p.gathered()) idx = p.idx.data_ptr<int64_t>();
+    if (p.gathered()) {
+      idx = p.idx.data_ptr<int64_t>();
+      batch_rows = p.N;
+    }
     if (p.sampled()) {
       seed = read_seed(p.seed);
       seed_ptr = &seed;
@@ -44,14 +49,20 @@ struct ChunkScratch {
     if (row) per_elem.resize(b.block_elems + Vectorized<T>::size());
   }
   // mu and logvar of elements [start, start+count), indexed by (global - start). Gathering copies
-  // the block's rows (a few KB, in L1) rather than the whole batch.
+  // the block's rows (a few KB, in L1) rather than the whole batch, then prefetches the next
+  // block's rows so that their cache misses overlap this block's arithmetic.
   std::pair<const T*, const T*> block_latents(const Inputs<T>& in, int64_t K, int64_t start,
                                               int64_t count) {
     if (in.idx == nullptr) return {in.mu + start, in.logvar + start};
-    for (int64_t r = 0; r < count / K; ++r) {
-      const int64_t row = in.idx[start / K + r];
+    const int64_t first = start / K, n = count / K;
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t row = in.idx[first + r];
       std::copy_n(in.mu + row * K, K, mu_rows.data() + r * K);
       std::copy_n(in.logvar + row * K, K, logvar_rows.data() + r * K);
+    }
+    for (int64_t r = first + n; r < std::min(in.batch_rows, first + 2 * n); ++r) {
+      prefetch_span<false>(in.mu + in.idx[r] * K, K);
+      prefetch_span<false>(in.logvar + in.idx[r] * K, K);
     }
     return {mu_rows.data(), logvar_rows.data()};
   }

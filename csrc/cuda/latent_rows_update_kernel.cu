@@ -15,7 +15,7 @@ template <typename scalar_t, typename acc_t, bool kAdam>
 __global__ void __launch_bounds__(kThreads) update_kernel(
     const int64_t* __restrict__ rows, const int64_t* __restrict__ offsets,
     const int64_t* __restrict__ perm, const scalar_t* __restrict__ grad_mu,
-    const scalar_t* __restrict__ grad_logvar, int64_t U, int64_t K, int64_t table,
+    const scalar_t* __restrict__ grad_logvar, int64_t U, int64_t K,
     scalar_t* __restrict__ mu, scalar_t* __restrict__ logvar, scalar_t* __restrict__ state,
     acc_t lr, acc_t b1, acc_t b2, acc_t eps, acc_t step_size) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -30,13 +30,14 @@ __global__ void __launch_bounds__(kThreads) update_kernel(
     for (int64_t j = offsets[r]; j < offsets[r + 1]; ++j)
       sum += static_cast<acc_t>(g[perm[j] * K + k]);
     if constexpr (kAdam) {
-      scalar_t* m = state + (2 * which) * table;
-      scalar_t* v = state + (2 * which + 1) * table;
-      acc_t wi = w[i], mi = m[i], vi = v[i];
+      // state [rows, 4, K]: m of mu, m of logvar, v of mu, v of logvar
+      scalar_t* m = state + rows[r] * 4 * K + which * K + k;
+      scalar_t* v = m + 2 * K;
+      acc_t wi = w[i], mi = *m, vi = *v;
       adam_element(&wi, &mi, &vi, sum, b1, b2, eps, step_size);
       w[i] = static_cast<scalar_t>(wi);
-      m[i] = static_cast<scalar_t>(mi);
-      v[i] = static_cast<scalar_t>(vi);
+      *m = static_cast<scalar_t>(mi);
+      *v = static_cast<scalar_t>(vi);
     } else {
       w[i] = static_cast<scalar_t>(static_cast<acc_t>(w[i]) - lr * sum);
     }
@@ -59,7 +60,7 @@ void latent_rows_update(const RowUpdate& u) {
       kernel<<<blocks, kThreads, 0, stream>>>(
           rows.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), perm.data_ptr<int64_t>(),
           u.grad_mu.data_ptr<scalar_t>(), u.grad_logvar.data_ptr<scalar_t>(), U, K,
-          u.mu.numel(), u.mu.data_ptr<scalar_t>(), u.logvar.data_ptr<scalar_t>(),
+          u.mu.data_ptr<scalar_t>(), u.logvar.data_ptr<scalar_t>(),
           adam ? u.state.data_ptr<scalar_t>() : nullptr, acc_t(u.lr), acc_t(u.beta1),
           acc_t(u.beta2), acc_t(u.eps), acc_t(u.step_size));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
