@@ -26,6 +26,7 @@ import torch
 
 import halfvae_ext as hv
 from .bench_ops import peak_memory, write_json_atomic
+from .table_memory import empty_table, huge_pages_enabled
 
 K, C = 8, 3
 
@@ -35,8 +36,10 @@ def _prior():
     return [torch.randn(K, C, generator=g).requires_grad_() for _ in range(3)]
 
 
-def _table(N, scale):
-    t = torch.empty(N, K)
+def _table(N, scale, huge_pages):
+    """Our methods' tables come from empty_table, as LatentTable's do (transparent huge pages
+    unless HALFVAE_HUGE_PAGES=0); the stock-PyTorch baselines keep torch.empty."""
+    t = empty_table((N, K)) if huge_pages else torch.empty(N, K)
     t.normal_(0, scale)
     return t
 
@@ -54,8 +57,9 @@ class Method:
             self.opt = torch.optim.SparseAdam(list(self.emb.parameters()), lr=lr)
             self.params = [self.emb.weight]
         else:
-            self.mu = _table(N, 1.0).requires_grad_()
-            self.logvar = (_table(N, 0.1) - 2).requires_grad_()
+            ours = name in ("fused", "sparse")
+            self.mu = _table(N, 1.0, ours).requires_grad_()
+            self.logvar = _table(N, 0.1, ours).sub_(2).requires_grad_()
             self.params = [self.mu, self.logvar]
             if name == "fused":
                 self.fused = hv.FusedRowOptimizer(N, K, "adam", lr=lr)
@@ -116,7 +120,7 @@ def main(argv=None):
     g = torch.Generator().manual_seed(0)
     rows = []
     print(f"B={args.batch} K={K} C={C} threads={torch.get_num_threads()} "
-          f"torch={torch.__version__}")
+          f"torch={torch.__version__} huge_pages={huge_pages_enabled()}")
     print(f"{'N':>11} {'method':>10} {'step ms':>9} {'state MiB':>10} {'step peak MiB':>14}")
     for N in sizes:
         for name in methods:
@@ -147,7 +151,8 @@ def main(argv=None):
     summarize(rows)
     os.makedirs(args.out, exist_ok=True)
     write_json_atomic(os.path.join(args.out, "bench_tables.json"),
-                      {"args": vars(args), "threads": torch.get_num_threads(), "rows": rows})
+                      {"args": vars(args), "threads": torch.get_num_threads(),
+                       "huge_pages": huge_pages_enabled(), "rows": rows})
     plot(rows, os.path.join(args.out, "bench_tables.png"))
     print(f"wrote {args.out}/bench_tables.json and {args.out}/bench_tables.png")
     return rows

@@ -201,7 +201,9 @@ def _cmd_separate(args, out, err):
         if not os.path.isdir(out_dir):
             raise CLIError(f"cannot write {args.output}: directory {out_dir} does not exist")
     est = HalfVAEICA(args.k, decoder=args.decoder, max_iter=args.max_iter,
-                     n_restarts=args.restarts, random_state=args.seed, verbose=args.verbose)
+                     n_restarts=args.restarts, random_state=args.seed, verbose=args.verbose,
+                     batch_size=args.batch_size,
+                     table_optimizer="fused" if args.batch_size else "torch")
     try:
         S = est.fit_transform(X)
     except ValueError as e:
@@ -302,6 +304,9 @@ def build_parser():
                    help="training epochs per restart (default: %(default)s)")
     s.add_argument("--restarts", type=_positive_int, default=4, metavar="N",
                    help="restarts, the best ELBO is kept (default: %(default)s)")
+    s.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
+                   help="mini-batches of B rows, with the fused row-wise Adam for the latent "
+                   "table (a step costs O(B) whatever the file's length); default: full batch")
     s.add_argument("--seed", type=_nonneg_int, default=0, help="random seed (default: 0)")
     s.add_argument("--verbose", action="store_true", help="progress bar on stderr")
     return p

@@ -60,6 +60,8 @@ _FORMAT_VERSION = 1
 # Noise std of the likelihood (and posterior std of the table) at the start, in whitened units.
 _INIT_NOISE_STD = 0.1
 # Parameters that do not change the training computation: they may differ on resume.
+# Parameters added after files were first written, with the behaviour those files had.
+_ADDED_PARAM_DEFAULTS = {"table_optimizer": "torch"}
 _NON_TRAINING_PARAMS = ("verbose", "checkpoint_path", "checkpoint_every", "device",
                         "transform_max_iter", "n_threads")
 # Below this many latent entries (n_samples * n_components) one CPU thread is faster: the steps are
@@ -176,6 +178,13 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
     batch_size : int or None
         None: full batch. Else mini-batches (the table then uses sparse gradients and SparseAdam,
         so rows outside a batch are not moved by stale momentum).
+    table_optimizer : {"torch", "fused"}
+        How the latent table is optimized. "torch": torch.optim.Adam (full batch) or SparseAdam
+        (mini-batches) on the table's gradients. "fused": the row-wise Adam of
+        :class:`~halfvae_ext.LatentTable` (``fused_optimizer="adam"``), which steps the touched rows
+        inside the backward: no gradient of the table is ever created and a mini-batch step costs
+        O(batch_size) whatever n_samples. It follows SparseAdam's formula (lazy moments, eps
+        added to sqrt(v)); its state is saved with the model.
     learning_rate : float
         Adam learning rate of the decoder, noise and prior.
     table_learning_rate : float
@@ -232,7 +241,8 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
 
     def __init__(self, n_components=None, *, n_mixture=3, decoder="linear", hidden=(32,),
                  activation="leaky_relu", noise="learned", whiten="pca", init="pca", max_iter=1500,
-                 batch_size=None, learning_rate=0.01, table_learning_rate=0.05,
+                 batch_size=None, table_optimizer="torch", learning_rate=0.01,
+                 table_learning_rate=0.05,
                  prior_warmup=0.3, lr_decay=0.3, n_restarts=4, n_eval_samples=8, transform_max_iter=300,
                  checkpoint_path=None, checkpoint_every=None, random_state=None, device="cpu",
                  n_threads=None, verbose=False):
@@ -246,6 +256,7 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         self.init = init
         self.max_iter = max_iter
         self.batch_size = batch_size
+        self.table_optimizer = table_optimizer
         self.learning_rate = learning_rate
         self.table_learning_rate = table_learning_rate
         self.prior_warmup = prior_warmup
@@ -307,6 +318,9 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
             raise ValueError(f"init must be 'pca', 'random' or 'fastica', got {self.init!r}")
         pos_int("max_iter")
         pos_int("batch_size", allow_none=True)
+        if self.table_optimizer not in ("torch", "fused"):
+            raise ValueError(f"table_optimizer must be 'torch' or 'fused', got "
+                             f"{self.table_optimizer!r}")
         pos_real("learning_rate")
         pos_real("table_learning_rate")
         if isinstance(self.prior_warmup, bool) or not isinstance(self.prior_warmup, Real) \
@@ -406,7 +420,10 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         model = HalfVAE(n_rows, data_dim, self.n_components_, decoder=self.decoder, prior=prior,
                         hidden=self.hidden, activation=self.activation, noise=noise,
                         init_mu=torch.zeros(n_rows, self.n_components_), init_logvar=init_lv,
-                        init_noise_std=_INIT_NOISE_STD, sparse=self.batch_size is not None)
+                        init_noise_std=_INIT_NOISE_STD,
+                        sparse=self.batch_size is not None and not self._fused_table,
+                        table_optimizer="adam" if self._fused_table else None,
+                        table_lr=self.table_learning_rate)
         return model.to(device)
 
     def _initialize(self, model: HalfVAE, Xw: torch.Tensor, restart: int, seed: int,
@@ -443,11 +460,19 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
             elif W is not None and residual:
                 model.decoder.linear.weight.copy_(W.to(model.decoder.linear.weight))
 
+    @property
+    def _fused_table(self) -> bool:
+        return self.table_optimizer == "fused"
+
     def _make_optimizers(self, model: HalfVAE):
+        """[table optimizer, the rest's Adam]; with the fused table only [the rest's Adam] (the
+        table's optimizer lives in the model, model.latents.table_optimizer)."""
         table = list(model.latents.parameters())
         rest = [dict(params=list(model.decoder.parameters())
                      + [p for p in model.likelihood.parameters()], lr=self.learning_rate),
                 dict(params=list(model.prior.parameters()), lr=self.learning_rate)]
+        if self._fused_table:
+            return [torch.optim.Adam(rest)]
         if self.batch_size is None:
             opt_table = torch.optim.Adam(table, lr=self.table_learning_rate)
         else:
@@ -471,8 +496,11 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         """One pass over the data; returns the epoch's mean one-draw ELBO per sample."""
         self._set_prior_trainable(model.prior, epoch)
         f = self._lr_factor(epoch)
-        optimizers[0].param_groups[0]["lr"] = self.table_learning_rate * f
-        for group in optimizers[1].param_groups:
+        if self._fused_table:
+            model.latents.table_optimizer.lr = self.table_learning_rate * f
+        else:
+            optimizers[0].param_groups[0]["lr"] = self.table_learning_rate * f
+        for group in optimizers[-1].param_groups:
             group["lr"] = self.learning_rate * f
         n = Xw.shape[0]
         if self.batch_size is None or self.batch_size >= n:
@@ -606,8 +634,8 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         if run["fingerprint"] != _fingerprint(X):
             raise ValueError("cannot resume: X is not the data of the run being resumed")
         mine = self._training_params()
-        diff = sorted(k for k in set(mine) | set(run["params"])
-                      if mine.get(k) != run["params"].get(k))
+        theirs = {**_ADDED_PARAM_DEFAULTS, **run["params"]}
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if diff:
             raise ValueError("cannot resume: these training parameters differ from the run's: "
                              + ", ".join(diff))

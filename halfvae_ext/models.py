@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops import gmm_log_prob, reparam_gmm_kl, reparam_gmm_kl_rows
+from .table_memory import empty_table
 from .table_optim import FusedRowOptimizer, fused_rows_kl
 
 __all__ = ["GMMPrior", "LatentTable", "HalfVAE", "VAE", "ResidualDecoder", "make_mlp",
@@ -263,6 +264,8 @@ class LatentTable(nn.Module):
     Leave mu/logvar out of any other optimizer in that mode.
     """
 
+    _INIT_BLOCK_ROWS = 1 << 16
+
     def __init__(self, num_rows: int, num_latents: int, *, init_mu: torch.Tensor | None = None,
                  init_logvar: float = -2.0, init_std: float = 1.0,
                  generator: torch.Generator | None = None, sparse: bool = False,
@@ -275,14 +278,21 @@ class LatentTable(nn.Module):
             raise ValueError("sparse: a table with a fused optimizer has no gradient at all; "
                              "pass sparse=False with fused_optimizer")
         dtype = dtype or torch.get_default_dtype()
+        # Tables are filled in place (huge pages asked for first, see table_memory) and the random
+        # start is drawn in blocks of rows, so that a 10^8-row table needs no full-size temporary.
+        mu = empty_table((N, K), dtype=dtype)
         if init_mu is None:
-            mu = init_std * torch.randn(N, K, generator=generator, dtype=torch.float64)
+            for r in range(0, N, self._INIT_BLOCK_ROWS):
+                n = min(self._INIT_BLOCK_ROWS, N - r)
+                mu[r:r + n] = init_std * torch.randn(n, K, generator=generator,
+                                                     dtype=torch.float64)
         else:
-            mu = torch.as_tensor(init_mu, dtype=torch.float64)
-            if mu.shape != (N, K):
-                raise ValueError(f"init_mu must have shape {(N, K)}, got {tuple(mu.shape)}")
-        self.mu = nn.Parameter(mu.to(dtype).contiguous())
-        self.logvar = nn.Parameter(torch.full((N, K), float(init_logvar), dtype=dtype))
+            init_mu = torch.as_tensor(init_mu)
+            if init_mu.shape != (N, K):
+                raise ValueError(f"init_mu must have shape {(N, K)}, got {tuple(init_mu.shape)}")
+            mu.copy_(init_mu)
+        self.mu = nn.Parameter(mu)
+        self.logvar = nn.Parameter(empty_table((N, K), dtype=dtype).fill_(float(init_logvar)))
         self.sparse = bool(sparse)
         self.table_optimizer = (None if fused_optimizer is None else
                                 FusedRowOptimizer(N, K, fused_optimizer, lr=lr, betas=betas,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .ops import _check_rows_args, _ops, _REDUCTION_CODES
+from .table_memory import empty_table
 
 
 class FusedRowOptimizer(torch.nn.Module):
@@ -33,7 +34,7 @@ class FusedRowOptimizer(torch.nn.Module):
         # Adam moments in one buffer [rows, 4, K] = m of mu, m of logvar, v of mu, v of logvar: a
         # row's moments are contiguous (2 cache lines for K = 8), one DRAM burst per touched row.
         shape = (num_rows, 4 if kind == "adam" else 0, num_latents)
-        self.register_buffer("state", torch.zeros(shape, dtype=dtype, device=device))
+        self.register_buffer("state", empty_table(shape, dtype=dtype, device=device).zero_())
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
 
     @property

@@ -74,6 +74,18 @@ def test_separate_npy_same_format_and_fewer_sources(problem, tmp_path):
     assert S.shape == (600, 2)
 
 
+def test_separate_mini_batches_with_fused_table(problem, tmp_path):
+    src = tmp_path / "mix.npy"
+    np.save(src, problem.X)
+    out = tmp_path / "s.npy"
+    rc, _, err = run(["separate", str(src), "-k", "3", "-o", str(out), "--batch-size", "200",
+                      *FAST])
+    assert rc == 0, err
+    assert mean_corr_coef(problem.S, np.load(out)) > 0.97
+    rc, _, err = run(["separate", str(src), "-k", "3", "-o", str(out), "--batch-size", "0"])
+    assert rc != 0 and "--batch-size" in err
+
+
 def test_separate_whitespace_text_without_header(problem, tmp_path):
     src = tmp_path / "mix.txt"
     np.savetxt(src, problem.X[:200], fmt="%.10f")

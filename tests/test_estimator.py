@@ -116,12 +116,56 @@ def test_end_to_end_laplace_mcc(laplace, fitted):
     assert mean_corr_coef(laplace.S, S) > 0.97
 
 
-def test_minibatch_training(laplace):
-    est = HalfVAEICA(3, batch_size=200, max_iter=200, n_restarts=1, random_state=0)
+@pytest.mark.parametrize("table_optimizer", ["torch", "fused"])
+def test_minibatch_training(laplace, table_optimizer):
+    est = HalfVAEICA(3, batch_size=200, table_optimizer=table_optimizer, max_iter=200,
+                     n_restarts=1, random_state=0)
     S = est.fit_transform(laplace.X)
     assert S.shape == (600, 3)
-    assert est.model_.latents.sparse
+    latents = est.model_.latents
+    if table_optimizer == "fused":
+        assert not latents.sparse and latents.table_optimizer is not None
+        assert latents.mu.grad is None and latents.logvar.grad is None  # no table gradient
+        assert int(latents.table_optimizer.step) == 200 * 3  # one step per mini-batch
+    else:
+        assert latents.sparse and latents.table_optimizer is None
     assert mean_corr_coef(laplace.S, S) > 0.97
+
+
+def test_fused_table_follows_the_sparse_adam_path(laplace):
+    """Same draws, same learning-rate schedule: with mini-batches the fused table takes
+    SparseAdam's steps, so the two fits agree to rounding."""
+    kw = dict(batch_size=200, max_iter=8, n_restarts=1, lr_decay=0.5, random_state=3)
+    fused = HalfVAEICA(3, table_optimizer="fused", **kw).fit(laplace.X)
+    ref = HalfVAEICA(3, **kw).fit(laplace.X)
+    f, r = fused.model_.latents, ref.model_.latents
+    start = HalfVAEICA(3, **{**kw, "max_iter": 1}).fit(laplace.X).model_.latents
+    assert (f.mu - start.mu).abs().max() > 0.01  # the steps moved the table
+    torch.testing.assert_close(f.mu, r.mu, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(f.logvar, r.logvar, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.model_.decoder.weight, ref.model_.decoder.weight,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_fused_table_full_batch_separates(laplace):
+    # Full batch: every row is stepped each epoch with SparseAdam's formula (torch's full-batch
+    # path is dense Adam, whose eps sits inside the bias correction: not bitwise comparable).
+    est = HalfVAEICA(3, table_optimizer="fused", max_iter=400, n_restarts=1, random_state=0)
+    S = est.fit_transform(laplace.X)
+    assert int(est.model_.latents.table_optimizer.step) == 400
+    assert mean_corr_coef(laplace.S, S) > 0.97
+
+
+def test_fused_table_stop_and_resume_equals_uninterrupted(laplace, tmp_path):
+    params = dict(batch_size=150, table_optimizer="fused", max_iter=30, n_restarts=2,
+                  random_state=5)
+    ref = HalfVAEICA(3, **params).fit(laplace.X)
+    est = HalfVAEICA(3, **params)
+    est.fit(laplace.X, stop_after=41)  # restart 1, in the middle of an epoch sequence
+    est.save(tmp_path / "run.pt")
+    resumed = HalfVAEICA.load(tmp_path / "run.pt").fit(laplace.X, resume=True)
+    _state_equal(resumed, ref)
+    assert "latents.table_optimizer.state" in resumed.model_.state_dict()
 
 
 @pytest.mark.parametrize("init", ["random", "fastica"])
@@ -320,6 +364,7 @@ def test_n_components_too_large(laplace):
     (dict(max_iter=0), ValueError, "max_iter"),
     (dict(learning_rate=0.0), ValueError, "learning_rate"),
     (dict(random_state=-3), ValueError, "random_state"),
+    (dict(table_optimizer="sgd"), ValueError, "table_optimizer"),
     (dict(checkpoint_every=5), ValueError, "checkpoint_path"),
     (dict(activation="swish"), ValueError, "activation"),
     (dict(device="tpu9"), ValueError, "device"),
