@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include "latent_rows_update.h"
+
 namespace halfvae {
 namespace {
 
@@ -36,29 +38,75 @@ std::tuple<at::Tensor, at::Tensor> reparam_gmm_kl_op(
   return {z, kl};
 }
 
+namespace {
+
+struct BackwardOutputs {
+  at::Tensor grad_mu, grad_logvar;  // [N, K]
+  at::Tensor sums;                  // [K, 3C+1] prior sums, or undefined
+};
+
+BackwardOutputs run_backward(const Kernels& kernels, const ReparamGmmKlProblem& p,
+                             const at::Tensor& grad_z, const at::Tensor& grad_kl,
+                             bool prior_grads) {
+  TORCH_CHECK(grad_z.sizes() == at::IntArrayRef(p.latent_shape()), "grad_z must have shape ",
+              at::IntArrayRef(p.latent_shape()), ", got ", grad_z.sizes());
+  const auto gz = grad_z.to(p.mu.scalar_type()).contiguous();
+  const auto gk = checked_grad_kl(p, grad_kl);
+  BackwardOutputs out{kernels.empty(p.latent_shape(), p.options()),
+                      kernels.empty(p.latent_shape(), p.options()), {}};
+  if (prior_grads) out.sums = zero_sums(p.prior, p.mu);
+  if (p.N * p.K > 0)
+    kernels.reparam_gmm_kl_backward(p, gz, gk, out.grad_mu, out.grad_logvar, out.sums);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prior_grads_of(const BackwardOutputs& out,
+                                                              const ReparamGmmKlProblem& p,
+                                                              const at::Tensor& prior_logits,
+                                                              const at::Tensor& prior_means,
+                                                              const at::Tensor& prior_logvars) {
+  if (!out.sums.defined())
+    return {at::zeros_like(prior_logits), at::zeros_like(prior_means),
+            at::zeros_like(prior_logvars)};
+  return prior_grads_from_sums(out.sums, p.prior, -1.0, prior_logits.scalar_type());
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> reparam_gmm_kl_backward_op(
     const Kernels& kernels, const at::Tensor& grad_z, const at::Tensor& grad_kl,
     const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& prior_logits,
     const at::Tensor& prior_means, const at::Tensor& prior_logvars, const OptTensor& eps,
     const OptTensor& seed, int64_t reduction, bool prior_grads, const OptTensor& idx) {
   check_dtype(kernels, mu.scalar_type(), "mu");
+  const auto p = prepare_reparam_gmm_kl(mu, logvar, prior_logits, prior_means, prior_logvars, eps,
+                                        seed, reduction, idx);
+  const auto out = run_backward(kernels, p, grad_z, grad_kl, prior_grads);
+  auto [gl, gm, gv] = prior_grads_of(out, p, prior_logits, prior_means, prior_logvars);
+  return {out.grad_mu, out.grad_logvar, gl, gm, gv};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> reparam_gmm_kl_rows_backward_step_op(
+    const Kernels& kernels, const at::Tensor& grad_z, const at::Tensor& grad_kl,
+    const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& state, const at::Tensor& idx,
+    const at::Tensor& prior_logits, const at::Tensor& prior_means, const at::Tensor& prior_logvars,
+    const OptTensor& eps, const OptTensor& seed, int64_t reduction, bool prior_grads,
+    c10::string_view optimizer, double lr, double beta1, double beta2, double adam_eps,
+    int64_t step) {
+  check_dtype(kernels, mu.scalar_type(), "mu");
+  // Every check (the optimizer's, then idx's range) comes before anything is written.
+  RowUpdate u = make_row_update(mu, logvar, state, optimizer, lr, beta1, beta2, adam_eps, step);
   auto p = prepare_reparam_gmm_kl(mu, logvar, prior_logits, prior_means, prior_logvars, eps, seed,
                                   reduction, idx);
-  TORCH_CHECK(grad_z.sizes() == at::IntArrayRef(p.latent_shape()), "grad_z must have shape ",
-              at::IntArrayRef(p.latent_shape()), ", got ", grad_z.sizes());
-  const auto gz = grad_z.to(mu.scalar_type()).contiguous();
-  const auto gk = checked_grad_kl(p, grad_kl);
-  auto grad_mu = kernels.empty(p.latent_shape(), p.options());
-  auto grad_logvar = kernels.empty(p.latent_shape(), p.options());
-  at::Tensor sums;
-  if (prior_grads) sums = zero_sums(p.prior, mu);
-  if (p.N * p.K > 0) kernels.reparam_gmm_kl_backward(p, gz, gk, grad_mu, grad_logvar, sums);
-  if (!prior_grads) {
-    return {grad_mu, grad_logvar, at::zeros_like(prior_logits), at::zeros_like(prior_means),
-            at::zeros_like(prior_logvars)};
+  if (u.optimizer == RowOptimizer::kAdam) p.prefetch_rows = state;
+  const auto out = run_backward(kernels, p, grad_z, grad_kl, prior_grads);
+  if (p.N * p.K > 0) {
+    u.idx = p.idx;
+    u.grad_mu = out.grad_mu;
+    u.grad_logvar = out.grad_logvar;
+    kernels.latent_rows_update(u);
   }
-  auto [gl, gm, gv] = prior_grads_from_sums(sums, p.prior, -1.0, prior_logits.scalar_type());
-  return {grad_mu, grad_logvar, gl, gm, gv};
+  return prior_grads_of(out, p, prior_logits, prior_means, prior_logvars);
 }
 
 at::Tensor gmm_log_prob_op(const Kernels& kernels, const at::Tensor& z,

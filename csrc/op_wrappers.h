@@ -39,10 +39,18 @@ void latent_rows_update_op(const Kernels& kernels, const at::Tensor& mu,
                            const at::Tensor& grad_logvar, c10::string_view optimizer, double lr,
                            double beta1, double beta2, double eps, int64_t step);
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> reparam_gmm_kl_rows_backward_step_op(
+    const Kernels& kernels, const at::Tensor& grad_z, const at::Tensor& grad_kl,
+    const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& state, const at::Tensor& idx,
+    const at::Tensor& prior_logits, const at::Tensor& prior_means, const at::Tensor& prior_logvars,
+    const OptTensor& eps, const OptTensor& seed, int64_t reduction, bool prior_grads,
+    c10::string_view optimizer, double lr, double beta1, double beta2, double adam_eps,
+    int64_t step);
+
 at::Tensor philox_normal_op(const Kernels& kernels, const at::Tensor& seed, int64_t numel,
                             at::ScalarType dtype);
 
-// Registers the five ops for one dispatch key with a kernel-table getter.
+// Registers the ops for one dispatch key with a kernel-table getter.
 #define HALFVAE_REGISTER_OPS(KEY, GET_KERNELS)                                                   \
   TORCH_LIBRARY_IMPL(halfvae_ext, KEY, m) {                                                      \
     m.impl("reparam_gmm_kl", [](const at::Tensor& mu, const at::Tensor& logvar,                 \
@@ -84,6 +92,17 @@ at::Tensor philox_normal_op(const Kernels& kernels, const at::Tensor& seed, int6
               c10::string_view opt, double lr, double b1, double b2, double eps, int64_t step) { \
              halfvae::latent_rows_update_op(GET_KERNELS(), mu, logvar, state, idx, gmu, glv,     \
                                             opt, lr, b1, b2, eps, step);                         \
+           });                                                                                   \
+    m.impl("reparam_gmm_kl_rows_backward_step_",                                                 \
+           [](const at::Tensor& gz, const at::Tensor& gk, const at::Tensor& mu,                  \
+              const at::Tensor& logvar, const at::Tensor& state, const at::Tensor& idx,          \
+              const at::Tensor& pl, const at::Tensor& pm, const at::Tensor& pv,                  \
+              const halfvae::OptTensor& eps, const halfvae::OptTensor& seed, int64_t reduction,  \
+              bool prior_grads, c10::string_view opt, double lr, double b1, double b2,           \
+              double adam_eps, int64_t step) {                                                   \
+             return halfvae::reparam_gmm_kl_rows_backward_step_op(                               \
+                 GET_KERNELS(), gz, gk, mu, logvar, state, idx, pl, pm, pv, eps, seed, reduction,\
+                 prior_grads, opt, lr, b1, b2, adam_eps, step);                                  \
            });                                                                                   \
     m.impl("gmm_log_prob", [](const at::Tensor& z, const at::Tensor& pl, const at::Tensor& pm,   \
                               const at::Tensor& pv) {                                            \

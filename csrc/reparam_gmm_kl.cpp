@@ -53,8 +53,14 @@ ReparamGmmKlProblem prepare_reparam_gmm_kl(const at::Tensor& mu, const at::Tenso
     check_seed(seed, mu);
     p.seed = *seed;
   }
-  p.mu = mu.contiguous();
-  p.logvar = logvar.contiguous();
+  // Gathered tables may be row-strided views (rows of mu and logvar the same distance apart,
+  // elements within a row contiguous): the kernels index them as they are, without a copy.
+  const bool strided_ok = idx.has_value() && mu.stride(0) == logvar.stride(0) &&
+                          mu.stride(0) >= mu.size(1) &&
+                          (mu.size(1) <= 1 || (mu.stride(1) == 1 && logvar.stride(1) == 1));
+  p.mu = strided_ok ? mu : mu.contiguous();
+  p.logvar = strided_ok ? logvar : logvar.contiguous();
+  p.row_stride = strided_ok ? mu.stride(0) : mu.size(1);
   p.prior = make_prior_tables(prior_logits, prior_means, prior_logvars);
   p.K = mu.size(1);
   p.C = prior_logits.size(1);

@@ -12,10 +12,17 @@
 namespace halfvae {
 
 struct ReparamGmmKlProblem {
-  at::Tensor mu, logvar;  // [N, K], contiguous; with idx: the whole tables [rows, K]
+  at::Tensor mu, logvar;  // [N, K], contiguous; with idx: the whole tables [rows, K], see below
+  // With idx: elements from one row of mu (and of logvar) to the next. K when the tables are
+  // contiguous; 2K when they are the two halves of one [rows, 2, K] table (LatentTable with a
+  // fused optimizer), so that a row's mu and logvar share a cache line.
+  int64_t row_stride = 0;
   at::Tensor idx;         // int64 [N] row indices into mu/logvar (reparam_gmm_kl_rows), or undefined
   at::Tensor eps;         // [N, K], contiguous; undefined when sampled in the kernel
   at::Tensor seed;        // int64[2] on the device of mu; undefined when eps is given
+  // Backward with idx only, optional: a table [rows, S] (the fused optimizer's state) whose rows
+  // idx are about to be written; the CPU kernel prefetches them along with mu and logvar.
+  at::Tensor prefetch_rows;
   PriorTables prior;
   int64_t N = 0, K = 0, C = 0;
   int64_t reduction = kReductionRow;

@@ -1,8 +1,8 @@
 """Large latent tables: optimizer step time and memory against the number of rows N at a fixed
 batch (B = 4096, K = 8), for four ways to train a table:
 
-  fused      LatentTable-style fused optimizer: fused_rows_kl + FusedRowOptimizer (Adam), the step
-             runs in the backward on the touched rows; no table gradient exists
+  fused      LatentTable(N, K, fused_optimizer="adam"): the Adam step runs in the backward on the
+             touched rows; no table gradient exists; mu|logvar interleaved, huge pages
   sparse     reparam_gmm_kl_rows(table_grad="sparse") + torch.optim.SparseAdam
   embedding  nn.Embedding(N, 2K, sparse=True) rows -> reparam_gmm_kl + torch.optim.SparseAdam
   dense      index_select -> reparam_gmm_kl, dense gradients + torch.optim.Adam
@@ -26,7 +26,7 @@ import torch
 
 import halfvae_ext as hv
 from .bench_ops import peak_memory, write_json_atomic
-from .table_memory import empty_table, huge_pages_enabled
+from .table_memory import empty_table, huge_page_bytes, huge_pages_enabled
 
 K, C = 8, 3
 
@@ -37,8 +37,8 @@ def _prior():
 
 
 def _table(N, scale, huge_pages):
-    """Our methods' tables come from empty_table, as LatentTable's do (transparent huge pages
-    unless HALFVAE_HUGE_PAGES=0); the stock-PyTorch baselines keep torch.empty."""
+    """The sparse method's tables (our op) come from empty_table, as LatentTable's do
+    (transparent huge pages unless HALFVAE_HUGE_PAGES=0); stock-PyTorch baselines: torch.empty."""
     t = empty_table((N, K)) if huge_pages else torch.empty(N, K)
     t.normal_(0, scale)
     return t
@@ -56,14 +56,19 @@ class Method:
                 self.emb.weight[:, K:].mul_(0.1).sub_(2)
             self.opt = torch.optim.SparseAdam(list(self.emb.parameters()), lr=lr)
             self.params = [self.emb.weight]
+        elif name == "fused":  # the product as a user gets it: LatentTable(fused_optimizer=)
+            self.table = hv.LatentTable(N, K, fused_optimizer="adam", lr=lr, init_logvar=-2.0)
+            self.gmm = hv.GMMPrior(K, C)
+            with torch.no_grad():
+                for dst, src in zip((self.gmm.logits, self.gmm.means, self.gmm.logvars),
+                                    self.prior):
+                    dst.copy_(src)
+            self.params = [self.table.mu, self.table.logvar]
         else:
-            ours = name in ("fused", "sparse")
-            self.mu = _table(N, 1.0, ours).requires_grad_()
-            self.logvar = _table(N, 0.1, ours).sub_(2).requires_grad_()
+            self.mu = _table(N, 1.0, name == "sparse").requires_grad_()
+            self.logvar = _table(N, 0.1, name == "sparse").sub_(2).requires_grad_()
             self.params = [self.mu, self.logvar]
-            if name == "fused":
-                self.fused = hv.FusedRowOptimizer(N, K, "adam", lr=lr)
-            elif name == "sparse":
+            if name == "sparse":
                 self.opt = torch.optim.SparseAdam(self.params, lr=lr)
             else:
                 self.opt = torch.optim.Adam(self.params, lr=lr)
@@ -74,7 +79,7 @@ class Method:
 
     def step(self, idx):
         if self.name == "fused":
-            z, kl = hv.fused_rows_kl(self.mu, self.logvar, idx, *self.prior, self.fused)
+            z, kl = self.table(idx, self.gmm)
             (kl.sum() + 0.5 * (z * z).sum()).backward()
             return
         self.opt.zero_grad(set_to_none=True)
@@ -121,7 +126,8 @@ def main(argv=None):
     rows = []
     print(f"B={args.batch} K={K} C={C} threads={torch.get_num_threads()} "
           f"torch={torch.__version__} huge_pages={huge_pages_enabled()}")
-    print(f"{'N':>11} {'method':>10} {'step ms':>9} {'state MiB':>10} {'step peak MiB':>14}")
+    print(f"{'N':>11} {'method':>10} {'step ms':>9} {'state MiB':>10} {'step peak MiB':>14} "
+          f"{'THP MiB':>10}")
     for N in sizes:
         for name in methods:
             need = needed_bytes(name, N)
@@ -141,11 +147,14 @@ def main(argv=None):
                 m.step(idx)
                 times.append(time.perf_counter() - t0)
             peak = peak_memory(lambda: m.step(batches[0]), torch.device("cpu"))
+            huge = huge_page_bytes()
             row = {"N": N, "method": name, "step_seconds": statistics.median(times),
-                   "state_bytes": m.state_bytes(), "step_peak_bytes": peak}
+                   "state_bytes": m.state_bytes(), "step_peak_bytes": peak,
+                   "huge_page_bytes": huge}
             rows.append(row)
             print(f"{N:>11} {name:>10} {row['step_seconds'] * 1e3:9.3f} "
-                  f"{row['state_bytes'] / 2**20:10.1f} {peak / 2**20:14.2f}", flush=True)
+                  f"{row['state_bytes'] / 2**20:10.1f} {peak / 2**20:14.2f} "
+                  f"{'-' if huge is None else f'{huge / 2**20:.0f}':>10}", flush=True)
             del m, batches
             gc.collect()
     summarize(rows)

@@ -280,7 +280,14 @@ class LatentTable(nn.Module):
         dtype = dtype or torch.get_default_dtype()
         # Tables are filled in place (huge pages asked for first, see table_memory) and the random
         # start is drawn in blocks of rows, so that a 10^8-row table needs no full-size temporary.
-        mu = empty_table((N, K), dtype=dtype)
+        if fused_optimizer is not None:
+            # mu and logvar are the halves of one [N, 2, K] table: a touched row's mu and logvar
+            # share a cache line (K = 8 float32), one DRAM access where there would be two. The
+            # kernels take such row-strided views as they are.
+            both = empty_table((N, 2, K), dtype=dtype)
+            mu, logvar = both[:, 0], both[:, 1]
+        else:
+            mu, logvar = empty_table((N, K), dtype=dtype), empty_table((N, K), dtype=dtype)
         if init_mu is None:
             for r in range(0, N, self._INIT_BLOCK_ROWS):
                 n = min(self._INIT_BLOCK_ROWS, N - r)
@@ -292,7 +299,7 @@ class LatentTable(nn.Module):
                 raise ValueError(f"init_mu must have shape {(N, K)}, got {tuple(init_mu.shape)}")
             mu.copy_(init_mu)
         self.mu = nn.Parameter(mu)
-        self.logvar = nn.Parameter(empty_table((N, K), dtype=dtype).fill_(float(init_logvar)))
+        self.logvar = nn.Parameter(logvar.fill_(float(init_logvar)))
         self.sparse = bool(sparse)
         self.table_optimizer = (None if fused_optimizer is None else
                                 FusedRowOptimizer(N, K, fused_optimizer, lr=lr, betas=betas,

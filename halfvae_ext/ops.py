@@ -236,9 +236,18 @@ def _reparam_gmm_kl_rows_backward_fake(grad_z, grad_kl, mu, logvar, idx, prior_l
 
 
 @torch.library.register_fake("halfvae_ext::latent_rows_update_")
-def _latent_rows_update_fake(table, exp_avg, exp_avg_sq, idx, grad_rows, optimizer, lr, beta1,
+def _latent_rows_update_fake(mu, logvar, state, idx, grad_mu, grad_logvar, optimizer, lr, beta1,
                              beta2, eps, step):
     return None
+
+
+@torch.library.register_fake("halfvae_ext::reparam_gmm_kl_rows_backward_step_")
+def _reparam_gmm_kl_rows_backward_step_fake(grad_z, grad_kl, mu, logvar, state, idx,
+                                            prior_logits, prior_means, prior_logvars, eps, seed,
+                                            reduction, prior_grads, optimizer, lr, beta1, beta2,
+                                            adam_eps, step):
+    return (torch.empty_like(prior_logits), torch.empty_like(prior_means),
+            torch.empty_like(prior_logvars))
 
 
 @torch.library.register_fake("halfvae_ext::gmm_log_prob")

@@ -30,3 +30,16 @@ def empty_table(shape, dtype=None, device=None) -> torch.Tensor:
     if t.device.type == "cpu" and nbytes >= HUGE_PAGE_MIN_BYTES and huge_pages_enabled():
         _C.advise_huge_pages(t.data_ptr(), nbytes)
     return t
+
+
+def huge_page_bytes() -> int | None:
+    """Bytes of this process's memory on transparent huge pages (Linux), else None: tells whether
+    the advice was granted (memory fragmentation can make the kernel fall back to 4 KiB pages)."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -53,6 +53,18 @@ class FusedRowOptimizer(torch.nn.Module):
             _ops.latent_rows_update_(mu, logvar, self.state, idx, grad_mu_rows, grad_logvar_rows,
                                      self.kind, self.lr, b1, b2, self.eps, int(self.step))
 
+    def backward_step(self, grad_z, grad_kl, mu, logvar, idx, prior_logits, prior_means,
+                      prior_logvars, eps, seed, reduction, prior_grads):
+        """The backward of reparam_gmm_kl_rows and this optimizer's step on rows idx, in one op
+        (the row gradients never leave it); returns the prior's gradients."""
+        self.step += 1
+        b1, b2 = self.betas
+        with torch.no_grad():
+            return _ops.reparam_gmm_kl_rows_backward_step_(
+                grad_z, grad_kl, mu, logvar, self.state, idx, prior_logits, prior_means,
+                prior_logvars, eps, seed, reduction, prior_grads, self.kind, self.lr, b1, b2,
+                self.eps, int(self.step))
+
     def extra_repr(self):
         return f"kind={self.kind!r}, lr={self.lr}, betas={self.betas}, eps={self.eps}"
 
@@ -72,10 +84,9 @@ class _FusedRowsKL(torch.autograd.Function):
     def backward(ctx, grad_z, grad_kl):
         mu, logvar, prior_logits, prior_means, prior_logvars, idx, eps, seed = ctx.saved_tensors
         need = ctx.needs_input_grad
-        g_mu, g_logvar, g_logits, g_means, g_logvars = _ops.reparam_gmm_kl_rows_backward(
+        g_logits, g_means, g_logvars = ctx.optimizer.backward_step(
             grad_z, grad_kl, mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps, seed,
             ctx.reduction, bool(need[2] or need[3] or need[4]))
-        ctx.optimizer.apply(mu, logvar, idx, g_mu, g_logvar)
         return (None, None, g_logits if need[2] else None, g_means if need[3] else None,
                 g_logvars if need[4] else None, None, None, None, None, None)
 

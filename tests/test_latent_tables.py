@@ -101,7 +101,8 @@ def run_reference_steps(mu0, logvar0, prior, batches, kind, lr):
 
 def run_fused_steps(mu0, logvar0, prior, batches, kind, lr):
     mu, logvar = mu0.clone().requires_grad_(), logvar0.clone().requires_grad_()
-    opt = FusedRowOptimizer(mu.shape[0], mu.shape[1], kind, lr=lr, dtype=mu.dtype)
+    opt = FusedRowOptimizer(mu.shape[0], mu.shape[1], kind, lr=lr, dtype=mu.dtype,
+                            device=mu.device)
     for idx, eps in batches:
         z, kl = fused_rows_kl(mu, logvar, idx, *prior, opt, eps=eps)
         (kl.sum() + 0.5 * (z * z).sum()).backward()
@@ -184,12 +185,82 @@ def test_bad_indices_raise_and_write_nothing():
         FusedRowOptimizer(10, 4, "adagrad")
 
 
+def interleaved(mu, logvar):
+    """mu and logvar as the two halves of one [rows, 2, K] table (row stride 2K), leaves."""
+    both = torch.stack([mu.detach(), logvar.detach()], dim=1)
+    return both[:, 0], both[:, 1]
+
+
+def test_rows_op_on_interleaved_tables_equals_contiguous():
+    mu, logvar, prior = tables(30, 5, 3, torch.float64)
+    mu_s, lv_s = interleaved(mu, logvar)
+    assert mu_s.stride() == (10, 1) and mu_s.untyped_storage().data_ptr() == \
+        lv_s.untyped_storage().data_ptr()
+    idx = torch.tensor([0, 29, 7, 7, 3, 12, 29, 1, 0])
+    eps = torch.randn(9, 5, dtype=torch.float64)
+    g = torch.Generator().manual_seed(4)
+    for reduction in ("row", "none"):
+        want = hv.reparam_gmm_kl_rows(mu, logvar, idx, *prior, eps=eps, reduction=reduction)
+        got = hv.reparam_gmm_kl_rows(mu_s, lv_s, idx, *prior, eps=eps, reduction=reduction)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    inputs = [mu_s.requires_grad_(), lv_s.requires_grad_(), *(p.requires_grad_() for p in prior)]
+    fn = lambda m, lv, a, b, c: hv.reparam_gmm_kl_rows(m, lv, idx, a, b, c, eps=eps)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_fused_steps_on_interleaved_tables_equal_contiguous(kind):
+    mu0, logvar0, prior = tables(300, 8, 3)
+    g = torch.Generator().manual_seed(5)
+    batches = [(torch.randint(0, 100, (256,), generator=g), torch.randn(256, 8, generator=g))
+               for _ in range(4)]
+    mu_c, lv_c, opt_c = run_fused_steps(mu0, logvar0, prior, batches, kind, lr=0.05)
+    mu_s, lv_s = interleaved(mu0, logvar0)
+    mu_s.requires_grad_()
+    lv_s.requires_grad_()
+    opt_s = FusedRowOptimizer(300, 8, kind, lr=0.05)
+    for idx, eps in batches:
+        z, kl = fused_rows_kl(mu_s, lv_s, idx, *prior, opt_s, eps=eps)
+        (kl.sum() + 0.5 * (z * z).sum()).backward()
+    assert torch.equal(mu_s.detach(), mu_c) and torch.equal(lv_s.detach(), lv_c)
+    assert torch.equal(opt_s.state, opt_c.state)
+
+
+def test_update_op_refuses_tables_of_other_layouts():
+    mu, logvar, _ = tables(10, 4, 3)
+    idx = torch.tensor([1, 2])
+    g = torch.ones(2, 4)
+    state = torch.zeros(10, 4, 4)
+    before = mu.clone()
+    for m, lv in [(mu, interleaved(mu, logvar)[1]),   # row strides differ
+                  (mu.t().contiguous().t(), logvar)]:  # elements of a row not contiguous
+        with pytest.raises(RuntimeError, match="rows are contiguous and equally spaced"):
+            torch.ops.halfvae_ext.latent_rows_update_(m, lv, state, idx, g, g, "adam", 0.1, 0.9,
+                                                      0.999, 1e-8, 1)
+    assert torch.equal(mu, before)
+
+
 def test_rows_op_opcheck():
     mu, logvar, prior = tables(12, 4, 3, torch.float64)
     idx = torch.tensor([0, 3, 3, 11])
     eps = torch.randn(4, 4, dtype=torch.float64)
     torch.library.opcheck(torch.ops.halfvae_ext.reparam_gmm_kl_rows,
                           (mu.requires_grad_(), logvar, idx, *prior, eps, None, 1, 0))
+
+
+def test_update_ops_opcheck():
+    """Schemas (mutated arguments), fake kernels and the dispatcher of the two in-place ops."""
+    mu, logvar, prior = tables(12, 4, 3, torch.float64)
+    idx = torch.tensor([0, 3, 3, 11])
+    state = torch.zeros(12, 4, 4, dtype=torch.float64)
+    g = torch.randn(4, 4, dtype=torch.float64)
+    eps = torch.randn(4, 4, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.halfvae_ext.latent_rows_update_,
+                          (mu, logvar, state, idx, g, g, "adam", 0.1, 0.9, 0.999, 1e-8, 1))
+    torch.library.opcheck(torch.ops.halfvae_ext.reparam_gmm_kl_rows_backward_step_,
+                          (g, torch.ones(4, dtype=torch.float64), mu, logvar, state, idx, *prior,
+                           eps, None, 1, True, "adam", 0.1, 0.9, 0.999, 1e-8, 2))
 
 
 @requires_cuda
@@ -203,6 +274,14 @@ def test_cuda_fused_steps_equal_reference(kind):
     mu_f, lv_f, _ = run_fused_steps(mu0, logvar0, prior, batches, kind, lr=0.05)
     torch.testing.assert_close(mu_f, mu_r, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lv_f, lv_r, rtol=1e-5, atol=1e-5)
+    # The same on interleaved [rows, 2, K] tables (LatentTable's fused layout).
+    mu_s, lv_s = (t.requires_grad_() for t in interleaved(mu0, logvar0))
+    opt = FusedRowOptimizer(200, 8, kind, lr=0.05, device="cuda")
+    for idx, eps in batches:
+        z, kl = fused_rows_kl(mu_s, lv_s, idx, *prior, opt, eps=eps)
+        (kl.sum() + 0.5 * (z * z).sum()).backward()
+    torch.testing.assert_close(mu_s.detach(), mu_f, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lv_s.detach(), lv_f, rtol=1e-6, atol=1e-6)
 
 
 def test_latent_table_module_fused_optimizer_matches_sparse_adam_and_round_trips():
@@ -231,7 +310,11 @@ def test_latent_table_module_fused_optimizer_matches_sparse_adam_and_round_trips
     restored = LatentTable(100, 4, fused_optimizer="adam", lr=0.05)
     restored.load_state_dict(fused.state_dict())
     assert torch.equal(restored.table_optimizer.state, fused.table_optimizer.state)
+    assert torch.equal(restored.mu, fused.mu) and torch.equal(restored.logvar, fused.logvar)
     assert int(restored.table_optimizer.step) == 5
+    # The fused table keeps mu and logvar interleaved, [rows, 2, K], after loading too.
+    for t in (fused, restored):
+        assert t.mu.stride() == (8, 1) and t.logvar.data_ptr() == t.mu.data_ptr() + 4 * 4
 
     # Through HalfVAE (likelihood terms use the rows directly): same steps as the sparse path.
     x = torch.randn(100, 6)

@@ -83,6 +83,7 @@ void latent_rows_update(const RowUpdate& u) {
   AT_DISPATCH_FLOATING_TYPES(u.mu.scalar_type(), "latent_rows_update_cpu", [&] {
     using T = scalar_t;
     const int64_t K = u.mu.size(1), W = 2 * K;  // a row's parameters: its mu, then its logvar
+    const int64_t stride = u.row_stride;
     T* table[2] = {u.mu.data_ptr<T>(), u.logvar.data_ptr<T>()};
     const T* grad[2] = {u.grad_mu.data_ptr<T>(), u.grad_logvar.data_ptr<T>()};
     const bool adam = u.optimizer == RowOptimizer::kAdam;
@@ -95,8 +96,8 @@ void latent_rows_update(const RowUpdate& u) {
     auto prefetch_rows = [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t row = row_of(r);
-        prefetch_span<true>(table[0] + row * K, K);
-        prefetch_span<true>(table[1] + row * K, K);
+        prefetch_span<true>(table[0] + row * stride, K);
+        prefetch_span<true>(table[1] + row * stride, K);
         if (adam) prefetch_span<true>(state + row * 2 * W, 2 * W);
       }
     };
@@ -123,7 +124,7 @@ void latent_rows_update(const RowUpdate& u) {
         if (!adam) {
           for (int64_t r = c0; r < c1; ++r)
             for (int t = 0; t < 2; ++t) {
-              T* __restrict__ w = table[t] + row_of(r) * K;
+              T* __restrict__ w = table[t] + row_of(r) * stride;
               const T* s = sum + (r - c0) * W + t * K;
               for (int64_t k = 0; k < K; ++k) w[k] -= lr * s[k];
             }
@@ -132,12 +133,12 @@ void latent_rows_update(const RowUpdate& u) {
         for (int64_t r = c0; r < c1; ++r) {
           const int64_t row = row_of(r);
           T* p = params + (r - c0) * W;
-          std::copy_n(table[0] + row * K, K, p);
-          std::copy_n(table[1] + row * K, K, p + K);
+          std::copy_n(table[0] + row * stride, K, p);
+          std::copy_n(table[1] + row * stride, K, p + K);
           T* m = state + row * 2 * W;
           adam_span(p, m, m + W, sum + (r - c0) * W, W, b1, b2, eps, step_size);
-          std::copy_n(p, K, table[0] + row * K);
-          std::copy_n(p + K, K, table[1] + row * K);
+          std::copy_n(p, K, table[0] + row * stride);
+          std::copy_n(p + K, K, table[1] + row * stride);
         }
       }
     });

@@ -15,6 +15,9 @@ struct Inputs {
   const T* logvar;
   const int64_t* idx = nullptr;  // rows of the tables mu/logvar (reparam_gmm_kl_rows), or null
   int64_t batch_rows = 0;        // length of idx
+  int64_t row_stride = 0;        // elements between table rows (ReparamGmmKlProblem::row_stride)
+  const T* prefetch_rows = nullptr;  // ReparamGmmKlProblem::prefetch_rows, or null
+  int64_t prefetch_row_size = 0;
   const T* eps = nullptr;        // given eps, or null
   PhiloxSeed seed{0, 0};
   const PhiloxSeed* seed_ptr = nullptr;  // non-null when sampled in the kernel
@@ -23,6 +26,11 @@ struct Inputs {
     if (p.gathered()) {
       idx = p.idx.data_ptr<int64_t>();
       batch_rows = p.N;
+      row_stride = p.row_stride;
+      if (p.prefetch_rows.defined()) {
+        prefetch_rows = p.prefetch_rows.data_ptr<T>();
+        prefetch_row_size = p.prefetch_rows.numel() / p.prefetch_rows.size(0);
+      }
     }
     if (p.sampled()) {
       seed = read_seed(p.seed);
@@ -57,12 +65,15 @@ struct ChunkScratch {
     const int64_t first = start / K, n = count / K;
     for (int64_t r = 0; r < n; ++r) {
       const int64_t row = in.idx[first + r];
-      std::copy_n(in.mu + row * K, K, mu_rows.data() + r * K);
-      std::copy_n(in.logvar + row * K, K, logvar_rows.data() + r * K);
+      std::copy_n(in.mu + row * in.row_stride, K, mu_rows.data() + r * K);
+      std::copy_n(in.logvar + row * in.row_stride, K, logvar_rows.data() + r * K);
     }
     for (int64_t r = first + n; r < std::min(in.batch_rows, first + 2 * n); ++r) {
-      prefetch_span<false>(in.mu + in.idx[r] * K, K);
-      prefetch_span<false>(in.logvar + in.idx[r] * K, K);
+      prefetch_span<false>(in.mu + in.idx[r] * in.row_stride, K);
+      prefetch_span<false>(in.logvar + in.idx[r] * in.row_stride, K);
+      if (in.prefetch_rows != nullptr)
+        prefetch_span<true>(in.prefetch_rows + in.idx[r] * in.prefetch_row_size,
+                            in.prefetch_row_size);
     }
     return {mu_rows.data(), logvar_rows.data()};
   }

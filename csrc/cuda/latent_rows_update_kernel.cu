@@ -15,13 +15,13 @@ template <typename scalar_t, typename acc_t, bool kAdam>
 __global__ void __launch_bounds__(kThreads) update_kernel(
     const int64_t* __restrict__ rows, const int64_t* __restrict__ offsets,
     const int64_t* __restrict__ perm, const scalar_t* __restrict__ grad_mu,
-    const scalar_t* __restrict__ grad_logvar, int64_t U, int64_t K,
+    const scalar_t* __restrict__ grad_logvar, int64_t U, int64_t K, int64_t row_stride,
     scalar_t* __restrict__ mu, scalar_t* __restrict__ logvar, scalar_t* __restrict__ state,
     acc_t lr, acc_t b1, acc_t b2, acc_t eps, acc_t step_size) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= U * K) return;
   const int64_t r = t / K, k = t % K;
-  const int64_t i = rows[r] * K + k;
+  const int64_t i = rows[r] * row_stride + k;  // in mu and in logvar
 #pragma unroll
   for (int which = 0; which < 2; ++which) {
     const scalar_t* g = which == 0 ? grad_mu : grad_logvar;
@@ -60,7 +60,7 @@ void latent_rows_update(const RowUpdate& u) {
       kernel<<<blocks, kThreads, 0, stream>>>(
           rows.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), perm.data_ptr<int64_t>(),
           u.grad_mu.data_ptr<scalar_t>(), u.grad_logvar.data_ptr<scalar_t>(), U, K,
-          u.mu.data_ptr<scalar_t>(), u.logvar.data_ptr<scalar_t>(),
+          u.row_stride, u.mu.data_ptr<scalar_t>(), u.logvar.data_ptr<scalar_t>(),
           adam ? u.state.data_ptr<scalar_t>() : nullptr, acc_t(u.lr), acc_t(u.beta1),
           acc_t(u.beta2), acc_t(u.eps), acc_t(u.step_size));
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -35,9 +35,11 @@ __device__ EpsSource<scalar_t, acc_t, kSampled> make_eps(const scalar_t* eps, co
   return e;
 }
 
-// Offset of element i's mu/logvar: i itself, or through the row index when gathering.
-__device__ __forceinline__ int64_t latent_offset(const int64_t* idx, int64_t i, int64_t K) {
-  return idx == nullptr ? i : idx[i / K] * K + i % K;
+// Offset of element i's mu/logvar: i itself, or through the row index when gathering (table rows
+// row_stride elements apart).
+__device__ __forceinline__ int64_t latent_offset(const int64_t* idx, int64_t i, int64_t K,
+                                                 int64_t row_stride) {
+  return idx == nullptr ? i : idx[i / K] * row_stride + i % K;
 }
 
 // kl_row (row reduction) is a zeroed acc_t buffer of N entries; rows are summed by atomics, at most
@@ -47,7 +49,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
     const scalar_t* __restrict__ mu, const scalar_t* __restrict__ logvar,
     const int64_t* __restrict__ idx, const scalar_t* __restrict__ eps,
     const int64_t* __restrict__ seed, const acc_t* __restrict__ w, const acc_t* __restrict__ m,
-    const acc_t* __restrict__ prec, int64_t numel, int64_t K, int C, int64_t stride,
+    const acc_t* __restrict__ prec, int64_t numel, int64_t K, int64_t row_stride, int C,
+    int64_t stride,
     scalar_t* __restrict__ z,
     scalar_t* __restrict__ kl, acc_t* __restrict__ kl_row) {
   const int64_t first = 4 * (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x);
@@ -65,7 +68,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
       const int64_t i = base + q;
       if (i >= numel) break;
       acc_t zv, klv;
-      const int64_t li = latent_offset(idx, i, K);
+      const int64_t li = latent_offset(idx, i, K, row_stride);
       reparam_kl_forward<DevMath<acc_t>, CT>(static_cast<acc_t>(mu[li]),
                                              static_cast<acc_t>(logvar[li]), e.at(i, q), C,
                                              prior[q], zv, klv);
@@ -91,7 +94,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
     const scalar_t* __restrict__ mu, const scalar_t* __restrict__ logvar,
     const int64_t* __restrict__ idx, const scalar_t* __restrict__ eps,
     const int64_t* __restrict__ seed, const acc_t* __restrict__ w, const acc_t* __restrict__ m,
-    const acc_t* __restrict__ prec, int64_t numel, int64_t K, int C, int64_t stride,
+    const acc_t* __restrict__ prec, int64_t numel, int64_t K, int64_t row_stride, int C,
+    int64_t stride,
     SumsTable sums_table,
     scalar_t* __restrict__ grad_mu, scalar_t* __restrict__ grad_logvar) {
   extern __shared__ double smem[];
@@ -110,7 +114,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
         if (i >= numel) break;
         const acc_t gk = static_cast<acc_t>(kRow ? grad_kl[i / K] : grad_kl[i]);
         acc_t gmu, glv;
-        const int64_t li = latent_offset(idx, i, K);
+        const int64_t li = latent_offset(idx, i, K, row_stride);
         reparam_kl_backward<DevMath<acc_t>, CT, kPriorGrads>(
             static_cast<acc_t>(mu[li]), static_cast<acc_t>(logvar[li]), e.at(i, q),
             static_cast<acc_t>(grad_z[i]), gk, C, prior[q], sums[q], gmu, glv);
@@ -159,7 +163,7 @@ void forward(const ReparamGmmKlProblem& p, at::Tensor& z, at::Tensor& kl) {
                 kSampled ? nullptr : p.eps.data_ptr<scalar_t>(),
                 kSampled ? p.seed.data_ptr<int64_t>() : nullptr, p.prior.w.data_ptr<acc_t>(),
                 p.prior.m.data_ptr<acc_t>(), p.prior.prec.data_ptr<acc_t>(), numel, p.K,
-                static_cast<int>(p.C), launch.stride, z.data_ptr<scalar_t>(),
+                p.row_stride, static_cast<int>(p.C), launch.stride, z.data_ptr<scalar_t>(),
                 kRow ? nullptr : kl.data_ptr<scalar_t>(),
                 kRow ? kl_row.data_ptr<acc_t>() : nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -194,7 +198,8 @@ void backward(const ReparamGmmKlProblem& p, const at::Tensor& grad_z, const at::
               kSampled ? nullptr : p.eps.data_ptr<scalar_t>(),
               kSampled ? p.seed.data_ptr<int64_t>() : nullptr, p.prior.w.data_ptr<acc_t>(),
               p.prior.m.data_ptr<acc_t>(), p.prior.prec.data_ptr<acc_t>(), numel, p.K,
-              static_cast<int>(p.C), launch.stride, table, grad_mu.data_ptr<scalar_t>(),
+              p.row_stride, static_cast<int>(p.C), launch.stride, table,
+              grad_mu.data_ptr<scalar_t>(),
               grad_logvar.data_ptr<scalar_t>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         };
