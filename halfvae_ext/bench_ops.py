@@ -14,19 +14,18 @@ peak memory of a forward+backward step for the fused and reference paths.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
 
 import halfvae_ext as hv
 from halfvae_ext import reference
+from halfvae_ext.atomic_io import save_figure_atomic, write_json_atomic
 
 CACHE_BYTES = 64 << 20  # rotate inputs until the working set exceeds this (last-level cache here)
 
@@ -280,14 +279,6 @@ def summarize(rows, meta):
         print(f"  C={r['C']} N*K=2^{r['log2_NK']}: " + ", ".join(parts) + cs)
 
 
-def write_json_atomic(path, obj):
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 def plot(rows, meta, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -311,12 +302,10 @@ def plot(rows, meta, path):
         axes[0][j].grid(True, which="both", alpha=0.3)
         axes[1][j].grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    plt.close(fig)
+    try:
+        save_figure_atomic(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 if __name__ == "__main__":

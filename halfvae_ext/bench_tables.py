@@ -25,7 +25,8 @@ import time
 import torch
 
 import halfvae_ext as hv
-from .bench_ops import peak_memory, write_json_atomic
+from .atomic_io import save_figure_atomic, write_json_atomic
+from .bench_ops import peak_memory
 from .table_memory import empty_table, huge_page_bytes, huge_pages_enabled
 
 K, C = 8, 3
@@ -198,10 +199,10 @@ def plot(rows, path):
         a.grid(True, which="both", alpha=0.3)
         a.legend()
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    plt.close(fig)
+    try:
+        save_figure_atomic(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 if __name__ == "__main__":

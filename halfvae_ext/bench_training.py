@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import time
@@ -18,7 +17,7 @@ import time
 import torch
 
 from . import models, reference
-from .bench_ops import write_json_atomic
+from .atomic_io import write_json_atomic
 
 
 def _reference_op(mu, logvar, logits, means, logvars, *, eps=None, generator=None,

@@ -143,12 +143,12 @@ def read_signals(path):
 def write_signals(S, path, like=None):
     """Write S [n, k] to ``path`` atomically, as .npy or delimited text (by extension; for other
     extensions, like the input described by ``like`` from :func:`read_signals`)."""
-    from .experiments import _atomic_write
+    from .atomic_io import atomic_write
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
     like = like or {"format": "text", "delimiter": ",", "header": None}
     if ext == ".npy" or (ext not in _TEXT_EXTS and like["format"] == "npy"):
-        _atomic_write(path, lambda f: np.save(f, S), mode="wb")
+        atomic_write(path, lambda f: np.save(f, S), mode="wb")
         return
     if ext in (".csv", ".tsv"):
         delim = _TEXT_EXTS[ext]
@@ -159,14 +159,14 @@ def write_signals(S, path, like=None):
     if like.get("header") is not None:
         buf.write(delim.join(f"source_{j + 1}" for j in range(S.shape[1])) + "\n")
     np.savetxt(buf, S, delimiter=delim, fmt="%.9g")
-    _atomic_write(path, lambda f: f.write(buf.getvalue()))
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
 def _plot(X, S, path, window=2000):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from .experiments import _atomic_write
+    from .atomic_io import atomic_write
 
     n = min(window, X.shape[0])
     fig, axes = plt.subplots(2, 1, figsize=(10, 5.5), sharex=True)
@@ -180,7 +180,7 @@ def _plot(X, S, path, window=2000):
     axes[1].set_xlabel("sample")
     fig.tight_layout()
     try:
-        _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90), mode="wb")
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90), mode="wb")
     finally:
         plt.close(fig)
 

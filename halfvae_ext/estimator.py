@@ -41,7 +41,6 @@ import copy
 import hashlib
 import math
 import os
-import tempfile
 import warnings
 from numbers import Integral, Real
 
@@ -51,6 +50,7 @@ from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, Transfo
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
+from .atomic_io import atomic_torch_save, atomic_write
 from .models import ACTIVATIONS, DECODERS, GMMPrior, HalfVAE, ResidualDecoder, elbo_terms
 
 __all__ = ["HalfVAEICA", "atomic_write", "atomic_torch_save"]
@@ -67,32 +67,6 @@ _NON_TRAINING_PARAMS = ("verbose", "checkpoint_path", "checkpoint_every", "devic
 # Below this many latent entries (n_samples * n_components) one CPU thread is faster: the steps are
 # too small to split, and on a busy machine a waiting OpenMP team costs several times the work.
 _SMALL_PROBLEM = 1 << 17
-
-
-# ----------------------------------------------------------------------------- file helpers
-def atomic_write(path, write, mode="w") -> None:
-    """write(f) into a temporary file in the target's directory, then os.replace: a reader (or a
-    crash) never sees a half-written file."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=directory)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def atomic_torch_save(obj, path) -> None:
-    """torch.save with atomic_write."""
-    atomic_write(path, lambda f: torch.save(obj, f), "wb")
 
 
 def _fingerprint(X: np.ndarray) -> str:

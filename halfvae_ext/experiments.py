@@ -26,15 +26,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 
 import numpy as np
 import torch
 
-from .estimator import (HalfVAEICA, _random_orthogonal, _reset_parameters, _torch_threads,
-                        atomic_write as _atomic_write, lr_factor)
+from .atomic_io import atomic_write
+from .estimator import HalfVAEICA, _random_orthogonal, _reset_parameters, _torch_threads, lr_factor
 from .ica import make_nonlinear, make_paper_linear, mean_corr_coef, per_component_rmse
 from .ica.metrics import align_sources
 from .models import VAE, GMMPrior, ResidualDecoder
@@ -50,7 +49,7 @@ _N_SOURCES = 3
 
 # ----------------------------------------------------------------------------- file helpers
 def write_json(obj, path):
-    _atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=False))
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=False))
 
 
 # ----------------------------------------------------------------------------- problems
@@ -308,7 +307,7 @@ def plot_sources(sources, path, window=None):
         fig.savefig(f, format="png", dpi=90)
 
     try:
-        _atomic_write(path, write, mode="wb")
+        atomic_write(path, write, mode="wb")
     finally:
         plt.close(fig)
 

@@ -313,6 +313,20 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path):
     assert os.listdir(tmp_path) == ["f.pt"]
 
 
+def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path):
+    from halfvae_ext.atomic_io import write_json_atomic
+    old = os.umask(0o027)
+    try:
+        path = tmp_path / "new.json"
+        write_json_atomic(path, {"a": 1})
+        assert os.stat(path).st_mode & 0o777 == 0o640  # 0o666 minus the umask, not mkstemp's 0o600
+        os.chmod(path, 0o604)
+        write_json_atomic(path, {"a": 2})  # replacing a file keeps its mode
+        assert os.stat(path).st_mode & 0o777 == 0o604
+    finally:
+        os.umask(old)
+
+
 def test_load_rejects_other_files(tmp_path):
     p = tmp_path / "x.pt"
     torch.save({"format": "other"}, p)

@@ -198,12 +198,18 @@ def test_rows_op_on_interleaved_tables_equals_contiguous():
         lv_s.untyped_storage().data_ptr()
     idx = torch.tensor([0, 29, 7, 7, 3, 12, 29, 1, 0])
     eps = torch.randn(9, 5, dtype=torch.float64)
-    g = torch.Generator().manual_seed(4)
     for reduction in ("row", "none"):
         want = hv.reparam_gmm_kl_rows(mu, logvar, idx, *prior, eps=eps, reduction=reduction)
         got = hv.reparam_gmm_kl_rows(mu_s, lv_s, idx, *prior, eps=eps, reduction=reduction)
         for a, b in zip(got, want):
             assert torch.equal(a, b)
+    # In-kernel eps: the same draws whatever the layout.
+    want = hv.reparam_gmm_kl_rows(mu, logvar, idx, *prior,
+                                  generator=torch.Generator().manual_seed(4))
+    got = hv.reparam_gmm_kl_rows(mu_s, lv_s, idx, *prior,
+                                 generator=torch.Generator().manual_seed(4))
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
     inputs = [mu_s.requires_grad_(), lv_s.requires_grad_(), *(p.requires_grad_() for p in prior)]
     fn = lambda m, lv, a, b, c: hv.reparam_gmm_kl_rows(m, lv, idx, a, b, c, eps=eps)
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
