@@ -23,3 +23,26 @@ def test_halfvae_bench_runs_and_writes_results(tmp_path, capsys):
 
 def test_halfvae_bench_help():
     assert main(["bench", "--help"]) == 0
+
+
+def test_bench_tables_runs_all_methods_and_writes_results(tmp_path):
+    import json
+    from halfvae_ext import bench_tables
+    rows = bench_tables.main(["--rows", "1000,3000", "--steps", "2", "--batch", "64",
+                              "--out", str(tmp_path)])
+    assert {(r["N"], r["method"]) for r in rows} == {
+        (N, m) for N in (1000, 3000) for m in ("fused", "sparse", "embedding", "dense")}
+    for r in rows:
+        assert r["step_seconds"] > 0 and r["step_peak_bytes"] > 0
+        assert r["state_bytes"] == 3 * 2 * r["N"] * 8 * 4  # table + two Adam moments, float32
+    saved = json.loads((tmp_path / "bench_tables.json").read_text())
+    assert len(saved["rows"]) == 8 and saved["goals"] == []  # goal sizes not in --rows
+    assert (tmp_path / "bench_tables.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_tables_alternating_pair_in_a_fresh_process(monkeypatch):
+    from halfvae_ext import bench_tables
+    monkeypatch.setattr(bench_tables, "ISOLATE_BYTES", 0)  # force the subprocess path
+    a, b = bench_tables.measure_isolated([("fused", 2000), ("embedding", 500)], 32, 3, 0)
+    assert (a["method"], a["N"], b["method"], b["N"]) == ("fused", 2000, "embedding", 500)
+    assert a["step_seconds"] > 0 and b["step_seconds"] > 0
