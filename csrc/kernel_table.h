@@ -26,6 +26,9 @@ struct Kernels {
   // Allocates an uninitialized output (the CPU reuses large buffers: cpu/output_cache.h).
   at::Tensor (*empty)(at::IntArrayRef sizes, const at::TensorOptions& options);
   const char* name;           // e.g. "cpu-AVX512", "cuda"
+  // reparam_gmm_kl_backward applies ReparamGmmKlProblem::row_step itself (else the caller runs
+  // latent_rows_update after it).
+  bool backward_steps_rows;
   bool half_types;            // accepts float16/bfloat16 (computed in float32)
 };
 

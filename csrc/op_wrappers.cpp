@@ -99,9 +99,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reparam_gmm_kl_rows_backward_step
   auto p = prepare_reparam_gmm_kl(mu, logvar, prior_logits, prior_means, prior_logvars, eps, seed,
                                   reduction, idx);
   if (u.optimizer == RowOptimizer::kAdam) p.prefetch_rows = state;
+  u.idx = p.idx;
+  if (kernels.backward_steps_rows) p.row_step = &u;
   const auto out = run_backward(kernels, p, grad_z, grad_kl, prior_grads);
-  if (p.N * p.K > 0) {
-    u.idx = p.idx;
+  if (!kernels.backward_steps_rows && p.N * p.K > 0) {
     u.grad_mu = out.grad_mu;
     u.grad_logvar = out.grad_logvar;
     kernels.latent_rows_update(u);

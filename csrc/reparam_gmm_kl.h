@@ -11,6 +11,8 @@
 
 namespace halfvae {
 
+struct RowUpdate;
+
 struct ReparamGmmKlProblem {
   at::Tensor mu, logvar;  // [N, K], contiguous; with idx: the whole tables [rows, K], see below
   // With idx: elements from one row of mu (and of logvar) to the next. K when the tables are
@@ -23,6 +25,9 @@ struct ReparamGmmKlProblem {
   // Backward with idx only, optional: a table [rows, S] (the fused optimizer's state) whose rows
   // idx are about to be written; the CPU kernel prefetches them along with mu and logvar.
   at::Tensor prefetch_rows;
+  // Backward with idx only, optional, on kernels with Kernels::backward_steps_rows: the optimizer
+  // step to apply to rows idx of mu and logvar from the gradients being computed.
+  const RowUpdate* row_step = nullptr;
   PriorTables prior;
   int64_t N = 0, K = 0, C = 0;
   int64_t reduction = kReductionRow;

@@ -13,7 +13,8 @@ const Kernels& HALFVAE_CAT(kernels_, CPU_CAPABILITY)() {
                              &philox_normal,          &latent_rows_update,
                              &empty_output,
                              "cpu-" HALFVAE_STR(CPU_CAPABILITY),
-                             false};
+                             /*half_types=*/false,
+                             /*backward_steps_rows=*/true};
   return table;
 }
 }  // namespace halfvae::cpu

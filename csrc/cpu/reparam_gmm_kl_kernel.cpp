@@ -1,8 +1,11 @@
 // CPU kernel of reparam_gmm_kl, forward and backward (compiled once per ISA).
 #include <ATen/Dispatch.h>
 
+#include <optional>
+
 #include "isa_kernels.h"
 #include "prefetch.h"
+#include "row_step.h"
 #include "vec_loop.h"
 
 namespace halfvae::cpu {
@@ -48,6 +51,7 @@ struct ChunkScratch {
   std::vector<T> eps;
   std::vector<T> mu_rows, logvar_rows;  // this block's table rows, when gathering
   std::vector<T> per_elem;  // kl values (forward) or grad_kl broadcast over k (backward), row mode
+  std::vector<T> step_buf;  // fused table step: a row's gradient and parameters, 2K each
   ChunkScratch(const Blocking& b, bool sampled, bool gathered, bool row) {
     if (sampled) eps.resize(normal_buffer_size<T>(b.block_elems));
     if (gathered) {
@@ -56,6 +60,7 @@ struct ChunkScratch {
     }
     if (row) per_elem.resize(b.block_elems + Vectorized<T>::size());
   }
+  void reserve_step(int64_t K) { step_buf.resize(4 * K); }
   // mu and logvar of elements [start, start+count), indexed by (global - start). Gathering copies
   // the block's rows (a few KB, in L1) rather than the whole batch, then prefetches the next
   // block's rows so that their cache misses overlap this block's arithmetic.
@@ -138,10 +143,22 @@ void backward_impl(const ReparamGmmKlProblem& p, const at::Tensor& grad_z,
   const int C = static_cast<int>(p.C);
   const int64_t K = p.K;
   std::vector<double> chunk_sums(kPriorGrads ? blocking.num_chunks * nsums * pat.P : 0, 0.0);
+  // The fused table step (p.row_step): a row that occurs once in the batch is stepped right after
+  // its gradient is computed, while it is still in L1; repeated rows after the whole batch, from
+  // their gradients summed in batch order. Each row is stepped once, so nothing else reads it.
+  std::optional<RowGroups> groups;
+  std::vector<uint8_t> single;
+  std::optional<RowStepper<T>> stepper;
+  if (p.row_step != nullptr) {
+    groups.emplace(in.idx, p.N, p.mu.size(0));
+    single = groups->singles();
+    stepper.emplace(*p.row_step);
+  }
 
   dispatch_sums_in_registers<T, CT>(pat, [&]<bool kInRegisters>() {
     blocking.for_each_chunk([&](int64_t chunk, int64_t b0, int64_t b1) {
       ChunkScratch<T> s(blocking, p.sampled(), p.gathered(), row);
+      if (p.row_step != nullptr) s.reserve_step(K);
       PriorSums<T, CT, kInRegisters> sums(pat);
       sums.chunk = kPriorGrads ? chunk_sums.data() + chunk * nsums * pat.P : nullptr;
       for (int64_t b = b0; b < b1; ++b) {
@@ -168,9 +185,18 @@ void backward_impl(const ReparamGmmKlProblem& p, const at::Tensor& grad_z,
           store(glv_out + g, glv, n);
         });
         if constexpr (kPriorGrads) sums.end_block();
+        if (stepper) {
+          for (int64_t r = start / K; r < (start + count) / K; ++r) {
+            if (!single[r]) continue;
+            std::copy_n(gmu_out + r * K, K, s.step_buf.data());
+            std::copy_n(glv_out + r * K, K, s.step_buf.data() + K);
+            stepper->step(in.idx[r], s.step_buf.data(), s.step_buf.data() + 2 * K);
+          }
+        }
       }
     });
   });
+  if (stepper) stepper->step_groups(*groups, in.idx, gmu_out, glv_out, /*only_repeated=*/true);
   if constexpr (kPriorGrads)
     reduce_prior_sums(chunk_sums, blocking.num_chunks, nsums, pat.P, K, prior_sums);
 }

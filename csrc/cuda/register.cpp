@@ -23,6 +23,7 @@ const Kernels& kernels() {
     };
     k.name = "cuda";
     k.half_types = true;
+    k.backward_steps_rows = false;  // the backward, then latent_rows_update
     return k;
   }();
   return table;
