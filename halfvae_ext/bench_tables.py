@@ -6,6 +6,9 @@ batch (B = 4096, K = 8), for four ways to train a table:
   sparse     reparam_gmm_kl_rows(table_grad="sparse") + torch.optim.SparseAdam
   embedding  nn.Embedding(N, 2K, sparse=True) rows -> reparam_gmm_kl + torch.optim.SparseAdam
   dense      index_select -> reparam_gmm_kl, dense gradients + torch.optim.Adam
+  touch      not a method: the memory floor. torch.index_select + index_copy_ of the batch's rows
+             of one [N, 6K] table (mu, logvar and two Adam moments: 3 cache lines per row for
+             K = 8), i.e. the reads and write-backs a step cannot avoid, with no arithmetic
 
     python benchmarks/bench_tables.py [--rows 1e4,1e5,1e6,1e7,1e8] [--steps 20] [--out results/bench]
 
@@ -56,7 +59,11 @@ class Method:
     def __init__(self, name, N, lr=1e-2):
         self.name, self.N = name, N
         self.prior = _prior()
-        if name == "embedding":
+        if name == "touch":  # no arithmetic: the memory a step must touch (see module doc)
+            self.rows = empty_table((N, 6 * K)).zero_()  # mu | logvar | Adam moments, per row
+            self.params = [self.rows[:, :2 * K]]
+            self.buf = torch.empty(0)
+        elif name == "embedding":
             self.emb = torch.nn.Embedding(N, 2 * K, sparse=True)
             with torch.no_grad():
                 self.emb.weight[:, K:].mul_(0.1).sub_(2)
@@ -84,6 +91,10 @@ class Method:
         return 3 * sum(p.numel() * p.element_size() for p in self.params)
 
     def step(self, idx):
+        if self.name == "touch":
+            torch.index_select(self.rows, 0, idx, out=self.buf).add_(1e-3)
+            self.rows.index_copy_(0, idx, self.buf)
+            return
         if self.name == "fused":
             z, kl = self.table(idx, self.gmm)
             (kl.sum() + 0.5 * (z * z).sum()).backward()
@@ -183,7 +194,7 @@ def available_bytes():
 def needed_bytes(name, N):
     table = 2 * N * K * 4
     extra = {"fused": 2 * table, "sparse": 2 * table, "embedding": 2 * table,
-             "dense": 3 * table}[name]  # Adam moments (+ the dense gradient)
+             "dense": 3 * table, "touch": 2 * table}[name]  # Adam moments (+ dense gradient)
     return table + extra
 
 
@@ -192,7 +203,7 @@ def main(argv=None):
     p.add_argument("--rows", default="1e4,1e5,1e6,1e7,1e8")
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--methods", default="fused,sparse,embedding,dense")
+    p.add_argument("--methods", default="fused,sparse,embedding,dense,touch")
     p.add_argument("--out", default="results/bench")
     p.add_argument("--goal-steps", type=int, default=100,
                    help="steps per set-up in the alternating goal measurements")
