@@ -113,10 +113,12 @@ class Method:
         self.opt.step()
 
 
-def measure(specs, batch, steps, seed):
-    """Step times of one or more (method, N) set-ups, their steps taken in turn (a, b, a, b, ...)
-    so that a ratio between them sees the same machine: this VM's speed drifts by up to 1.7x
-    from one second to the next, which sequential measurements would put into the ratio.
+def measure(specs, batch, steps, seed, block=10):
+    """Step times of one or more (method, N) set-ups, taken in turns of `block` steps each
+    (a x10, b x10, a x10, ...) so that a ratio between them sees the same machine: this VM's
+    speed drifts by up to 1.7x from one second to the next, which sequential measurements would
+    put into the ratio. Turns of several steps keep each set-up's caches as warm as in a training
+    loop (strict a, b, a, b alternation would start every step with the other's data in cache).
 
     Per set-up: median step time (after 3 warm-up steps that also allocate lazily created
     optimizer state), the memory allocated in one step, and the huge pages in use."""
@@ -128,11 +130,12 @@ def measure(specs, batch, steps, seed):
         for idx in bs[:3]:
             m.step(idx)
     times = [[] for _ in specs]
-    for i in range(3, steps + 3):
+    for first in range(3, steps + 3, block):
         for m, bs, ts in zip(methods, batches, times):
-            t0 = time.perf_counter()
-            m.step(bs[i])
-            ts.append(time.perf_counter() - t0)
+            for i in range(first, min(first + block, steps + 3)):
+                t0 = time.perf_counter()
+                m.step(bs[i])
+                ts.append(time.perf_counter() - t0)
     rows = []
     for (name, N), m, bs, ts in zip(specs, methods, batches, times):
         peak = peak_memory(lambda: m.step(bs[0]), torch.device("cpu"))
@@ -141,7 +144,18 @@ def measure(specs, batch, steps, seed):
                      "huge_page_bytes": huge_page_bytes()})
     del methods, batches
     gc.collect()
+    _release_freed_heap()
     return rows
+
+
+def _release_freed_heap():
+    """Give the C heap's free memory back to the system (glibc keeps freed arenas otherwise),
+    so that later set-ups see the memory that earlier ones used."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 # Set-ups whose memory would be at least this large run in a fresh process. Near the machine's
@@ -149,6 +163,9 @@ def measure(specs, batch, steps, seed):
 # pushes the kernel into reclaim and compaction during the timed steps, and step times of every
 # method swing by 5x from one run to the next.
 ISOLATE_BYTES = 4 << 30
+# Largest share of the available memory a set-up may need (the rest: interpreter, batches, the
+# page cache that keeps torch's code in memory).
+MEMORY_FRACTION = 0.88
 
 
 def _child(conn, *args):
@@ -220,7 +237,7 @@ def main(argv=None):
     for N in sizes:
         for name in methods:
             need = needed_bytes(name, N)
-            if need > 0.85 * available_bytes():
+            if need > MEMORY_FRACTION * available_bytes():
                 print(f"{N:>11} {name:>10}   skipped: needs {need / 2**30:.1f} GiB, "
                       f"{available_bytes() / 2**30:.1f} GiB available")
                 rows.append({"N": N, "method": name, "skipped": "memory"})
@@ -241,7 +258,7 @@ def main(argv=None):
         if not all(name in methods and N in sizes for name, N in (a, b)):
             continue
         need = needed_bytes(*a) + needed_bytes(*b)
-        if need > 0.85 * available_bytes():
+        if need > MEMORY_FRACTION * available_bytes():
             print(f"  {a[0]}@{a[1]:.0e} / {b[0]}@{b[1]:.0e}: skipped, needs {need / 2**30:.1f} GiB")
             continue
         ra, rb = measure_isolated([a, b], args.batch, args.goal_steps, seed)
