@@ -188,8 +188,8 @@ void backward_impl(const ReparamGmmKlProblem& p, const at::Tensor& grad_z,
         if (stepper) {
           for (int64_t r = start / K; r < (start + count) / K; ++r) {
             if (!single[r]) continue;
-            copy_span(gmu_out + r * K, K, s.step_buf.data());
-            copy_span(glv_out + r * K, K, s.step_buf.data() + K);
+            std::copy_n(gmu_out + r * K, K, s.step_buf.data());
+            std::copy_n(glv_out + r * K, K, s.step_buf.data() + K);
             stepper->step(in.idx[r], s.step_buf.data(), s.step_buf.data() + 2 * K);
           }
         }

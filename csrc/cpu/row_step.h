@@ -27,48 +27,31 @@ struct RowGroups {
 
   // A stable LSD radix sort on the row index, 11 bits a pass, as many passes as the table's row
   // count needs. For a batch of 4096 it is ~10x cheaper than std::sort of (row, position) pairs.
-  // Tables of fewer than 2^32 rows sort (row << 32 | position) keys, so that a pass reads and
-  // moves one word per entry (no indirect load of the row through the position).
   RowGroups(const int64_t* idx, int64_t B, int64_t rows) : order(B) {
     TORCH_CHECK(B < (int64_t(1) << 31), "batches of at most 2^31 rows");
+    std::vector<int32_t> tmp(B);
+    for (int64_t b = 0; b < B; ++b) order[b] = static_cast<int32_t>(b);
+    constexpr int kBits = 11, kBuckets = 1 << kBits;
     int key_bits = 1;
     while (key_bits < 63 && (int64_t(1) << key_bits) < rows) ++key_bits;
-    if (key_bits <= 32) {
-      std::vector<uint64_t> keys(B), tmp(B);
-      for (int64_t b = 0; b < B; ++b) keys[b] = (uint64_t(idx[b]) << 32) | uint64_t(b);
-      radix_passes(keys, tmp, key_bits, [](uint64_t k) { return k >> 32; });
-      for (int64_t b = 0; b < B; ++b) order[b] = static_cast<int32_t>(keys[b] & 0xffffffffu);
-    } else {
-      std::vector<int32_t> tmp(B);
-      for (int64_t b = 0; b < B; ++b) order[b] = static_cast<int32_t>(b);
-      radix_passes(order, tmp, key_bits, [idx](int32_t b) { return uint64_t(idx[b]); });
+    std::vector<int32_t> bucket(kBuckets);
+    for (int shift = 0; shift < key_bits; shift += kBits) {
+      std::fill(bucket.begin(), bucket.end(), 0);
+      for (int64_t b = 0; b < B; ++b) ++bucket[(idx[order[b]] >> shift) & (kBuckets - 1)];
+      int32_t sum = 0;
+      for (auto& c : bucket) {
+        const int32_t n = c;
+        c = sum;
+        sum += n;
+      }
+      for (int64_t b = 0; b < B; ++b)
+        tmp[bucket[(idx[order[b]] >> shift) & (kBuckets - 1)]++] = order[b];
+      order.swap(tmp);
     }
     start.reserve(B + 1);
     for (int64_t b = 0; b < B; ++b)
       if (b == 0 || idx[order[b]] != idx[order[b - 1]]) start.push_back(b);
     start.push_back(B);
-  }
-
-  // Stable LSD radix sort of `items` by row(item), 11 bits a pass.
-  template <typename Item, typename RowOf>
-  static void radix_passes(std::vector<Item>& items, std::vector<Item>& tmp, int key_bits,
-                           const RowOf& row_of) {
-    constexpr int kBits = 11, kBuckets = 1 << kBits;
-    std::vector<int32_t> bucket(kBuckets);
-    const int64_t n = static_cast<int64_t>(items.size());
-    for (int shift = 0; shift < key_bits; shift += kBits) {
-      std::fill(bucket.begin(), bucket.end(), 0);
-      for (int64_t b = 0; b < n; ++b) ++bucket[(row_of(items[b]) >> shift) & (kBuckets - 1)];
-      int32_t sum = 0;
-      for (auto& c : bucket) {
-        const int32_t count = c;
-        c = sum;
-        sum += count;
-      }
-      for (int64_t b = 0; b < n; ++b)
-        tmp[bucket[(row_of(items[b]) >> shift) & (kBuckets - 1)]++] = items[b];
-      items.swap(tmp);
-    }
   }
 
   // single[b]: position b's row occurs only once in the batch.
@@ -79,25 +62,6 @@ struct RowGroups {
     return single;
   }
 };
-
-// dst[0:n] = src[0:n] and dst[0:n] += src[0:n] in vectors (a masked tail): rows are a few values
-// long, where std::copy_n would call memmove.
-template <typename T>
-inline void copy_span(const T* src, int64_t n, T* dst) {
-  using V = at::vec::Vectorized<T>;
-  int64_t k = 0;
-  for (; k + V::size() <= n; k += V::size()) V::loadu(src + k).store(dst + k);
-  if (k < n) V::loadu(src + k, n - k).store(dst + k, n - k);
-}
-
-template <typename T>
-inline void add_span(const T* src, int64_t n, T* dst) {
-  using V = at::vec::Vectorized<T>;
-  int64_t k = 0;
-  for (; k + V::size() <= n; k += V::size())
-    (V::loadu(dst + k) + V::loadu(src + k)).store(dst + k);
-  if (k < n) (V::loadu(dst + k, n - k) + V::loadu(src + k, n - k)).store(dst + k, n - k);
-}
 
 // Adam (SparseAdam's formula, see row_optimizer.h) on n contiguous elements.
 template <typename T>
@@ -148,12 +112,12 @@ struct RowStepper {
       for (int64_t k = 0; k < K; ++k) w1[k] -= lr * g[K + k];
       return;
     }
-    copy_span(w0, K, params);
-    copy_span(w1, K, params + K);
+    std::copy_n(w0, K, params);
+    std::copy_n(w1, K, params + K);
     T* m = state + row * 2 * W;
     adam_span(params, m, m + W, g, W, b1, b2, eps, step_size);
-    copy_span(params, K, w0);
-    copy_span(params + K, K, w1);
+    std::copy_n(params, K, w0);
+    std::copy_n(params + K, K, w1);
   }
 
   // Step every group of `groups` (only those of 2 or more positions with only_repeated) from the
@@ -181,9 +145,11 @@ struct RowStepper {
           const int64_t g = todo[i];
           for (int t = 0; t < 2; ++t) {
             T* s = sum + t * K;
-            copy_span(grad[t] + int64_t(groups.order[groups.start[g]]) * K, K, s);
-            for (int64_t j = groups.start[g] + 1; j < groups.start[g + 1]; ++j)
-              add_span(grad[t] + int64_t(groups.order[j]) * K, K, s);
+            std::copy_n(grad[t] + int64_t(groups.order[groups.start[g]]) * K, K, s);
+            for (int64_t j = groups.start[g] + 1; j < groups.start[g + 1]; ++j) {
+              const T* gj = grad[t] + int64_t(groups.order[j]) * K;
+              for (int64_t k = 0; k < K; ++k) s[k] += gj[k];
+            }
           }
           step(row_of(i), sum, params);
         }
