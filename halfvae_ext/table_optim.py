@@ -47,7 +47,7 @@ class FusedRowOptimizer(torch.nn.Module):
 
     def apply(self, mu, logvar, idx, grad_mu_rows, grad_logvar_rows):
         """One step on rows idx of both tables, from their per-index gradients [B, K]."""
-        self.step += 1
+        self.step.add_(1)  # in place: no module __setattr__ on the hot path
         b1, b2 = self.betas
         with torch.no_grad():
             _ops.latent_rows_update_(mu, logvar, self.state, idx, grad_mu_rows, grad_logvar_rows,
@@ -57,7 +57,7 @@ class FusedRowOptimizer(torch.nn.Module):
                       prior_logvars, eps, seed, reduction, prior_grads):
         """The backward of reparam_gmm_kl_rows and this optimizer's step on rows idx, in one op
         (the row gradients never leave it); returns the prior's gradients."""
-        self.step += 1
+        self.step.add_(1)  # in place: no module __setattr__ on the hot path
         b1, b2 = self.betas
         with torch.no_grad():
             return _ops.reparam_gmm_kl_rows_backward_step_(

@@ -99,6 +99,10 @@ def test_raw_ops_check_their_arguments_too(good):
     with pytest.raises(RuntimeError, match="grad_kl must have shape"):
         ops.reparam_gmm_kl_backward(good["mu"], torch.randn(5), good["mu"], good["logvar"], *p,
                                     good["eps"], None, 1, True)
+    # The CPU kernels are float32/float64 only (their kernel table says so).
+    half = [t.half() for t in (good["mu"], good["logvar"], *p, good["eps"])]
+    with pytest.raises(RuntimeError, match=r"cpu-\w+ kernels do not support \(float32, float64\)"):
+        ops.reparam_gmm_kl(*half[:5], half[5], None, 1)
 
 
 def test_philox_normal_bad_input():
