@@ -59,9 +59,9 @@ _FORMAT = "halfvae_ext.HalfVAEICA"
 _FORMAT_VERSION = 1
 # Noise std of the likelihood (and posterior std of the table) at the start, in whitened units.
 _INIT_NOISE_STD = 0.1
-# Parameters that do not change the training computation: they may differ on resume.
 # Parameters added after files were first written, with the behaviour those files had.
 _ADDED_PARAM_DEFAULTS = {"table_optimizer": "torch"}
+# Parameters that do not change the training computation: they may differ on resume.
 _NON_TRAINING_PARAMS = ("verbose", "checkpoint_path", "checkpoint_every", "device",
                         "transform_max_iter", "n_threads")
 # Below this many latent entries (n_samples * n_components) one CPU thread is faster: the steps are
