@@ -156,6 +156,22 @@ def test_fused_table_full_batch_separates(laplace):
     assert mean_corr_coef(laplace.S, S) > 0.97
 
 
+def test_files_from_before_table_optimizer_still_resume(laplace, fitted, tmp_path):
+    ref, _ = fitted
+    est = HalfVAEICA(3, **FAST)
+    est.fit(laplace.X, stop_after=77)
+    path = tmp_path / "old.pt"
+    est.save(path)
+    payload = torch.load(path, weights_only=True)
+    for params in (payload["params"], payload["run"]["params"]):
+        del params["table_optimizer"]  # as written before the parameter existed
+    torch.save(payload, path)
+    resumed = HalfVAEICA.load(path)
+    assert resumed.table_optimizer == "torch"
+    resumed.fit(laplace.X, resume=True)
+    _state_equal(resumed, ref)
+
+
 def test_fused_table_stop_and_resume_equals_uninterrupted(laplace, tmp_path):
     params = dict(batch_size=150, table_optimizer="fused", max_iter=30, n_restarts=2,
                   random_state=5)
