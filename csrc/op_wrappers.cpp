@@ -98,7 +98,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reparam_gmm_kl_rows_backward_step
   RowUpdate u = make_row_update(mu, logvar, state, optimizer, lr, beta1, beta2, adam_eps, step);
   auto p = prepare_reparam_gmm_kl(mu, logvar, prior_logits, prior_means, prior_logvars, eps, seed,
                                   reduction, idx);
-  if (u.optimizer == RowOptimizer::kAdam) p.prefetch_rows = state;
   u.idx = p.idx;
   if (kernels.backward_steps_rows) p.row_step = &u;
   const auto out = run_backward(kernels, p, grad_z, grad_kl, prior_grads);

@@ -22,9 +22,6 @@ struct ReparamGmmKlProblem {
   at::Tensor idx;         // int64 [N] row indices into mu/logvar (reparam_gmm_kl_rows), or undefined
   at::Tensor eps;         // [N, K], contiguous; undefined when sampled in the kernel
   at::Tensor seed;        // int64[2] on the device of mu; undefined when eps is given
-  // Backward with idx only, optional: a table [rows, S] (the fused optimizer's state) whose rows
-  // idx are about to be written; the CPU kernel prefetches them along with mu and logvar.
-  at::Tensor prefetch_rows;
   // Backward with idx only, optional, on kernels with Kernels::backward_steps_rows: the optimizer
   // step to apply to rows idx of mu and logvar from the gradients being computed.
   const RowUpdate* row_step = nullptr;
