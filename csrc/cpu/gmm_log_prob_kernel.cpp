@@ -40,8 +40,9 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& z, const PriorTable
   T* gz = grad_z.data_ptr<T>();
   std::vector<double> chunk_sums(kPriorGrads ? blocking.num_chunks * nsums * pat.P : 0, 0.0);
   dispatch_sums_in_registers<T, CT>(pat, [&]<bool kInRegisters>() {
-    blocking.for_each_chunk([&](int64_t chunk, int64_t b0, int64_t b1) {
-      PriorSums<T, CT, kInRegisters> sums(pat);
+    using Sums = PriorSums<T, CT, kInRegisters>;
+    blocking.for_each_chunk([&] { return Sums(pat); }, [&](Sums& sums, int64_t chunk, int64_t b0,
+                                                          int64_t b1) {
       sums.chunk = kPriorGrads ? chunk_sums.data() + chunk * nsums * pat.P : nullptr;
       for (int64_t b = b0; b < b1; ++b) {
         if constexpr (kPriorGrads) sums.begin_block();

@@ -13,9 +13,11 @@ void philox_normal(const at::Tensor& seed_tensor, at::Tensor& out) {
     using T = scalar_t;
     const Blocking blocking(out.numel(), 1, 0);
     T* o = out.data_ptr<T>();
-    blocking.for_each_chunk([&](int64_t, int64_t b0, int64_t b1) {
-      NormalFiller<T> filler;
-      std::vector<T> buf(normal_buffer_size<T>(blocking.block_elems));
+    const auto make_scratch = [&] {
+      return std::pair{NormalFiller<T>{}, std::vector<T>(normal_buffer_size<T>(blocking.block_elems))};
+    };
+    blocking.for_each_chunk(make_scratch, [&](auto& scratch, int64_t, int64_t b0, int64_t b1) {
+      auto& [filler, buf] = scratch;
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t start = blocking.block_start(b), count = blocking.block_count(b);
         filler.fill(seed, start, count, buf.data());

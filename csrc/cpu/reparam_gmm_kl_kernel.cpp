@@ -70,8 +70,8 @@ struct ChunkScratch {
     const int64_t first = start / K, n = count / K;
     for (int64_t r = 0; r < n; ++r) {
       const int64_t row = in.idx[first + r];
-      std::copy_n(in.mu + row * in.row_stride, K, mu_rows.data() + r * K);
-      std::copy_n(in.logvar + row * in.row_stride, K, logvar_rows.data() + r * K);
+      copy_row(mu_rows.data() + r * K, in.mu + row * in.row_stride, K);
+      copy_row(logvar_rows.data() + r * K, in.logvar + row * in.row_stride, K);
     }
     for (int64_t r = first + n; r < std::min(in.batch_rows, first + 2 * n); ++r) {
       prefetch_span<false>(in.mu + in.idx[r] * in.row_stride, K);
@@ -101,8 +101,8 @@ void forward_impl(const ReparamGmmKlProblem& p, at::Tensor& z, at::Tensor& kl) {
   const int C = static_cast<int>(p.C);
   const int64_t K = p.K;
 
-  blocking.for_each_chunk([&](int64_t, int64_t b0, int64_t b1) {
-    ChunkScratch<T> s(blocking, p.sampled(), p.gathered(), row);
+  const auto make_scratch = [&] { return ChunkScratch<T>(blocking, p.sampled(), p.gathered(), row); };
+  blocking.for_each_chunk(make_scratch, [&](ChunkScratch<T>& s, int64_t, int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = blocking.block_start(b), count = blocking.block_count(b);
       const T* eps = s.block_eps(in.seed_ptr, in.eps, start, count);
@@ -155,10 +155,16 @@ void backward_impl(const ReparamGmmKlProblem& p, const at::Tensor& grad_z,
   }
 
   dispatch_sums_in_registers<T, CT>(pat, [&]<bool kInRegisters>() {
-    blocking.for_each_chunk([&](int64_t chunk, int64_t b0, int64_t b1) {
-      ChunkScratch<T> s(blocking, p.sampled(), p.gathered(), row);
-      if (p.row_step != nullptr) s.reserve_step(K);
-      PriorSums<T, CT, kInRegisters> sums(pat);
+    using Sums = PriorSums<T, CT, kInRegisters>;
+    const auto make_scratch = [&] {
+      std::pair<ChunkScratch<T>, Sums> scratch{
+          ChunkScratch<T>(blocking, p.sampled(), p.gathered(), row), Sums(pat)};
+      if (p.row_step != nullptr) scratch.first.reserve_step(K);
+      return scratch;
+    };
+    blocking.for_each_chunk(make_scratch, [&](std::pair<ChunkScratch<T>, Sums>& scratch,
+                                              int64_t chunk, int64_t b0, int64_t b1) {
+      auto& [s, sums] = scratch;
       sums.chunk = kPriorGrads ? chunk_sums.data() + chunk * nsums * pat.P : nullptr;
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t start = blocking.block_start(b), count = blocking.block_count(b);
@@ -187,8 +193,8 @@ void backward_impl(const ReparamGmmKlProblem& p, const at::Tensor& grad_z,
         if (stepper) {
           for (int64_t r = start / K; r < (start + count) / K; ++r) {
             if (!single[r]) continue;
-            std::copy_n(gmu_out + r * K, K, s.step_buf.data());
-            std::copy_n(glv_out + r * K, K, s.step_buf.data() + K);
+            copy_row(s.step_buf.data(), gmu_out + r * K, K);
+            copy_row(s.step_buf.data() + K, glv_out + r * K, K);
             stepper->step(in.idx[r], s.step_buf.data(), s.step_buf.data() + 2 * K);
           }
         }

@@ -112,12 +112,16 @@ struct RowStepper {
       for (int64_t k = 0; k < K; ++k) w1[k] -= lr * g[K + k];
       return;
     }
-    std::copy_n(w0, K, params);
-    std::copy_n(w1, K, params + K);
     T* m = state + row * 2 * W;
+    if (w1 == w0 + K) {  // LatentTable's layout [rows, 2, K]: the row's mu|logvar are contiguous
+      adam_span(w0, m, m + W, g, W, b1, b2, eps, step_size);
+      return;
+    }
+    copy_row(params, w0, K);
+    copy_row(params + K, w1, K);
     adam_span(params, m, m + W, g, W, b1, b2, eps, step_size);
-    std::copy_n(params, K, w0);
-    std::copy_n(params + K, K, w1);
+    copy_row(w0, params, K);
+    copy_row(w1, params + K, K);
   }
 
   // Step every group of `groups` (only those of 2 or more positions with only_repeated) from the
@@ -145,7 +149,7 @@ struct RowStepper {
           const int64_t g = todo[i];
           for (int t = 0; t < 2; ++t) {
             T* s = sum + t * K;
-            std::copy_n(grad[t] + int64_t(groups.order[groups.start[g]]) * K, K, s);
+            copy_row(s, grad[t] + int64_t(groups.order[groups.start[g]]) * K, K);
             for (int64_t j = groups.start[g] + 1; j < groups.start[g + 1]; ++j) {
               const T* gj = grad[t] + int64_t(groups.order[j]) * K;
               for (int64_t k = 0; k < K; ++k) s[k] += gj[k];
