@@ -12,7 +12,7 @@ inline namespace CPU_CAPABILITY {
 void latent_rows_update(const RowUpdate& u) {
   const int64_t B = u.idx.numel();
   const int64_t* idx = u.idx.data_ptr<int64_t>();
-  const RowGroups groups(idx, B, u.mu.size(0));
+  const RowGroups groups(idx, B);
   AT_DISPATCH_FLOATING_TYPES(u.mu.scalar_type(), "latent_rows_update_cpu", [&] {
     RowStepper<scalar_t>(u).step_groups(groups, idx, u.grad_mu.data_ptr<scalar_t>(),
                                         u.grad_logvar.data_ptr<scalar_t>(),

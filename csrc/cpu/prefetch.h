@@ -6,13 +6,18 @@
 #include <cstdint>
 #include <cstring>
 
+#include <c10/macros/Macros.h>
+
+// Compiled once per ISA like the kernels that include it: a helper outside CPU_CAPABILITY would be
+// one shared (baseline, out-of-line) copy for every variant.
 namespace halfvae::cpu {
+inline namespace CPU_CAPABILITY {
 
 constexpr int64_t kCacheLine = 64;
 
 // Every cache line of [p, p + n).
 template <bool kForWrite, typename T>
-inline void prefetch_span(const T* p, int64_t n) {
+C10_ALWAYS_INLINE void prefetch_span(const T* p, int64_t n) {
   const auto first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(kCacheLine - 1);
   const auto end = reinterpret_cast<uintptr_t>(p + n);
   for (uintptr_t a = first; a < end; a += kCacheLine)
@@ -23,7 +28,7 @@ inline void prefetch_span(const T* p, int64_t n) {
 // memmove, which cost more than the copy itself (~6% of a fused table step, tens of thousands of
 // calls); memcpy of a constant size compiles to plain vector moves.
 template <typename T>
-inline void copy_row(T* __restrict dst, const T* __restrict src, int64_t n) {
+C10_ALWAYS_INLINE void copy_row(T* __restrict dst, const T* __restrict src, int64_t n) {
   auto* d = reinterpret_cast<char*>(dst);
   auto* s = reinterpret_cast<const char*>(src);
   int64_t bytes = n * static_cast<int64_t>(sizeof(T));
@@ -39,4 +44,5 @@ inline void copy_row(T* __restrict dst, const T* __restrict src, int64_t n) {
   if (bytes >= 4) std::memcpy(d, s, 4);  // sizeof(T) >= 4: nothing is left after this
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace halfvae::cpu

@@ -149,7 +149,7 @@ void backward_impl(const ReparamGmmKlProblem& p, const at::Tensor& grad_z,
   std::vector<uint8_t> single;
   std::optional<RowStepper<T>> stepper;
   if (p.row_step != nullptr) {
-    groups.emplace(in.idx, p.N, p.mu.size(0));
+    groups.emplace(in.idx, p.N);
     single = groups->singles();
     stepper.emplace(*p.row_step);
   }

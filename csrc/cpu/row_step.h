@@ -17,48 +17,52 @@
 namespace halfvae::cpu {
 inline namespace CPU_CAPABILITY {
 
-// The batch's positions grouped by row: positions in `order` (ascending row, ties in batch order,
-// so duplicate gradients are summed in batch order), group g = order[start[g] .. start[g+1]).
+// The batch's positions grouped by row. Group g (numbered in order of first occurrence) has
+// count[g] positions: first[g], next[first[g]], ... in batch order, so duplicate gradients are
+// summed in batch order whatever the thread count.
 struct RowGroups {
-  std::vector<int32_t> order;
-  std::vector<int64_t> start;
-  int64_t size() const { return static_cast<int64_t>(start.size()) - 1; }
-  int64_t count(int64_t g) const { return start[g + 1] - start[g]; }
+  std::vector<int32_t> first, count, next;  // next: per position, -1 after a group's last one
+  int64_t size() const { return static_cast<int64_t>(first.size()); }
 
-  // A stable LSD radix sort on the row index, 11 bits a pass, as many passes as the table's row
-  // count needs. For a batch of 4096 it is ~10x cheaper than std::sort of (row, position) pairs.
-  RowGroups(const int64_t* idx, int64_t B, int64_t rows) : order(B) {
-    TORCH_CHECK(B < (int64_t(1) << 31), "batches of at most 2^31 rows");
-    std::vector<int32_t> tmp(B);
-    for (int64_t b = 0; b < B; ++b) order[b] = static_cast<int32_t>(b);
-    constexpr int kBits = 11, kBuckets = 1 << kBits;
-    int key_bits = 1;
-    while (key_bits < 63 && (int64_t(1) << key_bits) < rows) ++key_bits;
-    std::vector<int32_t> bucket(kBuckets);
-    for (int shift = 0; shift < key_bits; shift += kBits) {
-      std::fill(bucket.begin(), bucket.end(), 0);
-      for (int64_t b = 0; b < B; ++b) ++bucket[(idx[order[b]] >> shift) & (kBuckets - 1)];
-      int32_t sum = 0;
-      for (auto& c : bucket) {
-        const int32_t n = c;
-        c = sum;
-        sum += n;
+  // One pass over the batch with an open-addressing hash table of rows (load <= 1/2, Fibonacci
+  // hashing, linear probing): O(B) and no sort. Replaced a stable radix sort that took 2-3 passes
+  // and ~5% of a fused 4096-row step. idx values are valid rows (>= 0): -1 marks an empty slot.
+  RowGroups(const int64_t* idx, int64_t B) : next(B, -1) {
+    TORCH_CHECK(B < (int64_t(1) << 30), "batches of at most 2^30 rows");
+    int bits = 4;
+    while ((int64_t(1) << bits) < 2 * B) ++bits;
+    const uint64_t mask = (uint64_t(1) << bits) - 1;
+    std::vector<int64_t> key(mask + 1, -1);
+    std::vector<int32_t> group(mask + 1);
+    std::vector<int32_t> last;  // last position of each group so far
+    first.reserve(B);
+    count.reserve(B);
+    last.reserve(B);
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t row = idx[b];
+      uint64_t h = (static_cast<uint64_t>(row) * 0x9E3779B97F4A7C15ull) >> (64 - bits);
+      while (key[h] != -1 && key[h] != row) h = (h + 1) & mask;
+      const int32_t pos = static_cast<int32_t>(b);
+      if (key[h] == -1) {
+        key[h] = row;
+        group[h] = static_cast<int32_t>(first.size());
+        first.push_back(pos);
+        count.push_back(1);
+        last.push_back(pos);
+      } else {
+        const int32_t g = group[h];
+        next[last[g]] = pos;
+        last[g] = pos;
+        ++count[g];
       }
-      for (int64_t b = 0; b < B; ++b)
-        tmp[bucket[(idx[order[b]] >> shift) & (kBuckets - 1)]++] = order[b];
-      order.swap(tmp);
     }
-    start.reserve(B + 1);
-    for (int64_t b = 0; b < B; ++b)
-      if (b == 0 || idx[order[b]] != idx[order[b - 1]]) start.push_back(b);
-    start.push_back(B);
   }
 
   // single[b]: position b's row occurs only once in the batch.
   std::vector<uint8_t> singles() const {
-    std::vector<uint8_t> single(order.size(), 0);
+    std::vector<uint8_t> single(next.size(), 0);
     for (int64_t g = 0; g < size(); ++g)
-      if (count(g) == 1) single[order[start[g]]] = 1;
+      if (count[g] == 1) single[first[g]] = 1;
     return single;
   }
 };
@@ -131,11 +135,11 @@ struct RowStepper {
   void step_groups(const RowGroups& groups, const int64_t* idx, const T* grad_mu,
                    const T* grad_logvar, bool only_repeated) const {
     const T* grad[2] = {grad_mu, grad_logvar};
-    std::vector<int64_t> todo;  // group numbers
+    std::vector<int32_t> todo;  // group numbers
     todo.reserve(groups.size());
     for (int64_t g = 0; g < groups.size(); ++g)
-      if (!only_repeated || groups.count(g) > 1) todo.push_back(g);
-    auto row_of = [&](int64_t i) { return idx[groups.order[groups.start[todo[i]]]]; };
+      if (!only_repeated || groups.count[g] > 1) todo.push_back(static_cast<int32_t>(g));
+    auto row_of = [&](int64_t i) { return idx[groups.first[todo[i]]]; };
     constexpr int64_t kChunk = 16;  // rows in flight: ~3-4 cache lines each
     at::parallel_for(0, static_cast<int64_t>(todo.size()), 256, [&](int64_t i0, int64_t i1) {
       std::vector<T> buf(2 * W);
@@ -146,12 +150,12 @@ struct RowStepper {
         const int64_t c1 = std::min(i1, c0 + kChunk);
         for (int64_t i = c1; i < std::min(i1, c1 + kChunk); ++i) prefetch(row_of(i));
         for (int64_t i = c0; i < c1; ++i) {
-          const int64_t g = todo[i];
+          const int32_t head = groups.first[todo[i]];
           for (int t = 0; t < 2; ++t) {
             T* s = sum + t * K;
-            copy_row(s, grad[t] + int64_t(groups.order[groups.start[g]]) * K, K);
-            for (int64_t j = groups.start[g] + 1; j < groups.start[g + 1]; ++j) {
-              const T* gj = grad[t] + int64_t(groups.order[j]) * K;
+            copy_row(s, grad[t] + int64_t(head) * K, K);
+            for (int32_t j = groups.next[head]; j >= 0; j = groups.next[j]) {
+              const T* gj = grad[t] + int64_t(j) * K;
               for (int64_t k = 0; k < K; ++k) s[k] += gj[k];
             }
           }
