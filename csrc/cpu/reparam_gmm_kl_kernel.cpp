@@ -73,9 +73,11 @@ struct ChunkScratch {
       copy_row(mu_rows.data() + r * K, in.mu + row * in.row_stride, K);
       copy_row(logvar_rows.data() + r * K, in.logvar + row * in.row_stride, K);
     }
+    // LatentTable's layout [rows, 2, K]: a row's mu and logvar are adjacent, one span.
+    const bool adjacent = in.logvar == in.mu + K;
     for (int64_t r = first + n; r < std::min(in.batch_rows, first + 2 * n); ++r) {
-      prefetch_span<false>(in.mu + in.idx[r] * in.row_stride, K);
-      prefetch_span<false>(in.logvar + in.idx[r] * in.row_stride, K);
+      prefetch_span<false>(in.mu + in.idx[r] * in.row_stride, adjacent ? 2 * K : K);
+      if (!adjacent) prefetch_span<false>(in.logvar + in.idx[r] * in.row_stride, K);
       if (in.adam_state != nullptr)  // the step will write these rows
         prefetch_span<true>(in.adam_state + in.idx[r] * in.state_row_size, in.state_row_size);
     }
