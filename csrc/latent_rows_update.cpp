@@ -71,7 +71,7 @@ void latent_rows_update_op(const Kernels& kernels, const at::Tensor& mu,
   const auto [lo, hi] = at::aminmax(u.idx);
   const int64_t min_i = lo.item<int64_t>(), max_i = hi.item<int64_t>();
   // Checked before anything is written.
-  TORCH_CHECK(min_i >= 0 && max_i < mu.size(0), "idx values must be in [0, ", mu.size(0),
+  TORCH_CHECK_INDEX(min_i >= 0 && max_i < mu.size(0), "idx values must be in [0, ", mu.size(0),
               "), got min ", min_i, " and max ", max_i);
   u.grad_mu = grad_mu.contiguous();
   u.grad_logvar = grad_logvar.contiguous();

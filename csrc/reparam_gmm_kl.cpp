@@ -38,7 +38,7 @@ ReparamGmmKlProblem prepare_reparam_gmm_kl(const at::Tensor& mu, const at::Tenso
       // outside the table.
       const auto [lo, hi] = at::aminmax(p.idx);
       const int64_t min_i = lo.item<int64_t>(), max_i = hi.item<int64_t>();
-      TORCH_CHECK(min_i >= 0 && max_i < mu.size(0), "idx values must be in [0, ", mu.size(0),
+      TORCH_CHECK_INDEX(min_i >= 0 && max_i < mu.size(0), "idx values must be in [0, ", mu.size(0),
                   "), got min ", min_i, " and max ", max_i);
     }
     p.N = p.idx.numel();
