@@ -36,7 +36,8 @@ struct Tables {
       w[k] -= 1e-3f * m[k];
     }
   }
-  void prefetch(size_t r) const {
+  // Always inlined: a function made only of prefetches is "const" to GCC, which deletes its calls.
+  __attribute__((always_inline)) void prefetch(size_t r) const {
     __builtin_prefetch(table + r * kRowBytes, 1, 3);
     __builtin_prefetch(state + r * kStateBytes, 1, 3);
     __builtin_prefetch(state + r * kStateBytes + 64, 1, 3);
