@@ -15,7 +15,9 @@ inline namespace CPU_CAPABILITY {
 
 constexpr int64_t kCacheLine = 64;
 
-// Every cache line of [p, p + n).
+// Every cache line of [p, p + n). Call it from a function that does something else too, or from an
+// always-inlined one: GCC takes a function made only of prefetches for a const function without
+// effect and deletes its calls (RowStepper::prefetch lost all its prefetches that way).
 template <bool kForWrite, typename T>
 C10_ALWAYS_INLINE void prefetch_span(const T* p, int64_t n) {
   const auto first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(kCacheLine - 1);
