@@ -25,8 +25,9 @@ struct RowGroups {
   int64_t size() const { return static_cast<int64_t>(first.size()); }
 
   // One pass over the batch with an open-addressing hash table of rows (load <= 1/2, Fibonacci
-  // hashing, linear probing): O(B) and no sort. Replaced a stable radix sort that took 2-3 passes
-  // and ~5% of a fused 4096-row step. idx values are valid rows (>= 0): -1 marks an empty slot.
+  // hashing, linear probing): O(B) whatever the table size. (It replaced a stable radix sort whose
+  // passes grew with the row count, 3 at 10^8 rows; at 4096 rows both cost the same, measured.)
+  // idx values are valid rows (>= 0): -1 marks an empty slot.
   RowGroups(const int64_t* idx, int64_t B) : next(B, -1) {
     TORCH_CHECK(B < (int64_t(1) << 30), "batches of at most 2^30 rows");
     int bits = 4;
