@@ -341,3 +341,40 @@ def test_latent_table_module_fused_optimizer_matches_sparse_adam_and_round_trips
     assert models[0].latents.mu.grad is None
     torch.testing.assert_close(models[0].latents.mu.detach(), models[1].latents.mu.detach(),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_table_with_in_kernel_eps_steps_like_sparse_adam_with_the_same_draws(device):
+    # Without eps, the fused step draws eps in its forward (on the CPU: once, kept for the
+    # backward); the sparse path draws inside the kernel and draws again in the backward. With the
+    # same generator state both must see the same eps, so the same z, kl, steps and prior grads.
+    from halfvae_ext.models import GMMPrior, LatentTable
+    torch.manual_seed(0)
+    priors = [GMMPrior(4, 3).to(device) for _ in range(2)]
+    priors[1].load_state_dict(priors[0].state_dict())
+    fused = LatentTable(100, 4, fused_optimizer="adam", lr=0.05,
+                        generator=torch.Generator().manual_seed(1)).to(device)
+    sparse = LatentTable(100, 4, sparse=True, generator=torch.Generator().manual_seed(1)).to(device)
+    opt = torch.optim.SparseAdam([sparse.mu, sparse.logvar], lr=0.05)
+    g = torch.Generator().manual_seed(3)
+    for step in range(4):
+        idx = torch.randint(0, 30, (64,), generator=g).to(device)  # duplicates in each batch
+        outs = []
+        for table, prior in ((fused, priors[0]), (sparse, priors[1])):
+            draws = torch.Generator(device=device).manual_seed(100 + step)
+            z, kl = table(idx, prior, generator=draws)
+            (kl.sum() + (z * z).sum()).backward()
+            outs.append((z.detach(), kl.detach()))
+        opt.step()
+        opt.zero_grad()
+        if step == 0:  # same tables, same eps: the same bits, prior gradients included
+            assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+            for name in ("logits", "means", "logvars"):
+                assert torch.equal(getattr(priors[0], name).grad, getattr(priors[1], name).grad)
+        else:  # the two Adams round differently in the last bits
+            torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-4)
+    assert fused.mu.grad is None
+    torch.testing.assert_close(fused.mu.detach(), sparse.mu.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.logvar.detach(), sparse.logvar.detach(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(fused.mu[30:], sparse.mu[30:])  # untouched rows keep their values
