@@ -15,15 +15,16 @@ inline namespace CPU_CAPABILITY {
 
 constexpr int64_t kCacheLine = 64;
 
-// Every cache line of [p, p + n). Call it from a function that does something else too, or from an
-// always-inlined one: GCC takes a function made only of prefetches for a const function without
-// effect and deletes its calls (RowStepper::prefetch lost all its prefetches that way).
+// Every cache line of [p, p + n). The empty volatile asm (no instruction) gives it an effect GCC
+// must keep: to GCC 12 a function made only of __builtin_prefetch calls is const, and it deleted
+// every call of one (RowStepper::prefetch: latent_rows_update_ ran with no prefetch at all).
 template <bool kForWrite, typename T>
 C10_ALWAYS_INLINE void prefetch_span(const T* p, int64_t n) {
   const auto first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(kCacheLine - 1);
   const auto end = reinterpret_cast<uintptr_t>(p + n);
   for (uintptr_t a = first; a < end; a += kCacheLine)
     __builtin_prefetch(reinterpret_cast<const void*>(a), kForWrite ? 1 : 0, 3);
+  asm volatile("");
 }
 
 // Copies the n values of a row (a few dozen bytes). std::copy_n with a run-time n is a call to

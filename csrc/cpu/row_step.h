@@ -101,9 +101,7 @@ struct RowStepper {
         K(u.mu.size(1)), W(2 * u.mu.size(1)), stride(u.row_stride), b1(T(u.beta1)),
         b2(T(u.beta2)), eps(T(u.eps)), step_size(T(u.step_size)), lr(T(u.lr)) {}
 
-  // Always inlined: as a function of its own it has no effect GCC can see (prefetches only), so
-  // GCC marks it const and deletes every call (-O3, GCC 12: no prefetch instruction was left).
-  C10_ALWAYS_INLINE void prefetch(int64_t row) const {
+  void prefetch(int64_t row) const {
     prefetch_span<true>(table[0] + row * stride, K);
     prefetch_span<true>(table[1] + row * stride, K);
     if (state != nullptr) prefetch_span<true>(state + row * 2 * W, 2 * W);
