@@ -10,9 +10,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-#include <immintrin.h>  // Philox on vector registers
-#endif
 
 #include <algorithm>
 #include <cmath>
@@ -179,78 +176,6 @@ inline void for_each_vector(int64_t start, int64_t count, int64_t P, const Body&
   }
 }
 
-// Philox4x32-10 (philox.h) on kPhiloxLanes consecutive counter blocks at once. One block at a
-// time it was about half the cost of drawing eps; here the 32x32 -> 64-bit products of several
-// blocks run as one vpmuludq (AVX2: 4 blocks per vector, AVX-512: 8). Same arithmetic, so the same
-// bits as philox4x32_10 and the CUDA kernels.
-constexpr int kPhiloxLanes = 16;
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-#if defined(CPU_CAPABILITY_AVX512)
-struct PhiloxVec {  // 8 blocks, one per 64-bit lane (the 32-bit words in the low halves)
-  using R = __m512i;
-  static constexpr int kBlocks = 8;
-  static R set1(uint64_t x) { return _mm512_set1_epi64(static_cast<long long>(x)); }
-  static R mul(R a, R b) { return _mm512_mul_epu32(a, b); }
-  static R hi(R a) { return _mm512_srli_epi64(a, 32); }
-  static R lo(R a) { return _mm512_and_si512(a, set1(0xFFFFFFFFu)); }
-  static R xor3(R a, R b, R c) { return _mm512_ternarylogic_epi64(a, b, c, 0x96); }
-  static R load(const uint64_t* p) { return _mm512_loadu_si512(p); }
-  static void store(uint64_t* p, R a) { _mm512_storeu_si512(p, a); }
-};
-#else
-struct PhiloxVec {  // 4 blocks
-  using R = __m256i;
-  static constexpr int kBlocks = 4;
-  static R set1(uint64_t x) { return _mm256_set1_epi64x(static_cast<long long>(x)); }
-  static R mul(R a, R b) { return _mm256_mul_epu32(a, b); }
-  static R hi(R a) { return _mm256_srli_epi64(a, 32); }
-  static R lo(R a) { return _mm256_and_si256(a, set1(0xFFFFFFFFu)); }
-  static R xor3(R a, R b, R c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
-  static R load(const uint64_t* p) { return _mm256_loadu_si256(reinterpret_cast<const R*>(p)); }
-  static void store(uint64_t* p, R a) { _mm256_storeu_si256(reinterpret_cast<R*>(p), a); }
-};
-#endif
-inline void philox4x32_10_lanes(const PhiloxSeed& s, uint64_t first_block,
-                                uint32_t out[4][kPhiloxLanes]) {
-  using P = PhiloxVec;
-  constexpr int L = kPhiloxLanes;
-  alignas(64) uint64_t block_lo[L], block_hi[L], words[L];
-  for (int l = 0; l < L; ++l) {
-    const uint64_t block = first_block + static_cast<uint64_t>(l);
-    block_lo[l] = static_cast<uint32_t>(block);
-    block_hi[l] = block >> 32;
-  }
-  const auto m0 = P::set1(0xD2511F53u), m1 = P::set1(0xCD9E8D57u);
-  for (int v = 0; v < L; v += P::kBlocks) {
-    auto c0 = P::load(block_lo + v), c1 = P::load(block_hi + v);
-    auto c2 = P::set1(static_cast<uint32_t>(s.offset)), c3 = P::set1(s.offset >> 32);
-    uint32_t k0 = static_cast<uint32_t>(s.seed), k1 = static_cast<uint32_t>(s.seed >> 32);
-    for (int round = 0; round < 10; ++round) {
-      const auto p0 = P::mul(c0, m0), p1 = P::mul(c2, m1);
-      c0 = P::xor3(P::hi(p1), c1, P::set1(k0));
-      c1 = P::lo(p1);
-      c2 = P::xor3(P::hi(p0), c3, P::set1(k1));
-      c3 = P::lo(p0);
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
-    }
-    const typename P::R c[4] = {c0, c1, c2, c3};
-    for (int w = 0; w < 4; ++w) {
-      P::store(words, c[w]);
-      for (int l = 0; l < P::kBlocks; ++l) out[w][v + l] = static_cast<uint32_t>(words[l]);
-    }
-  }
-}
-#else
-inline void philox4x32_10_lanes(const PhiloxSeed& s, uint64_t first_block,
-                                uint32_t out[4][kPhiloxLanes]) {
-  for (int l = 0; l < kPhiloxLanes; ++l) {
-    const PhiloxBlock x = philox4x32_10(s.seed, s.offset, first_block + static_cast<uint64_t>(l));
-    for (int w = 0; w < 4; ++w) out[w][l] = x.x[w];
-  }
-}
-#endif
-
 // Standard normals of global elements [start, start + count), start a multiple of 4, into out
 // (room for count rounded up to 2W). Philox fills the uniforms, Box-Muller runs vectorized. The
 // buffers grow once and are reused: one filler serves every block a thread draws.
@@ -271,18 +196,12 @@ struct NormalFiller {
     std::fill(radius_u.begin() + pairs, radius_u.begin() + padded, T(1));  // log(1) = 0: finite
     std::fill(angle_u.begin() + pairs, angle_u.begin() + padded, T(0));
     const uint64_t first = static_cast<uint64_t>(start / 4);
-    uint32_t x[4][kPhiloxLanes];
-    for (int64_t b0 = 0; b0 < blocks; b0 += kPhiloxLanes) {
-      philox4x32_10_lanes(s, first + static_cast<uint64_t>(b0), x);
-      const int64_t n = std::min<int64_t>(kPhiloxLanes, blocks - b0);
-      T* r = radius_u.data() + 2 * b0;
-      T* a = angle_u.data() + 2 * b0;
-      for (int64_t l = 0; l < n; ++l) {
-        r[2 * l] = uniform_open0<T>(x[0][l]);
-        a[2 * l] = uniform_closed0<T>(x[1][l]);
-        r[2 * l + 1] = uniform_open0<T>(x[2][l]);
-        a[2 * l + 1] = uniform_closed0<T>(x[3][l]);
-      }
+    for (int64_t b = 0; b < blocks; ++b) {
+      const PhiloxBlock x = philox4x32_10(s.seed, s.offset, first + b);
+      radius_u[2 * b] = uniform_open0<T>(x.x[0]);
+      angle_u[2 * b] = uniform_closed0<T>(x.x[1]);
+      radius_u[2 * b + 1] = uniform_open0<T>(x.x[2]);
+      angle_u[2 * b + 1] = uniform_closed0<T>(x.x[3]);
     }
     const V two_pi(static_cast<T>(2.0 * M_PI));
     for (int64_t p = 0; p < padded; p += W) {
