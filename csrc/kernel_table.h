@@ -1,9 +1,14 @@
 // The kernels of one device, as a table of functions: the device-independent op wrappers
 // (op_wrappers.cpp) check arguments, allocate outputs and finalize prior gradients, then call these.
 // The CPU has one table per instruction set (DEFAULT, AVX2, AVX512 -- see CMakeLists.txt), chosen at
-// run time from torch's own CPU capability, so ATEN_CPU_CAPABILITY=avx2 narrows ours like torch's.
+// run time: the best one that torch's CPU capability allows (ATEN_CPU_CAPABILITY=avx2 narrows ours
+// like torch's) and whose every instruction-set feature the CPU has.
 #pragma once
 #include <ATen/core/Tensor.h>
+
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "latent_rows_update.h"
 #include "reparam_gmm_kl.h"
@@ -41,6 +46,10 @@ const Kernels& kernels_AVX512();
 
 // The kernels for this machine (and ATEN_CPU_CAPABILITY).
 const Kernels& kernels();
+
+// Each compiled variant ("cpu-AVX2", ...) with the features it needs that this CPU lacks (or that
+// HALFVAE_CPU_HIDE_FEATURES hides); an empty list: the CPU can run it.
+std::vector<std::pair<std::string, std::vector<std::string>>> kernel_variants();
 
 PhiloxSeed read_seed(const at::Tensor& seed);
 }  // namespace cpu

@@ -16,7 +16,34 @@ TORCH_LIBRARY(halfvae_ext, m) {
 }
 
 static PyObject* cpu_kernel_name(PyObject*, PyObject*) {
-  return PyUnicode_FromString(halfvae::cpu::kernels().name);
+  try {
+    return PyUnicode_FromString(halfvae::cpu::kernels().name);
+  } catch (const c10::Error& e) {  // a bad HALFVAE_CPU_HIDE_FEATURES
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
+static PyObject* cpu_kernel_variants(PyObject*, PyObject*) {
+  std::vector<std::pair<std::string, std::vector<std::string>>> variants;
+  try {
+    variants = halfvae::cpu::kernel_variants();
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+  PyObject* out = PyDict_New();
+  for (const auto& [name, missing] : variants) {
+    PyObject* list = PyList_New(0);
+    for (const auto& f : missing) {
+      PyObject* s = PyUnicode_FromString(f.c_str());
+      PyList_Append(list, s);
+      Py_DECREF(s);
+    }
+    PyDict_SetItemString(out, name.c_str(), list);
+    Py_DECREF(list);
+  }
+  return out;
 }
 
 static PyObject* cpu_output_cache_info(PyObject*, PyObject*) {
@@ -62,6 +89,10 @@ static PyMethodDef methods[] = {
      "Bound (bytes) of the CPU output-buffer cache; 0 disables it and frees cached buffers."},
     {"cpu_kernel_name", cpu_kernel_name, METH_NOARGS,
      "Name of the CPU kernel variant in use, e.g. 'cpu-AVX512'."},
+    {"cpu_kernel_variants", cpu_kernel_variants, METH_NOARGS,
+     "The compiled CPU kernel variants, each with the instruction-set features it needs that "
+     "this CPU lacks ({'cpu-DEFAULT': [], 'cpu-AVX512': ['avx512f', ...]}); a variant with none "
+     "missing can run. HALFVAE_CPU_HIDE_FEATURES=avx512f,... (a test hook) hides features."},
     {nullptr, nullptr, 0, nullptr}};
 
 extern "C" PyObject* PyInit__C(void) {

@@ -85,18 +85,106 @@ grads = torch.autograd.grad(kl.sum() + z.sum(), [mu, lv, *prior])
 torch.save([z, kl, *grads], sys.argv[1])
 """
 
+_CAPABILITY_OF = {"cpu-DEFAULT": "default", "cpu-AVX2": "avx2", "cpu-AVX512": "avx512"}
 
-def test_cpu_kernel_variants_agree(tmp_path):
-    """DEFAULT, AVX2 and AVX512 builds (chosen through ATEN_CPU_CAPABILITY) compute the same."""
-    results = {}
-    for cap in ("default", "avx2", "avx512"):
-        out = tmp_path / f"{cap}.pt"
-        env = dict(os.environ, ATEN_CPU_CAPABILITY=cap)
-        proc = subprocess.run([sys.executable, "-c", _VARIANT_SCRIPT, str(out)], env=env,
-                              capture_output=True, text=True, check=True)
-        results[proc.stdout.strip()] = torch.load(out)
-    assert "cpu-DEFAULT" in results  # the others exist only where the CPU supports them
-    base = results["cpu-DEFAULT"]
-    for name, tensors in results.items():
-        for a, b in zip(tensors, base):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+def run_variant_script(out, capability, hide=None):
+    """Runs _VARIANT_SCRIPT in a fresh process with ATEN_CPU_CAPABILITY=capability (and
+    HALFVAE_CPU_HIDE_FEATURES=hide); returns the kernel variant it chose and its tensors."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    env.pop("HALFVAE_CPU_HIDE_FEATURES", None)
+    if hide is not None:
+        env["HALFVAE_CPU_HIDE_FEATURES"] = hide
+    proc = subprocess.run([sys.executable, "-c", _VARIANT_SCRIPT, str(out)], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, (f"ATEN_CPU_CAPABILITY={capability} "
+                                  f"HALFVAE_CPU_HIDE_FEATURES={hide}: exit code "
+                                  f"{proc.returncode}\n{proc.stderr[-2000:]}")
+    return proc.stdout.strip(), torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def default_variant_results(tmp_path_factory):
+    name, tensors = run_variant_script(tmp_path_factory.mktemp("default") / "out.pt", "default")
+    assert name == "cpu-DEFAULT"
+    return tensors
+
+
+@pytest.mark.parametrize("variant", ["cpu-DEFAULT", "cpu-AVX2", "cpu-AVX512"])
+def test_cpu_kernel_variants_agree(variant, default_variant_results, tmp_path):
+    """Each variant this CPU can run (chosen through ATEN_CPU_CAPABILITY) computes what DEFAULT
+    does; the others are skipped, never run (they would die of SIGILL)."""
+    variants = hv._C.cpu_kernel_variants()
+    if variant not in variants:
+        pytest.skip(f"{variant} is not built here (HALFVAE_CPU_ISAS: {sorted(variants)})")
+    if variants[variant]:
+        pytest.skip(f"{variant} needs {', '.join(variants[variant])}, which this CPU lacks")
+    name, tensors = run_variant_script(tmp_path / "out.pt", _CAPABILITY_OF[variant])
+    assert name == variant
+    for a, b in zip(tensors, default_variant_results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4, msg=lambda m: f"{variant}: {m}")
+
+
+def kernel_choice(capability, hide=None):
+    """The CPU kernel variant a fresh process chooses; it runs no kernel (torch's or ours)."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    env.pop("HALFVAE_CPU_HIDE_FEATURES", None)
+    if hide is not None:
+        env["HALFVAE_CPU_HIDE_FEATURES"] = hide
+    script = "import halfvae_ext as hv; print(hv._C.cpu_kernel_name())"
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_cpu_kernel_choice_never_exceeds_what_the_cpu_has():
+    """torch takes ATEN_CPU_CAPABILITY=avx512 at its word; our choice also asks the CPU. With its
+    AVX-512 features hidden (the test hook), the best variant left is AVX2; with AVX2 hidden too,
+    DEFAULT. On a CPU without AVX-512 the first case is the real one."""
+    variants = hv._C.cpu_kernel_variants()
+    avx2 = "cpu-AVX2" if variants.get("cpu-AVX2") == [] else "cpu-DEFAULT"
+    best = "cpu-AVX512" if variants.get("cpu-AVX512") == [] else avx2
+    cases = [(None, best), ("avx512f", avx2), ("avx512f,avx2", "cpu-DEFAULT"),
+             ("AVX512BW, fma", "cpu-DEFAULT")]  # names are case- and space-insensitive
+    for hide, want in cases:
+        assert kernel_choice("avx512", hide) == want, f"HALFVAE_CPU_HIDE_FEATURES={hide}"
+    assert kernel_choice("default") == "cpu-DEFAULT"  # torch's capability still narrows ours
+
+
+@pytest.mark.parametrize("capability,cases", [
+    ("avx512", [("avx512f", "cpu-AVX2"), ("avx512f,avx2", "cpu-DEFAULT")]),
+    ("avx2", [("avx2", "cpu-DEFAULT")])])
+def test_kernels_run_under_a_forced_capability_with_features_hidden(
+        capability, cases, default_variant_results, tmp_path):
+    """The lesser variant chosen with features hidden computes what DEFAULT does, and the process
+    exits normally."""
+    variant = f"cpu-{capability.upper()}"
+    missing = hv._C.cpu_kernel_variants().get(variant)
+    if missing is None:
+        pytest.skip(f"{variant} is not built here")
+    if missing:
+        # torch's own kernels (softmax, for one) die of SIGILL when ATEN_CPU_CAPABILITY names an
+        # instruction set the CPU lacks: only the choice can be tested (test above).
+        pytest.skip(f"this CPU lacks {', '.join(missing)}: under ATEN_CPU_CAPABILITY={capability} "
+                    "torch's own kernels would die of SIGILL")
+    for i, (hide, want) in enumerate(cases):
+        name, tensors = run_variant_script(tmp_path / f"{i}.pt", capability, hide=hide)
+        assert name == want, f"HALFVAE_CPU_HIDE_FEATURES={hide}"
+        for a, b in zip(tensors, default_variant_results, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_cpu_feature_hiding_is_reported_and_checked():
+    script = "import halfvae_ext as hv; print(hv._C.cpu_kernel_variants())"
+    env = dict(os.environ, HALFVAE_CPU_HIDE_FEATURES="avx2")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    variants = eval(out)  # a dict of lists of str
+    assert variants["cpu-DEFAULT"] == []
+    if "cpu-AVX2" in variants:
+        assert "avx2" in variants["cpu-AVX2"]
+    # A misspelt feature is an error, not a hook that silently hides nothing.
+    env["HALFVAE_CPU_HIDE_FEATURES"] = "avx512"
+    script = "import halfvae_ext as hv; print(hv._C.cpu_kernel_name())"
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "HALFVAE_CPU_HIDE_FEATURES: unknown feature 'avx512'" in proc.stderr
