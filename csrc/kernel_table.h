@@ -1,8 +1,10 @@
-// The kernels of one device, as a table of functions: the device-independent op wrappers
-// (op_wrappers.cpp) check arguments, allocate outputs and finalize prior gradients, then call these.
-// The CPU has one table per instruction set (DEFAULT, AVX2, AVX512 -- see CMakeLists.txt), chosen at
-// run time: the best one that torch's CPU capability allows (ATEN_CPU_CAPABILITY=avx2 narrows ours
-// like torch's) and whose every instruction-set feature the CPU has.
+// The kernels of one device (or one CPU instruction set) as a table of functions, like ATen's
+// DispatchStub. An op body (ops/<op>.cpp) checks its arguments, allocates outputs and finalizes
+// prior gradients, and calls the kernels of its tensors' device: kernels_for(tensor). Each kernel
+// file fills its own slot with HALFVAE_REGISTER_KERNEL / HALFVAE_REGISTER_CPU_KERNEL when the
+// library is loaded. CPU kernel files are compiled once per instruction set (DEFAULT, AVX2, AVX512;
+// CMakeLists.txt) and fill that set's table; which CPU table is used is chosen at run time
+// (cpu/isa_choice.cpp).
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -10,15 +12,16 @@
 #include <utility>
 #include <vector>
 
-#include "latent_rows_update.h"
-#include "reparam_gmm_kl.h"
+#include "ops/latent_rows_update.h"
+#include "ops/reparam_gmm_kl.h"
 
 namespace halfvae {
 
 struct Kernels {
+  // Every kernel is only called with at least one element.
   void (*reparam_gmm_kl_forward)(const ReparamGmmKlProblem& p, at::Tensor& z, at::Tensor& kl);
   // prior_sums: [K, 3C+1] float64 zeros to add into, or undefined when prior gradients are not
-  // wanted. Every kernel is only called with at least one element.
+  // wanted. Applies p.row_step when set (the fused table step).
   void (*reparam_gmm_kl_backward)(const ReparamGmmKlProblem& p, const at::Tensor& grad_z,
                                   const at::Tensor& grad_kl, at::Tensor& grad_mu,
                                   at::Tensor& grad_logvar, at::Tensor& prior_sums);
@@ -28,34 +31,45 @@ struct Kernels {
                                 at::Tensor& prior_sums);
   void (*philox_normal)(const at::Tensor& seed, at::Tensor& out);  // seed: int64[2] on the device
   void (*latent_rows_update)(const RowUpdate& u);
-  // Allocates an uninitialized output (the CPU reuses large buffers: cpu/output_cache.h).
+
+  // Filled for each table by kernel_table.cpp:
+  // allocates an uninitialized output (the CPU reuses large buffers: cpu/output_cache.h);
   at::Tensor (*empty)(at::IntArrayRef sizes, const at::TensorOptions& options);
-  const char* name;           // e.g. "cpu-AVX512", "cuda"
-  // reparam_gmm_kl_backward applies ReparamGmmKlProblem::row_step itself (else the caller runs
-  // latent_rows_update after it).
-  bool backward_steps_rows;
-  bool half_types;            // accepts float16/bfloat16 (computed in float32)
+  const char* name;  // e.g. "cpu-AVX512", "cuda"
+  bool half_types;   // accepts float16/bfloat16 (computed in float32)
 };
 
+enum class KernelSet { cpu_DEFAULT, cpu_AVX2, cpu_AVX512, cuda };
+
+// The table of one set: kernel files fill it in while the library loads, ops read it.
+Kernels& kernel_table(KernelSet set);
+
 namespace cpu {
-
-// One table per compiled instruction set (defined in kernel_table.cpp).
-const Kernels& kernels_DEFAULT();
-const Kernels& kernels_AVX2();
-const Kernels& kernels_AVX512();
-
-// The kernels for this machine (and ATEN_CPU_CAPABILITY).
+// The CPU table in use: the best instruction set that torch (ATEN_CPU_CAPABILITY) and this CPU
+// both allow.
 const Kernels& kernels();
 
 // Each compiled variant ("cpu-AVX2", ...) with the features it needs that this CPU lacks (or that
 // HALFVAE_CPU_HIDE_FEATURES hides); an empty list: the CPU can run it.
 std::vector<std::pair<std::string, std::vector<std::string>>> kernel_variants();
-
-PhiloxSeed read_seed(const at::Tensor& seed);
 }  // namespace cpu
 
-namespace cuda {
-const Kernels& kernels();
-}  // namespace cuda
+// The kernels of t's device.
+inline const Kernels& kernels_for(const at::Tensor& t) {
+  return t.is_cuda() ? kernel_table(KernelSet::cuda) : cpu::kernels();
+}
 
 }  // namespace halfvae
+
+#define HALFVAE_CONCAT_IMPL(a, b) a##b
+#define HALFVAE_CONCAT(a, b) HALFVAE_CONCAT_IMPL(a, b)
+
+// Fills slot SLOT of SET's table with FN while the library loads. This runs on every machine, also
+// in files compiled for an instruction set the CPU may lack: keep it a plain pointer store.
+#define HALFVAE_REGISTER_KERNEL(SET, SLOT, FN)                                   \
+  [[maybe_unused]] static const bool HALFVAE_CONCAT(halfvae_registered_, SLOT) = \
+      (::halfvae::kernel_table(SET).SLOT = (FN), true)
+
+// The same in a CPU kernel file, for the instruction set it is being compiled for.
+#define HALFVAE_REGISTER_CPU_KERNEL(SLOT, FN) \
+  HALFVAE_REGISTER_KERNEL(::halfvae::KernelSet::HALFVAE_CONCAT(cpu_, CPU_CAPABILITY), SLOT, FN)

@@ -1,4 +1,4 @@
-// Device-independent preparation shared by every op: the per-(k, c) prior tables the kernels read,
+// Device-independent preparation shared by the ops: the per-(k, c) prior tables the kernels read,
 // and the conversion of the kernels' per-(k, c) sums into prior gradients. Both are tiny [K, C]
 // computations done with ATen, so the kernels stay element-wise.
 #pragma once
@@ -29,12 +29,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prior_grads_from_sums(const at::T
                                                                       double sign,
                                                                       at::ScalarType out_dtype);
 
-// Argument checks shared by the ops (the Python layer checks first, with friendlier errors; these
-// keep direct torch.ops calls safe).
-void check_prior(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& logvars);
-void check_latent(const at::Tensor& t, const char* name, const at::Tensor& prior_logits);
-void check_same(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name);
-void check_seed(const c10::optional<at::Tensor>& seed, const at::Tensor& like);
+// [K, 3C+1] float64 zeros for a backward kernel to add its prior sums into.
+at::Tensor zero_prior_sums(const PriorTables& tables, const at::Tensor& like);
+
+// The prior gradients from a backward's sums (as prior_grads_from_sums, in the prior's dtype), or
+// zeros when sums is undefined (prior gradients not wanted).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prior_grads_or_zeros(
+    const at::Tensor& sums, const PriorTables& tables, double sign,
+    const at::Tensor& prior_logits, const at::Tensor& prior_means,
+    const at::Tensor& prior_logvars);
 
 constexpr int64_t kReductionNone = 0;
 constexpr int64_t kReductionRow = 1;

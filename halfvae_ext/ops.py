@@ -1,4 +1,4 @@
-"""Public fused ops, their argument checks, and their autograd and fake (meta) registrations.
+"""Public fused ops and their autograd and fake (meta) registrations.
 
 The C++ operators (torch.ops.halfvae_ext.*) are deterministic in their inputs: the random stream of
 reparam_gmm_kl is a (seed, offset) int64 tensor drawn here from a torch generator, so opcheck,
@@ -9,88 +9,33 @@ from __future__ import annotations
 import torch
 
 _REDUCTION_CODES = {"none": 0, "row": 1, "sum": 1}
-_MAX_COMPONENTS = 64
 _ops = torch.ops.halfvae_ext
 
 
-# ----------------------------------------------------------------------------- argument checks
-def _check_tensor(t, name):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+# ----------------------------------------------------------------------------- arguments
+# The ops check shapes, dtypes, devices and index ranges themselves (C++: ValueError, TypeError,
+# IndexError naming the argument). Here only what they cannot see: Python objects that are not
+# tensors (the dispatcher's own error would be a RuntimeError), reduction names, the generator.
+def _require_tensors(**tensors):
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
-def _check_same_device_dtype(tensors: dict):
-    names = list(tensors)
-    first = names[0]
-    ref = tensors[first]
-    for name in names[1:]:
-        t = tensors[name]
-        if t.device != ref.device:
-            raise ValueError(f"{name} is on {t.device} but {first} is on {ref.device}; "
-                             "all tensors must be on one device")
-        if t.dtype != ref.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {first} has dtype {ref.dtype}; "
-                            "all tensors must have one dtype")
-    if ref.device.type == "cpu" and ref.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{first}: the CPU kernels support float32 and float64, got {ref.dtype} "
-                        "(float16/bfloat16 are supported on CUDA)")
-    if ref.device.type not in ("cpu", "cuda", "meta"):
-        raise ValueError(f"{first}: unsupported device {ref.device}")
-
-
-def _check_prior(prior_logits, prior_means, prior_logvars):
-    for name, t in (("prior_logits", prior_logits), ("prior_means", prior_means),
-                    ("prior_logvars", prior_logvars)):
-        _check_tensor(t, name)
-        if t.dim() != 2:
-            raise ValueError(f"{name} must have shape [K, C], got {tuple(t.shape)}")
-    if prior_means.shape != prior_logits.shape or prior_logvars.shape != prior_logits.shape:
-        raise ValueError("prior_logits, prior_means and prior_logvars must have one shape [K, C], got "
-                         f"{tuple(prior_logits.shape)}, {tuple(prior_means.shape)}, "
-                         f"{tuple(prior_logvars.shape)}")
-    C = prior_logits.shape[1]
-    if not 1 <= C <= _MAX_COMPONENTS:
-        raise ValueError(f"prior_logits: the number of components C must be in [1, {_MAX_COMPONENTS}],"
-                         f" got {C}")
-
-
-def _check_latent(t, name, K):
-    _check_tensor(t, name)
-    if t.dim() != 2:
-        raise ValueError(f"{name} must have shape [N, K], got {tuple(t.shape)}")
-    if t.shape[1] != K:
-        raise ValueError(f"{name} has K = {t.shape[1]} latent dimensions but the prior has K = {K}")
-
-
-def _check_kl_args(mu, logvar, prior_logits, prior_means, prior_logvars, eps, generator,
-                   reduction, eps_rows=None):
-    """Checks shared by reparam_gmm_kl and reparam_gmm_kl_rows; returns the seed tensor of an
-    in-kernel draw, or None when eps is given. eps must be [N, K] like mu, or [eps_rows, K] for
-    gathered rows."""
-    _check_prior(prior_logits, prior_means, prior_logvars)
-    K = prior_logits.shape[0]
-    _check_latent(mu, "mu", K)
-    _check_latent(logvar, "logvar", K)
-    if logvar.shape != mu.shape:
-        raise ValueError(f"logvar must have the shape of mu {tuple(mu.shape)}, got "
-                         f"{tuple(logvar.shape)}")
-    tensors = {"mu": mu, "logvar": logvar, "prior_logits": prior_logits,
-               "prior_means": prior_means, "prior_logvars": prior_logvars}
-    if eps is not None:
-        _check_tensor(eps, "eps")
-        want = tuple(mu.shape) if eps_rows is None else (eps_rows, K)
-        if tuple(eps.shape) != want:
-            what = "the shape of mu" if eps_rows is None else "shape [len(idx), K] ="
-            raise ValueError(f"eps must have {what} {want}, got {tuple(eps.shape)}")
-        if generator is not None:
-            raise ValueError("generator: pass either eps or generator, not both")
-        tensors["eps"] = eps
-    _check_same_device_dtype(tensors)
+def _reduction_code(reduction) -> int:
     if not isinstance(reduction, str) or reduction not in _REDUCTION_CODES:
         raise ValueError(f"reduction must be 'row', 'none' or 'sum', got {reduction!r}")
-    return draw_seed(generator, mu.device) if eps is None else None
+    return _REDUCTION_CODES[reduction]
+
+
+def _seed_unless_eps(eps, generator, device):
+    """The seed tensor of an in-kernel draw from `generator`, or None when eps is given."""
+    if eps is None:
+        return draw_seed(generator, device)
+    _require_tensors(eps=eps)
+    if generator is not None:
+        raise ValueError("generator: pass either eps or generator, not both")
+    return None
 
 
 def draw_seed(generator: torch.Generator | None, device) -> torch.Tensor:
@@ -119,10 +64,12 @@ def reparam_gmm_kl(mu, logvar, prior_logits, prior_means, prior_logvars, *, eps=
     it. reduction: "row" -> kl [N] (sum over k), "none" -> [N, K], "sum" -> scalar.
     Returns (z [N, K], kl). Differentiable in mu, logvar and the three prior tensors.
     """
-    seed = _check_kl_args(mu, logvar, prior_logits, prior_means, prior_logvars, eps, generator,
-                          reduction)
+    _require_tensors(mu=mu, logvar=logvar, prior_logits=prior_logits, prior_means=prior_means,
+                     prior_logvars=prior_logvars)
+    code = _reduction_code(reduction)
+    seed = _seed_unless_eps(eps, generator, mu.device)
     z, kl = _ops.reparam_gmm_kl(mu, logvar, prior_logits, prior_means, prior_logvars, eps, seed,
-                                _REDUCTION_CODES[reduction])
+                                code)
     if reduction == "sum":
         kl = kl.sum()
     return z, kl
@@ -131,21 +78,13 @@ def reparam_gmm_kl(mu, logvar, prior_logits, prior_means, prior_logvars, *, eps=
 _TABLE_GRADS = {"dense": 0, "sparse": 1}
 
 
-def _check_rows_args(mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps, generator,
-                     reduction):
-    """Checks of reparam_gmm_kl_rows; returns the seed tensor (or None when eps is given)."""
-    if not isinstance(idx, torch.Tensor):
-        raise TypeError(f"idx must be a torch.Tensor of row indices, got {type(idx).__name__}")
-    if idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"idx must be a 1-D int64 or int32 tensor, got dtype {idx.dtype} and "
-                         f"shape {tuple(idx.shape)}")
-    seed = _check_kl_args(mu, logvar, prior_logits, prior_means, prior_logvars, eps, generator,
-                          reduction, eps_rows=idx.shape[0])
-    if idx.device != mu.device:
-        raise ValueError(f"idx is on {idx.device} but mu is on {mu.device}")
-    # The range of idx is checked by the ops themselves (C++, before anything is read or written;
-    # an IndexError naming idx): one check, and on CUDA one synchronization, per call.
-    return seed
+def _rows_arguments(mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps, generator,
+                    reduction):
+    """What reparam_gmm_kl_rows and the fused table step check in Python; returns the reduction
+    code and the seed tensor (None when eps is given)."""
+    _require_tensors(mu=mu, logvar=logvar, idx=idx, prior_logits=prior_logits,
+                     prior_means=prior_means, prior_logvars=prior_logvars)
+    return _reduction_code(reduction), _seed_unless_eps(eps, generator, mu.device)
 
 
 def reparam_gmm_kl_rows(mu, logvar, idx, prior_logits, prior_means, prior_logvars, *, eps=None,
@@ -159,13 +98,12 @@ def reparam_gmm_kl_rows(mu, logvar, idx, prior_logits, prior_means, prior_logvar
     For an optimizer step fused into the backward (no table gradient at all), use
     halfvae_ext.LatentTable(..., fused_optimizer="adam"|"sgd").
     """
-    seed = _check_rows_args(mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps,
-                            generator, reduction)
+    code, seed = _rows_arguments(mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps,
+                                 generator, reduction)
     if table_grad not in _TABLE_GRADS:
         raise ValueError(f"table_grad must be 'dense' or 'sparse', got {table_grad!r}")
     z, kl = _ops.reparam_gmm_kl_rows(mu, logvar, idx, prior_logits, prior_means, prior_logvars,
-                                     eps, seed, _REDUCTION_CODES[reduction],
-                                     _TABLE_GRADS[table_grad])
+                                     eps, seed, code, _TABLE_GRADS[table_grad])
     if reduction == "sum":
         kl = kl.sum()
     return z, kl
@@ -174,18 +112,15 @@ def reparam_gmm_kl_rows(mu, logvar, idx, prior_logits, prior_means, prior_logvar
 def gmm_log_prob(z, prior_logits, prior_means, prior_logvars):
     """log p_k(z[n, k]) under the per-dimension Gaussian mixture; z: [N, K], prior: [K, C] -> [N, K].
     Differentiable in z and the three prior tensors."""
-    _check_prior(prior_logits, prior_means, prior_logvars)
-    _check_latent(z, "z", prior_logits.shape[0])
-    _check_same_device_dtype({"z": z, "prior_logits": prior_logits, "prior_means": prior_means,
-                              "prior_logvars": prior_logvars})
+    _require_tensors(z=z, prior_logits=prior_logits, prior_means=prior_means,
+                     prior_logvars=prior_logvars)
     return _ops.gmm_log_prob(z, prior_logits, prior_means, prior_logvars)
 
 
 def philox_normal(seed: torch.Tensor, shape, dtype=torch.float32) -> torch.Tensor:
     """The standard normals reparam_gmm_kl draws in-kernel for `seed` (from draw_seed), in [N, K]
     order; for reproducing eps and for testing the generator."""
-    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 2:
-        raise TypeError("seed must be an int64 tensor of 2 elements, as returned by draw_seed")
+    _require_tensors(seed=seed)
     shape = tuple(int(s) for s in (shape if isinstance(shape, (tuple, list, torch.Size))
                                    else (shape,)))
     if any(s < 0 for s in shape):
@@ -202,9 +137,21 @@ def cuda_kernels_available() -> bool:
 
 
 # ----------------------------------------------------------------------------- fake kernels
+def _one_device(**tensors):
+    """A meta tensor among real ones sends a call to the fake kernel, past the ops' own checks:
+    refuse mixed devices here too (the outputs would be on the first tensor's device)."""
+    (first, ref), *others = ((n, t) for n, t in tensors.items() if t is not None)
+    for name, t in others:
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {first} is on {ref.device}; all "
+                             "tensors must be on one device")
+
+
 @torch.library.register_fake("halfvae_ext::reparam_gmm_kl")
 def _reparam_gmm_kl_fake(mu, logvar, prior_logits, prior_means, prior_logvars, eps, seed,
                          reduction):
+    _one_device(mu=mu, logvar=logvar, prior_logits=prior_logits, prior_means=prior_means,
+                prior_logvars=prior_logvars, eps=eps, seed=seed)
     kl = mu.new_empty((mu.shape[0],)) if reduction == 1 else torch.empty_like(mu)
     return torch.empty_like(mu), kl
 
@@ -212,6 +159,8 @@ def _reparam_gmm_kl_fake(mu, logvar, prior_logits, prior_means, prior_logvars, e
 @torch.library.register_fake("halfvae_ext::reparam_gmm_kl_backward")
 def _reparam_gmm_kl_backward_fake(grad_z, grad_kl, mu, logvar, prior_logits, prior_means,
                                   prior_logvars, eps, seed, reduction, prior_grads):
+    _one_device(mu=mu, grad_z=grad_z, grad_kl=grad_kl, logvar=logvar, prior_logits=prior_logits,
+                prior_means=prior_means, prior_logvars=prior_logvars, eps=eps, seed=seed)
     return (torch.empty_like(mu), torch.empty_like(mu), torch.empty_like(prior_logits),
             torch.empty_like(prior_means), torch.empty_like(prior_logvars))
 
@@ -219,6 +168,8 @@ def _reparam_gmm_kl_backward_fake(grad_z, grad_kl, mu, logvar, prior_logits, pri
 @torch.library.register_fake("halfvae_ext::reparam_gmm_kl_rows")
 def _reparam_gmm_kl_rows_fake(mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps,
                               seed, reduction, table_grad):
+    _one_device(mu=mu, logvar=logvar, idx=idx, prior_logits=prior_logits,
+                prior_means=prior_means, prior_logvars=prior_logvars, eps=eps, seed=seed)
     B, K = idx.shape[0], mu.shape[1]
     kl = mu.new_empty((B,)) if reduction == 1 else mu.new_empty((B, K))
     return mu.new_empty((B, K)), kl
@@ -228,6 +179,9 @@ def _reparam_gmm_kl_rows_fake(mu, logvar, idx, prior_logits, prior_means, prior_
 def _reparam_gmm_kl_rows_backward_fake(grad_z, grad_kl, mu, logvar, idx, prior_logits,
                                        prior_means, prior_logvars, eps, seed, reduction,
                                        prior_grads):
+    _one_device(mu=mu, grad_z=grad_z, grad_kl=grad_kl, logvar=logvar, idx=idx,
+                prior_logits=prior_logits, prior_means=prior_means, prior_logvars=prior_logvars,
+                eps=eps, seed=seed)
     B, K = idx.shape[0], mu.shape[1]
     return (mu.new_empty((B, K)), mu.new_empty((B, K)), torch.empty_like(prior_logits),
             torch.empty_like(prior_means), torch.empty_like(prior_logvars))
@@ -236,6 +190,8 @@ def _reparam_gmm_kl_rows_backward_fake(grad_z, grad_kl, mu, logvar, idx, prior_l
 @torch.library.register_fake("halfvae_ext::latent_rows_update_")
 def _latent_rows_update_fake(mu, logvar, state, idx, grad_mu, grad_logvar, optimizer, lr, beta1,
                              beta2, eps, step):
+    _one_device(mu=mu, logvar=logvar, state=state, idx=idx, grad_mu=grad_mu,
+                grad_logvar=grad_logvar)
     return None
 
 
@@ -244,17 +200,24 @@ def _reparam_gmm_kl_rows_backward_step_fake(grad_z, grad_kl, mu, logvar, state, 
                                             prior_logits, prior_means, prior_logvars, eps, seed,
                                             reduction, prior_grads, optimizer, lr, beta1, beta2,
                                             adam_eps, step):
+    _one_device(mu=mu, grad_z=grad_z, grad_kl=grad_kl, logvar=logvar, state=state, idx=idx,
+                prior_logits=prior_logits, prior_means=prior_means, prior_logvars=prior_logvars,
+                eps=eps, seed=seed)
     return (torch.empty_like(prior_logits), torch.empty_like(prior_means),
             torch.empty_like(prior_logvars))
 
 
 @torch.library.register_fake("halfvae_ext::gmm_log_prob")
 def _gmm_log_prob_fake(z, prior_logits, prior_means, prior_logvars):
+    _one_device(z=z, prior_logits=prior_logits, prior_means=prior_means,
+                prior_logvars=prior_logvars)
     return torch.empty_like(z)
 
 
 @torch.library.register_fake("halfvae_ext::gmm_log_prob_backward")
 def _gmm_log_prob_backward_fake(grad, z, prior_logits, prior_means, prior_logvars, prior_grads):
+    _one_device(z=z, grad=grad, prior_logits=prior_logits, prior_means=prior_means,
+                prior_logvars=prior_logvars)
     return (torch.empty_like(z), torch.empty_like(prior_logits), torch.empty_like(prior_means),
             torch.empty_like(prior_logvars))
 

@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from .ops import _check_rows_args, _ops, _REDUCTION_CODES
+from .ops import _ops, _rows_arguments
 from .table_memory import empty_table
 
 # Calls inside an autograd.Function's forward skip the autograd layer of the op they call (the
@@ -109,12 +109,12 @@ def fused_rows_kl(mu, logvar, idx, prior_logits, prior_means, prior_logvars,
                   optimizer: FusedRowOptimizer, *, eps=None, generator=None, reduction="row"):
     """reparam_gmm_kl_rows whose backward steps `optimizer` on the touched rows of mu and logvar
     (in place) instead of returning their gradients. The prior still gets ordinary gradients."""
-    seed = _check_rows_args(mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps,
-                            generator, reduction)
+    code, seed = _rows_arguments(mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps,
+                                 generator, reduction)
     if not mu.requires_grad:
         raise ValueError("mu must require grad: its optimizer step runs in the backward")
     z, kl = _FusedRowsKL.apply(mu, logvar, prior_logits, prior_means, prior_logvars, idx, eps,
-                               seed, _REDUCTION_CODES[reduction], optimizer)
+                               seed, code, optimizer)
     if reduction == "sum":
         kl = kl.sum()
     return z, kl

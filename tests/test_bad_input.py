@@ -41,7 +41,8 @@ CASES = [
     ("half on cpu", dict(mu=torch.randn(6, 4).half(), logvar=torch.randn(6, 4).half(),
                          eps=torch.randn(6, 4).half(), prior_logits=torch.randn(4, 3).half(),
                          prior_means=torch.randn(4, 3).half(),
-                         prior_logvars=torch.randn(4, 3).half()), TypeError, "float32 and float64"),
+                         prior_logvars=torch.randn(4, 3).half()), TypeError,
+     r"mu has dtype torch.float16, which the cpu-\w+ kernels do not support \(float32, float64\)"),
     ("unknown reduction", dict(reduction="mean"), ValueError, "reduction must be"),
     ("reduction not str", dict(reduction=None), ValueError, "reduction must be"),
     ("eps wrong shape", dict(eps=torch.randn(6, 5)), ValueError, "eps must have the shape"),
@@ -81,28 +82,53 @@ def test_gmm_log_prob_bad_input(good):
 
 
 def test_raw_ops_check_their_arguments_too(good):
-    # torch.ops.halfvae_ext.* bypass the Python checks; the C++ side must still refuse bad input.
+    # The C++ ops are where shapes, dtypes and devices are checked: torch.ops.halfvae_ext.* raise
+    # the same ValueError / TypeError as the Python functions.
     ops = torch.ops.halfvae_ext
     p = (good["prior_logits"], good["prior_means"], good["prior_logvars"])
-    with pytest.raises(RuntimeError, match="mu must have shape"):
+    with pytest.raises(ValueError, match="mu must have shape"):
         ops.reparam_gmm_kl(torch.randn(6), good["logvar"], *p, good["eps"], None, 1)
-    with pytest.raises(RuntimeError, match="K = 5"):
+    with pytest.raises(ValueError, match="K = 5"):
         ops.reparam_gmm_kl(torch.randn(6, 5), torch.randn(6, 5), *p, torch.randn(6, 5), None, 1)
-    with pytest.raises(RuntimeError, match="exactly one of eps and seed"):
+    with pytest.raises(ValueError, match="exactly one of eps and seed"):
         ops.reparam_gmm_kl(good["mu"], good["logvar"], *p, None, None, 1)
-    with pytest.raises(RuntimeError, match="reduction code"):
+    with pytest.raises(ValueError, match="reduction code"):
         ops.reparam_gmm_kl(good["mu"], good["logvar"], *p, good["eps"], None, 7)
-    with pytest.raises(RuntimeError, match="seed must be an int64 tensor"):
-        ops.reparam_gmm_kl(good["mu"], good["logvar"], *p, None, torch.zeros(3), 1)
-    with pytest.raises(RuntimeError, match="prior_means must have the shape"):
+    with pytest.raises(TypeError, match="seed must be an int64 tensor"):
+        ops.reparam_gmm_kl(good["mu"], good["logvar"], *p, None, torch.zeros(2), 1)
+    with pytest.raises(ValueError, match="seed must be an int64 tensor of 2 elements"):
+        ops.reparam_gmm_kl(good["mu"], good["logvar"], *p, None, torch.zeros(3, dtype=torch.long), 1)
+    with pytest.raises(ValueError, match="prior_means must have the shape"):
         ops.gmm_log_prob(good["mu"], p[0], torch.randn(4, 2), p[2])
-    with pytest.raises(RuntimeError, match="grad_kl must have shape"):
+    with pytest.raises(ValueError, match="grad_kl must have shape"):
         ops.reparam_gmm_kl_backward(good["mu"], torch.randn(5), good["mu"], good["logvar"], *p,
                                     good["eps"], None, 1, True)
+    with pytest.raises(ValueError, match="grad_z must have shape"):
+        ops.reparam_gmm_kl_backward(torch.randn(6, 3), torch.randn(6), good["mu"], good["logvar"],
+                                    *p, good["eps"], None, 1, True)
+    with pytest.raises(ValueError, match="grad must have the shape of z"):
+        ops.gmm_log_prob_backward(torch.randn(5, 4), good["mu"], *p, True)
+    with pytest.raises(TypeError, match="eps has dtype torch.float64 but mu has dtype torch.float32"):
+        ops.reparam_gmm_kl(good["mu"], good["logvar"], *p, good["eps"].double(), None, 1)
     # The CPU kernels are float32/float64 only (their kernel table says so).
     half = [t.half() for t in (good["mu"], good["logvar"], *p, good["eps"])]
-    with pytest.raises(RuntimeError, match=r"cpu-\w+ kernels do not support \(float32, float64\)"):
+    with pytest.raises(TypeError, match=r"cpu-\w+ kernels do not support \(float32, float64\)"):
         ops.reparam_gmm_kl(*half[:5], half[5], None, 1)
+    with pytest.raises(TypeError, match=r"dtype is torch.float16, which the cpu-\w+ kernels"):
+        ops.philox_normal(torch.zeros(2, dtype=torch.long), 4, torch.float16)
+    with pytest.raises(ValueError, match="numel must be non-negative"):
+        ops.philox_normal(torch.zeros(2, dtype=torch.long), -1, torch.float32)
+
+
+def test_a_meta_tensor_among_cpu_tensors_is_refused():
+    # The dispatcher sends such a call to the fake kernel, past the C++ checks.
+    z = torch.randn(6, 4)
+    p = [torch.randn(4, 3) for _ in range(3)]
+    with pytest.raises(ValueError, match="prior_means is on meta but z is on cpu"):
+        torch.ops.halfvae_ext.gmm_log_prob(z, p[0], p[1].to("meta"), p[2])
+    with pytest.raises(ValueError, match="seed is on meta but mu is on cpu"):
+        torch.ops.halfvae_ext.reparam_gmm_kl(z, z, *p, None, torch.zeros(2, dtype=torch.long,
+                                                                       device="meta"), 1)
 
 
 def test_philox_normal_bad_input():

@@ -1,7 +1,7 @@
 // CPU kernel of gmm_log_prob, forward and backward (compiled once per ISA).
 #include <ATen/Dispatch.h>
 
-#include "isa_kernels.h"
+#include "../kernel_table.h"
 #include "vec_loop.h"
 
 namespace halfvae::cpu {
@@ -82,6 +82,9 @@ void gmm_log_prob_backward(const at::Tensor& grad, const at::Tensor& z, const Pr
     });
   });
 }
+
+HALFVAE_REGISTER_CPU_KERNEL(gmm_log_prob_forward, &gmm_log_prob_forward);
+HALFVAE_REGISTER_CPU_KERNEL(gmm_log_prob_backward, &gmm_log_prob_backward);
 
 }  // namespace CPU_CAPABILITY
 }  // namespace halfvae::cpu

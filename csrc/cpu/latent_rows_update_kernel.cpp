@@ -3,7 +3,7 @@
 // (row_step.h). Compiled once per ISA.
 #include <ATen/Dispatch.h>
 
-#include "isa_kernels.h"
+#include "../kernel_table.h"
 #include "row_step.h"
 
 namespace halfvae::cpu {
@@ -19,6 +19,8 @@ void latent_rows_update(const RowUpdate& u) {
                                         /*only_repeated=*/false);
   });
 }
+
+HALFVAE_REGISTER_CPU_KERNEL(latent_rows_update, &latent_rows_update);
 
 }  // namespace CPU_CAPABILITY
 }  // namespace halfvae::cpu

@@ -1,7 +1,7 @@
 // CPU kernel of philox_normal: the eps stream of reparam_gmm_kl, written out (compiled once per ISA).
 #include <ATen/Dispatch.h>
 
-#include "isa_kernels.h"
+#include "../kernel_table.h"
 #include "vec_loop.h"
 
 namespace halfvae::cpu {
@@ -26,6 +26,8 @@ void philox_normal(const at::Tensor& seed_tensor, at::Tensor& out) {
     });
   });
 }
+
+HALFVAE_REGISTER_CPU_KERNEL(philox_normal, &philox_normal);
 
 }  // namespace CPU_CAPABILITY
 }  // namespace halfvae::cpu

@@ -3,7 +3,7 @@
 
 #include <optional>
 
-#include "isa_kernels.h"
+#include "../kernel_table.h"
 #include "prefetch.h"
 #include "row_step.h"
 #include "vec_loop.h"
@@ -228,6 +228,9 @@ void reparam_gmm_kl_backward(const ReparamGmmKlProblem& p, const at::Tensor& gra
     });
   });
 }
+
+HALFVAE_REGISTER_CPU_KERNEL(reparam_gmm_kl_forward, &reparam_gmm_kl_forward);
+HALFVAE_REGISTER_CPU_KERNEL(reparam_gmm_kl_backward, &reparam_gmm_kl_backward);
 
 }  // namespace CPU_CAPABILITY
 }  // namespace halfvae::cpu

@@ -10,7 +10,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "../latent_rows_update.h"
+#include "../ops/latent_rows_update.h"
 #include "halfvae/row_optimizer.h"
 #include "prefetch.h"
 

@@ -8,6 +8,7 @@
 // the prior-gradient reduction bit-for-bit deterministic.
 #pragma once
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -174,6 +175,13 @@ inline void for_each_vector(int64_t start, int64_t count, int64_t P, const Body&
     const int64_t seg = std::min(P, count - off);
     for (int64_t j = 0; j < seg; j += W) body(start + off + j, j, off + j, std::min(W, seg - j));
   }
+}
+
+// The (seed, offset) of an in-kernel draw, from its int64[2] tensor.
+inline PhiloxSeed read_seed(const at::Tensor& seed) {
+  const auto s = seed.to(at::kCPU).contiguous();
+  const int64_t* v = s.data_ptr<int64_t>();
+  return PhiloxSeed{static_cast<uint64_t>(v[0]), static_cast<uint64_t>(v[1])};
 }
 
 // Standard normals of global elements [start, start + count), start a multiple of 4, into out

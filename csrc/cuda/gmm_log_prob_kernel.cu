@@ -108,9 +108,7 @@ void backward(const at::Tensor& grad, const at::Tensor& z, const PriorTables& pr
 
 }  // namespace
 
-void register_gmm_log_prob(Kernels& k) {
-  k.gmm_log_prob_forward = &forward;
-  k.gmm_log_prob_backward = &backward;
-}
+HALFVAE_REGISTER_KERNEL(KernelSet::cuda, gmm_log_prob_forward, &forward);
+HALFVAE_REGISTER_KERNEL(KernelSet::cuda, gmm_log_prob_backward, &backward);
 
 }  // namespace halfvae::cuda

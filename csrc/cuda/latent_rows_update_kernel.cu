@@ -72,6 +72,6 @@ void latent_rows_update(const RowUpdate& u) {
 
 }  // namespace
 
-void register_latent_rows_update(Kernels& k) { k.latent_rows_update = &latent_rows_update; }
+HALFVAE_REGISTER_KERNEL(KernelSet::cuda, latent_rows_update, &latent_rows_update);
 
 }  // namespace halfvae::cuda

@@ -38,6 +38,6 @@ void philox_normal(const at::Tensor& seed, at::Tensor& out) {
 
 }  // namespace
 
-void register_philox_normal(Kernels& k) { k.philox_normal = &philox_normal; }
+HALFVAE_REGISTER_KERNEL(KernelSet::cuda, philox_normal, &philox_normal);
 
 }  // namespace halfvae::cuda

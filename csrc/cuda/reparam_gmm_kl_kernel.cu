@@ -210,13 +210,17 @@ void backward(const ReparamGmmKlProblem& p, const at::Tensor& grad_z, const at::
       });
     });
   });
+  if (p.row_step != nullptr) {  // the fused table step: then the update kernel, on this stream
+    RowUpdate u = *p.row_step;
+    u.grad_mu = grad_mu;
+    u.grad_logvar = grad_logvar;
+    kernel_table(KernelSet::cuda).latent_rows_update(u);
+  }
 }
 
 }  // namespace
 
-void register_reparam_gmm_kl(Kernels& k) {
-  k.reparam_gmm_kl_forward = &forward;
-  k.reparam_gmm_kl_backward = &backward;
-}
+HALFVAE_REGISTER_KERNEL(KernelSet::cuda, reparam_gmm_kl_forward, &forward);
+HALFVAE_REGISTER_KERNEL(KernelSet::cuda, reparam_gmm_kl_backward, &backward);
 
 }  // namespace halfvae::cuda

@@ -1,8 +1,7 @@
-// CPU registration: the op wrappers with the kernel table of the best instruction set that both
-// torch (ATEN_CPU_CAPABILITY) and the CPU itself allow.
-#include <ATen/ATen.h>
+// Which CPU kernel table the ops use: the best instruction set that both torch
+// (ATEN_CPU_CAPABILITY) and the CPU itself allow.
 #include <ATen/Version.h>
-#include <torch/library.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cctype>
@@ -11,7 +10,7 @@
 #include <string_view>
 #include <vector>
 
-#include "../op_wrappers.h"
+#include "../kernel_table.h"
 
 namespace halfvae::cpu {
 namespace {
@@ -22,15 +21,18 @@ namespace {
 struct Variant {
   const char* isa;
   const char* features;  // comma-separated
-  const Kernels& (*table)();
+  KernelSet table;
 };
+#ifndef HALFVAE_HAVE_DEFAULT
+#error "the DEFAULT CPU kernels are always built: they are what every CPU can run"
+#endif
 constexpr Variant kVariants[] = {
-    {"DEFAULT", "", &kernels_DEFAULT},
+    {"DEFAULT", HALFVAE_FEATURES_DEFAULT, KernelSet::cpu_DEFAULT},
 #ifdef HALFVAE_HAVE_AVX2
-    {"AVX2", HALFVAE_FEATURES_AVX2, &kernels_AVX2},
+    {"AVX2", HALFVAE_FEATURES_AVX2, KernelSet::cpu_AVX2},
 #endif
 #ifdef HALFVAE_HAVE_AVX512
-    {"AVX512", HALFVAE_FEATURES_AVX512, &kernels_AVX512},
+    {"AVX512", HALFVAE_FEATURES_AVX512, KernelSet::cpu_AVX512},
 #endif
 };
 
@@ -115,8 +117,9 @@ const Kernels& kernels() {
     const int torch_rank = isa_rank(at::get_cpu_capability());
     const auto hidden = hidden_features();
     for (auto v = std::rbegin(kVariants); v != std::rend(kVariants); ++v)
-      if (isa_rank(v->isa) <= torch_rank && missing_features(*v, hidden).empty()) return v->table();
-    return kernels_DEFAULT();
+      if (isa_rank(v->isa) <= torch_rank && missing_features(*v, hidden).empty())
+        return kernel_table(v->table);
+    return kernel_table(KernelSet::cpu_DEFAULT);
   }();
   return chosen;
 }
@@ -129,12 +132,4 @@ std::vector<std::pair<std::string, std::vector<std::string>>> kernel_variants() 
   return out;
 }
 
-PhiloxSeed read_seed(const at::Tensor& seed) {
-  const auto s = seed.to(at::kCPU).contiguous();
-  const int64_t* v = s.data_ptr<int64_t>();
-  return PhiloxSeed{static_cast<uint64_t>(v[0]), static_cast<uint64_t>(v[1])};
-}
-
 }  // namespace halfvae::cpu
-
-HALFVAE_REGISTER_OPS(CPU, halfvae::cpu::kernels)

@@ -1,16 +1,19 @@
 // reparam_gmm_kl: z = mu + exp(logvar/2)*eps and the Monte-Carlo KL log N(z; mu, sigma^2) - log p_k(z)
 // against a per-dimension Gaussian mixture, fused. eps is given, or drawn in the kernel by Philox from
-// a (seed, offset) tensor; the backward regenerates it from the same seed.
+// a (seed, offset) tensor; the backward regenerates it from the same seed. The _rows variants gather
+// rows idx of latent tables inside the kernel.
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <tuple>
 #include <vector>
 
+#include "../prior_tables.h"
 #include "halfvae/philox.h"
-#include "prior_tables.h"
 
 namespace halfvae {
 
+struct Kernels;
 struct RowUpdate;
 
 struct ReparamGmmKlProblem {
@@ -22,8 +25,8 @@ struct ReparamGmmKlProblem {
   at::Tensor idx;         // int64 [N] row indices into mu/logvar (reparam_gmm_kl_rows), or undefined
   at::Tensor eps;         // [N, K], contiguous; undefined when sampled in the kernel
   at::Tensor seed;        // int64[2] on the device of mu; undefined when eps is given
-  // Backward with idx only, optional, on kernels with Kernels::backward_steps_rows: the optimizer
-  // step to apply to rows idx of mu and logvar from the gradients being computed.
+  // Backward with idx only, optional: the optimizer step to apply to rows idx of mu and logvar from
+  // the gradients being computed.
   const RowUpdate* row_step = nullptr;
   PriorTables prior;
   int64_t N = 0, K = 0, C = 0;
@@ -34,7 +37,9 @@ struct ReparamGmmKlProblem {
   std::vector<int64_t> latent_shape() const { return {N, K}; }
 };
 
-ReparamGmmKlProblem prepare_reparam_gmm_kl(const at::Tensor& mu, const at::Tensor& logvar,
+// Checks every argument (idx's range last) and prepares the problem for `kernels`.
+ReparamGmmKlProblem prepare_reparam_gmm_kl(const Kernels& kernels, const at::Tensor& mu,
+                                           const at::Tensor& logvar,
                                            const at::Tensor& prior_logits,
                                            const at::Tensor& prior_means,
                                            const at::Tensor& prior_logvars,
@@ -43,9 +48,14 @@ ReparamGmmKlProblem prepare_reparam_gmm_kl(const at::Tensor& mu, const at::Tenso
                                            int64_t reduction,
                                            const c10::optional<at::Tensor>& idx = c10::nullopt);
 
-// Shape of the forward's kl: [N] for reduction row, [N, K] for none.
-std::vector<int64_t> kl_shape(const ReparamGmmKlProblem& p);
-// grad_kl broadcast check: [N] or [N, K] matching the reduction.
-at::Tensor checked_grad_kl(const ReparamGmmKlProblem& p, const at::Tensor& grad_kl);
+// The backward of a prepared problem: gradients of the (gathered) rows [N, K] and, when
+// prior_grads, the prior sums [K, 3C+1] (else undefined).
+struct ReparamGmmKlGrads {
+  at::Tensor grad_mu, grad_logvar;
+  at::Tensor prior_sums;
+};
+ReparamGmmKlGrads reparam_gmm_kl_backward_of(const Kernels& kernels, const ReparamGmmKlProblem& p,
+                                             const at::Tensor& grad_z, const at::Tensor& grad_kl,
+                                             bool prior_grads);
 
 }  // namespace halfvae

@@ -19,9 +19,12 @@ struct RowUpdate {
   double step_size = 0;  // Adam: lr * sqrt(1 - beta2^step) / (1 - beta1^step), as SparseAdam
 };
 
-// Checks the optimizer's arguments and fills everything of a RowUpdate but idx and the gradients.
-RowUpdate make_row_update(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& state,
-                          c10::string_view optimizer, double lr, double beta1, double beta2,
-                          double eps, int64_t step);
+struct Kernels;
+
+// Checks the tables and the optimizer's arguments and fills everything of a RowUpdate but idx and
+// the gradients.
+RowUpdate make_row_update(const Kernels& kernels, const at::Tensor& mu, const at::Tensor& logvar,
+                          const at::Tensor& state, c10::string_view optimizer, double lr,
+                          double beta1, double beta2, double eps, int64_t step);
 
 }  // namespace halfvae

@@ -1,0 +1,99 @@
+#include "arg_checks.h"
+
+#include <ATen/ATen.h>
+
+#include "halfvae/gmm_math.h"
+#include "kernel_table.h"
+
+namespace halfvae {
+
+std::string dtype_name(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    default: return c10::toString(dtype);
+  }
+}
+
+namespace {
+void check_floating(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name,
+                   " must be a floating-point tensor, got dtype ", dtype_name(t.scalar_type()));
+}
+}  // namespace
+
+void check_prior(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& logvars) {
+  for (const auto& [t, name] : {std::pair{&logits, "prior_logits"}, std::pair{&means, "prior_means"},
+                                std::pair{&logvars, "prior_logvars"}}) {
+    check_floating(*t, name);
+    TORCH_CHECK_VALUE(t->dim() == 2, name, " must have shape [K, C], got ", t->sizes());
+  }
+  for (const auto& [t, name] : {std::pair{&means, "prior_means"}, std::pair{&logvars, "prior_logvars"}})
+    TORCH_CHECK_VALUE(t->sizes() == logits.sizes(), name, " must have the shape of prior_logits ",
+                      logits.sizes(), " (the prior tensors have one shape [K, C]), got ",
+                      t->sizes());
+  TORCH_CHECK_VALUE(logits.size(1) >= 1 && logits.size(1) <= kMaxComponents,
+                    "prior_logits: the number of components C must be in [1, ", kMaxComponents,
+                    "], got ", logits.size(1));
+}
+
+void check_latent(const at::Tensor& t, const char* name, const at::Tensor& prior_logits) {
+  check_floating(t, name);
+  TORCH_CHECK_VALUE(t.dim() == 2, name, " must have shape [N, K], got ", t.sizes());
+  TORCH_CHECK_VALUE(t.size(1) == prior_logits.size(0), name, " has K = ", t.size(1),
+                    " latent dimensions but the prior has K = ", prior_logits.size(0));
+}
+
+void check_same(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                const char* ref_name) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name,
+                    " is on ", ref.device(), "; all tensors must be on one device");
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, " has dtype ",
+                   dtype_name(t.scalar_type()), " but ", ref_name, " has dtype ",
+                   dtype_name(ref.scalar_type()), "; all tensors must have one dtype");
+}
+
+void check_seed(const at::Tensor& seed, const at::Tensor& like) {
+  constexpr const char* kWhat =
+      "seed must be an int64 tensor of 2 elements (seed, offset), as drawn by "
+      "halfvae_ext.ops.draw_seed; got ";
+  TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong, kWhat, "dtype ",
+                   dtype_name(seed.scalar_type()));
+  TORCH_CHECK_VALUE(seed.numel() == 2, kWhat, seed.numel(), " elements");
+  TORCH_CHECK_VALUE(seed.device() == like.device(), "seed is on ", seed.device(),
+                    " but the tensors it draws for are on ", like.device());
+}
+
+void check_kernel_dtype(const Kernels& kernels, at::ScalarType dtype, const char* what) {
+  const bool full = dtype == at::kFloat || dtype == at::kDouble;
+  const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
+  TORCH_CHECK_TYPE(full || (half && kernels.half_types), what, " ", dtype_name(dtype),
+                   ", which the ", kernels.name, " kernels do not support (float32, float64",
+                   kernels.half_types ? ", float16, bfloat16)" : "); float16 and bfloat16 run on CUDA");
+}
+
+void check_idx(const at::Tensor& idx, const at::Tensor& table) {
+  TORCH_CHECK_VALUE(idx.dim() == 1 && (idx.scalar_type() == at::kLong || idx.scalar_type() == at::kInt),
+                    "idx must be a 1-D int64 or int32 tensor of row indices, got dtype ",
+                    dtype_name(idx.scalar_type()), " and shape ", idx.sizes());
+  TORCH_CHECK_VALUE(idx.device() == table.device(), "idx is on ", idx.device(), " but mu is on ",
+                    table.device());
+}
+
+void check_idx_range(const at::Tensor& idx, int64_t rows) {
+  if (idx.numel() == 0) return;
+  const auto [lo, hi] = at::aminmax(idx);
+  const int64_t min_i = lo.item<int64_t>(), max_i = hi.item<int64_t>();
+  TORCH_CHECK_INDEX(min_i >= 0 && max_i < rows, "idx values must be in [0, ", rows, "), got min ",
+                    min_i, " and max ", max_i);
+}
+
+}  // namespace halfvae

@@ -1,0 +1,76 @@
+// gmm_log_prob: log p_k(z[n, k]) under a per-dimension Gaussian mixture, and its backward: schemas,
+// argument checks, the op bodies and their registration (one body for CPU and CUDA).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "../arg_checks.h"
+#include "../kernel_table.h"
+#include "../prior_tables.h"
+
+namespace halfvae {
+namespace {
+
+void check_arguments(const Kernels& kernels, const at::Tensor& z, const at::Tensor& prior_logits,
+                     const at::Tensor& prior_means, const at::Tensor& prior_logvars) {
+  check_prior(prior_logits, prior_means, prior_logvars);
+  check_latent(z, "z", prior_logits);
+  check_same(prior_logits, "prior_logits", z, "z");
+  check_same(prior_means, "prior_means", z, "z");
+  check_same(prior_logvars, "prior_logvars", z, "z");
+  check_kernel_dtype(kernels, z.scalar_type(), "z has dtype");
+}
+
+at::Tensor gmm_log_prob(const at::Tensor& z, const at::Tensor& prior_logits,
+                        const at::Tensor& prior_means, const at::Tensor& prior_logvars) {
+  const Kernels& kernels = kernels_for(z);
+  check_arguments(kernels, z, prior_logits, prior_means, prior_logvars);
+  const auto zc = z.contiguous();
+  auto out = kernels.empty(zc.sizes(), zc.options());
+  if (zc.numel() > 0)
+    kernels.gmm_log_prob_forward(zc, make_prior_tables(prior_logits, prior_means, prior_logvars),
+                                 out);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gmm_log_prob_backward(
+    const at::Tensor& grad, const at::Tensor& z, const at::Tensor& prior_logits,
+    const at::Tensor& prior_means, const at::Tensor& prior_logvars, bool prior_grads) {
+  const Kernels& kernels = kernels_for(z);
+  check_arguments(kernels, z, prior_logits, prior_means, prior_logvars);
+  TORCH_CHECK_VALUE(grad.sizes() == z.sizes(), "grad must have the shape of z ", z.sizes(),
+                    ", got ", grad.sizes());
+  TORCH_CHECK_VALUE(grad.device() == z.device(), "grad is on ", grad.device(), " but z is on ",
+                    z.device());
+  const auto zc = z.contiguous();
+  const auto gc = grad.to(z.scalar_type()).contiguous();
+  const auto tables = make_prior_tables(prior_logits, prior_means, prior_logvars);
+  auto grad_z = kernels.empty(zc.sizes(), zc.options());
+  at::Tensor sums;
+  if (prior_grads) sums = zero_prior_sums(tables, z);
+  if (zc.numel() > 0) kernels.gmm_log_prob_backward(gc, zc, tables, grad_z, sums);
+  auto [gl, gm, gv] =
+      prior_grads_or_zeros(sums, tables, 1.0, prior_logits, prior_means, prior_logvars);
+  return {grad_z, gl, gm, gv};
+}
+
+void impls(torch::Library& m) {
+  m.impl("gmm_log_prob", TORCH_FN(gmm_log_prob));
+  m.impl("gmm_log_prob_backward", TORCH_FN(gmm_log_prob_backward));
+}
+
+}  // namespace
+}  // namespace halfvae
+
+TORCH_LIBRARY_FRAGMENT(halfvae_ext, m) {
+  m.def(
+      "gmm_log_prob(Tensor z, Tensor prior_logits, Tensor prior_means, Tensor prior_logvars) "
+      "-> Tensor");
+  m.def(
+      "gmm_log_prob_backward(Tensor grad, Tensor z, Tensor prior_logits, Tensor prior_means, "
+      "Tensor prior_logvars, bool prior_grads) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(halfvae_ext, CPU, m) { halfvae::impls(m); }
+#ifdef HALFVAE_WITH_CUDA
+TORCH_LIBRARY_IMPL(halfvae_ext, CUDA, m) { halfvae::impls(m); }
+#endif
