@@ -3,8 +3,8 @@ import torch  # noqa: F401  (must come before _C: the kernels link against torch
 
 from . import _C  # noqa: F401  (registers the torch.ops.halfvae_ext operators)
 from . import reference
-from .ops import (cuda_kernels_available, gmm_log_prob, philox_normal, reparam_gmm_kl,
-                  reparam_gmm_kl_rows)
+from .ops import (cuda_kernels_available, cuda_kernels_compiled, gmm_log_prob, philox_normal,
+                  reparam_gmm_kl, reparam_gmm_kl_rows)
 from .table_optim import FusedRowOptimizer, fused_rows_kl
 from .models import VAE, GMMPrior, HalfVAE, LatentTable
 
@@ -16,6 +16,7 @@ __all__ = [
     "gmm_log_prob",
     "philox_normal",
     "cuda_kernels_available",
+    "cuda_kernels_compiled",
     "reference",
     "GMMPrior",
     "LatentTable",

@@ -131,9 +131,14 @@ def philox_normal(seed: torch.Tensor, shape, dtype=torch.float32) -> torch.Tenso
     return _ops.philox_normal(seed, numel, dtype).view(shape)
 
 
-def cuda_kernels_available() -> bool:
-    """True when this build of halfvae_ext contains the CUDA kernels."""
+def cuda_kernels_compiled() -> bool:
+    """True when this build of halfvae_ext contains the CUDA kernels (a GPU may still be absent)."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("halfvae_ext::reparam_gmm_kl", "CUDA")
+
+
+def cuda_kernels_available() -> bool:
+    """True when the CUDA kernels can run here: compiled in, and torch sees a CUDA device."""
+    return cuda_kernels_compiled() and torch.cuda.is_available()
 
 
 # ----------------------------------------------------------------------------- fake kernels

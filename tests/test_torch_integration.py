@@ -72,6 +72,44 @@ def test_torch_compile_fullgraph_in_kernel_eps():
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
 
 
+def test_torch_compile_with_a_generator_is_a_graph_break():
+    """Known limitation (torch 2.14): dynamo cannot put a torch.Generator into a graph, so the seed
+    draw of generator=... (torch.randint(..., generator=g)) breaks the graph: fullgraph=True
+    refuses it; without fullgraph the draw runs eagerly and the result is eager's. Without a
+    generator (the device's default one) fullgraph works: test above. If this starts to compile,
+    update README's note and this test."""
+    mu, logvar, _, prior = make_problem(32, 4, 3)
+
+    def kl_sum(g, *args):
+        return hv.reparam_gmm_kl(*args, generator=g)[1].sum()
+
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="Generator"):
+        torch.compile(kl_sum, fullgraph=True, backend="eager")(
+            torch.Generator().manual_seed(0), mu, logvar, *prior)
+    torch._dynamo.reset()
+    compiled = torch.compile(kl_sum, backend="inductor")
+    for seed in (0, 1):  # a second call reuses the compiled pieces around the break
+        got = compiled(torch.Generator().manual_seed(seed), mu, logvar, *prior)
+        want = kl_sum(torch.Generator().manual_seed(seed), mu, logvar, *prior)
+        torch.testing.assert_close(got, want)
+
+
+def test_cuda_kernels_available_means_usable(monkeypatch):
+    """cuda_kernels_compiled(): the build has them; cuda_kernels_available(): they can run here."""
+    compiled = torch._C._dispatch_has_kernel_for_dispatch_key("halfvae_ext::reparam_gmm_kl",
+                                                               "CUDA")
+    assert hv.cuda_kernels_compiled() == compiled
+    assert hv.cuda_kernels_available() == (compiled and torch.cuda.is_available())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not hv.cuda_kernels_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(hv.ops, "cuda_kernels_compiled", lambda: False)
+    assert not hv.cuda_kernels_available()
+    monkeypatch.setattr(hv.ops, "cuda_kernels_compiled", lambda: True)
+    assert hv.cuda_kernels_available()
+
+
 _VARIANT_SCRIPT = r"""
 import sys, torch, halfvae_ext as hv
 from halfvae_ext import _C
