@@ -31,12 +31,13 @@ void check_floating(const at::Tensor& t, const char* name) {
 }  // namespace
 
 void check_prior(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& logvars) {
-  for (const auto& [t, name] : {std::pair{&logits, "prior_logits"}, std::pair{&means, "prior_means"},
-                                std::pair{&logvars, "prior_logvars"}}) {
+  using Named = std::pair<const at::Tensor*, const char*>;
+  for (const auto& [t, name] : {Named{&logits, "prior_logits"}, Named{&means, "prior_means"},
+                                Named{&logvars, "prior_logvars"}}) {
     check_floating(*t, name);
     TORCH_CHECK_VALUE(t->dim() == 2, name, " must have shape [K, C], got ", t->sizes());
   }
-  for (const auto& [t, name] : {std::pair{&means, "prior_means"}, std::pair{&logvars, "prior_logvars"}})
+  for (const auto& [t, name] : {Named{&means, "prior_means"}, Named{&logvars, "prior_logvars"}})
     TORCH_CHECK_VALUE(t->sizes() == logits.sizes(), name, " must have the shape of prior_logits ",
                       logits.sizes(), " (the prior tensors have one shape [K, C]), got ",
                       t->sizes());
@@ -77,11 +78,13 @@ void check_kernel_dtype(const Kernels& kernels, at::ScalarType dtype, const char
   const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
   TORCH_CHECK_TYPE(full || (half && kernels.half_types), what, " ", dtype_name(dtype),
                    ", which the ", kernels.name, " kernels do not support (float32, float64",
-                   kernels.half_types ? ", float16, bfloat16)" : "); float16 and bfloat16 run on CUDA");
+                   kernels.half_types ? ", float16, bfloat16)"
+                                      : "); float16 and bfloat16 run on CUDA");
 }
 
 void check_idx(const at::Tensor& idx, const at::Tensor& table) {
-  TORCH_CHECK_VALUE(idx.dim() == 1 && (idx.scalar_type() == at::kLong || idx.scalar_type() == at::kInt),
+  const bool int_type = idx.scalar_type() == at::kLong || idx.scalar_type() == at::kInt;
+  TORCH_CHECK_VALUE(idx.dim() == 1 && int_type,
                     "idx must be a 1-D int64 or int32 tensor of row indices, got dtype ",
                     dtype_name(idx.scalar_type()), " and shape ", idx.sizes());
   TORCH_CHECK_VALUE(idx.device() == table.device(), "idx is on ", idx.device(), " but mu is on ",

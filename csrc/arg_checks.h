@@ -1,6 +1,6 @@
 // Argument checks shared by the ops: the only place they are checked (the Python functions only
-// check what the ops cannot see). Through torch.ops they raise ValueError (shapes, devices, values),
-// TypeError (dtypes) and IndexError (indices), each naming the argument.
+// check what the ops cannot see). Through torch.ops they raise ValueError (shapes, devices,
+// values), TypeError (dtypes) and IndexError (indices), each naming the argument.
 #pragma once
 #include <ATen/core/Tensor.h>
 

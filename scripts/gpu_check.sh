@@ -22,7 +22,8 @@ start=$(date +%s)
   -Cbuild-dir=build/gpu-check -Ccmake.define.HALFVAE_CUDA=ON \
   -Ccmake.define.TORCH_CUDA_ARCH_LIST="$TORCH_CUDA_ARCH_LIST"
 echo "build took $(( $(date +%s) - start )) s"
-"$PY" -c "import halfvae_ext as h; assert h.cuda_kernels_compiled(), 'CUDA kernels missing'; print('cuda kernels: compiled, usable:', h.cuda_kernels_available())"
+"$PY" -c "import halfvae_ext as h; assert h.cuda_kernels_compiled(), 'CUDA kernels missing'
+print('cuda kernels: compiled, usable:', h.cuda_kernels_available())"
 
 echo "== tests"
 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_reparam_gmm_kl.py \

@@ -97,7 +97,8 @@ def test_raw_ops_check_their_arguments_too(good):
     with pytest.raises(TypeError, match="seed must be an int64 tensor"):
         ops.reparam_gmm_kl(good["mu"], good["logvar"], *p, None, torch.zeros(2), 1)
     with pytest.raises(ValueError, match="seed must be an int64 tensor of 2 elements"):
-        ops.reparam_gmm_kl(good["mu"], good["logvar"], *p, None, torch.zeros(3, dtype=torch.long), 1)
+        ops.reparam_gmm_kl(good["mu"], good["logvar"], *p, None,
+                           torch.zeros(3, dtype=torch.long), 1)
     with pytest.raises(ValueError, match="prior_means must have the shape"):
         ops.gmm_log_prob(good["mu"], p[0], torch.randn(4, 2), p[2])
     with pytest.raises(ValueError, match="grad_kl must have shape"):
@@ -108,7 +109,8 @@ def test_raw_ops_check_their_arguments_too(good):
                                     *p, good["eps"], None, 1, True)
     with pytest.raises(ValueError, match="grad must have the shape of z"):
         ops.gmm_log_prob_backward(torch.randn(5, 4), good["mu"], *p, True)
-    with pytest.raises(TypeError, match="eps has dtype torch.float64 but mu has dtype torch.float32"):
+    with pytest.raises(TypeError,
+                       match="eps has dtype torch.float64 but mu has dtype torch.float32"):
         ops.reparam_gmm_kl(good["mu"], good["logvar"], *p, good["eps"].double(), None, 1)
     # The CPU kernels are float32/float64 only (their kernel table says so).
     half = [t.half() for t in (good["mu"], good["logvar"], *p, good["eps"])]

@@ -63,7 +63,8 @@ void latent_rows_update_(const at::Tensor& mu, const at::Tensor& logvar, const a
   const Kernels& kernels = kernels_for(mu);
   RowUpdate u = make_row_update(kernels, mu, logvar, state, optimizer, lr, beta1, beta2, eps, step);
   check_idx(idx, mu);
-  for (const auto& [g, name] : {std::pair{&grad_mu, "grad_mu"}, std::pair{&grad_logvar, "grad_logvar"}}) {
+  using Named = std::pair<const at::Tensor*, const char*>;
+  for (const auto& [g, name] : {Named{&grad_mu, "grad_mu"}, Named{&grad_logvar, "grad_logvar"}}) {
     TORCH_CHECK_VALUE(g->dim() == 2 && g->size(0) == idx.size(0) && g->size(1) == mu.size(1),
                       name, " must have shape [len(idx), K] = [", idx.size(0), ", ", mu.size(1),
                       "], got ", g->sizes());
