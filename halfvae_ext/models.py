@@ -254,7 +254,8 @@ class LatentTable(nn.Module):
 
     ``forward(idx, prior)`` returns the fused op's reparameterized sample z [B, K] and Monte-Carlo
     KL [B] (``reduction="row"``) for rows ``idx`` (all rows for None); the rows are gathered inside
-    the kernel (``reparam_gmm_kl_rows``), no [B, K] copy is made first.
+    the kernel (``reparam_gmm_kl_rows``), no [B, K] copy is made first. ``sample(idx, prior)``
+    also returns the rows (mu[idx], logvar[idx]) for a likelihood that reads them.
 
     Table gradients: dense [N, K] by default; ``sparse=True`` gives coalesced sparse COO gradients
     (for ``torch.optim.SparseAdam``/``SGD``: mini-batches leave other rows' optimizer state alone);
@@ -313,42 +314,12 @@ class LatentTable(nn.Module):
     def num_latents(self) -> int:
         return self.mu.shape[1]
 
-    def gather(self, idx: torch.Tensor | None):
-        """(mu, logvar) of rows idx ([B, K] each; all rows for None), differentiable.
-
-        With a fused optimizer the rows are fresh leaves whose gradients, once the backward has
-        produced both, step the optimizer on those rows of the table (a multi-grad hook): the
-        model can use them anywhere (likelihood terms, the KL op) and still no table gradient
-        exists."""
-        if self.table_optimizer is not None:
-            if idx is None:
-                idx = torch.arange(self.num_rows, device=self.mu.device)
-            idx = self._check_idx(idx)
-            with torch.no_grad():
-                mu = self.mu.index_select(0, idx).requires_grad_()
-                logvar = self.logvar.index_select(0, idx).requires_grad_()
-
-            def step(grads):
-                g_mu, g_logvar = (torch.zeros_like(mu) if g is None else g for g in grads)
-                self.table_optimizer.apply(self.mu, self.logvar, idx, g_mu, g_logvar)
-
-            torch.autograd.graph.register_multi_grad_hook((mu, logvar), step)
-            return mu, logvar
-        if idx is None:
-            return self.mu, self.logvar
-        idx = self._check_idx(idx)
-        if self.sparse:
-            return (F.embedding(idx, self.mu, sparse=True),
-                    F.embedding(idx, self.logvar, sparse=True))
-        return self.mu.index_select(0, idx), self.logvar.index_select(0, idx)
-
     def forward(self, idx: torch.Tensor | None, prior: GMMPrior,
                 generator: torch.Generator | None = None, eps: torch.Tensor | None = None):
+        """(z [B, K], KL [B]) for rows idx (all rows for None)."""
         prior_params = (prior.logits, prior.means, prior.logvars)
         if self.table_optimizer is not None:
-            if idx is None:
-                idx = torch.arange(self.num_rows, device=self.mu.device)
-            return fused_rows_kl(self.mu, self.logvar, self._check_idx(idx), *prior_params,
+            return fused_rows_kl(self.mu, self.logvar, self._rows_idx(idx), *prior_params,
                                  self.table_optimizer, eps=eps, generator=generator,
                                  reduction="row")
         if idx is None:
@@ -357,6 +328,35 @@ class LatentTable(nn.Module):
         return reparam_gmm_kl_rows(self.mu, self.logvar, self._check_idx(idx), *prior_params,
                                    eps=eps, generator=generator, reduction="row",
                                    table_grad="sparse" if self.sparse else "dense")
+
+    def sample(self, idx: torch.Tensor | None, prior: GMMPrior,
+               generator: torch.Generator | None = None, eps: torch.Tensor | None = None):
+        """(z [B, K], KL [B], mu_rows [B, K], logvar_rows [B, K]) for rows idx (all rows for None):
+        forward's sample and KL, and the rows themselves, for terms of the loss that read them (a
+        likelihood). Gradients reach the table through all four, in every mode; with a fused
+        optimizer the rows' gradients join the KL's in the one op that steps the table."""
+        prior_params = (prior.logits, prior.means, prior.logvars)
+        if self.table_optimizer is not None:
+            return fused_rows_kl(self.mu, self.logvar, self._rows_idx(idx), *prior_params,
+                                 self.table_optimizer, eps=eps, generator=generator,
+                                 reduction="row", return_rows=True)
+        if idx is None:
+            mu, logvar = self.mu, self.logvar
+        else:
+            idx = self._check_idx(idx)
+            if self.sparse:
+                mu = F.embedding(idx, self.mu, sparse=True)
+                logvar = F.embedding(idx, self.logvar, sparse=True)
+            else:
+                mu, logvar = self.mu.index_select(0, idx), self.logvar.index_select(0, idx)
+        z, kl = reparam_gmm_kl(mu, logvar, *prior_params, eps=eps, generator=generator,
+                               reduction="row")
+        return z, kl, mu, logvar
+
+    def _rows_idx(self, idx):
+        if idx is None:
+            return torch.arange(self.num_rows, device=self.mu.device)
+        return self._check_idx(idx)
 
     def _check_idx(self, idx):
         idx = torch.as_tensor(idx, device=self.mu.device)
@@ -389,25 +389,34 @@ def elbo_terms(model, x, mu, logvar, *, generator=None, eps=None, recon="auto"):
 
     All are unbiased for the ELBO's likelihood term.
     """
-    if recon not in RECON_ESTIMATORS:
-        raise ValueError(f"recon must be one of {RECON_ESTIMATORS}, got {recon!r}")
+    recon = _resolve_recon(model, recon)
     p = model.prior
     z, kl = reparam_gmm_kl(mu, logvar, p.logits, p.means, p.logvars, eps=eps,
                            generator=generator, reduction="row")
+    return _log_likelihood(model, x, z, mu, logvar, recon), kl
+
+
+def _resolve_recon(model, recon) -> str:
+    """recon checked against the model's decoder, "auto" resolved."""
+    if recon not in RECON_ESTIMATORS:
+        raise ValueError(f"recon must be one of {RECON_ESTIMATORS}, got {recon!r}")
     linear = isinstance(model.decoder, nn.Linear)
     if recon == "auto":
-        recon = "exact" if linear else "antithetic"
+        return "exact" if linear else "antithetic"
+    if recon == "exact" and not linear:
+        raise ValueError("recon='exact' needs a linear decoder (an nn.Linear)")
+    return recon
+
+
+def _log_likelihood(model, x, z, mu, logvar, recon: str) -> torch.Tensor:
+    """The likelihood term of elbo_terms [B] for the draw z of N(mu, diag(exp(logvar)))."""
     if recon == "exact":
-        if not linear:
-            raise ValueError("recon='exact' needs a linear decoder (an nn.Linear)")
-        ll = model.likelihood.expected_log_prob_linear(x, model.decoder, mu, logvar)
-    elif recon == "antithetic":
+        return model.likelihood.expected_log_prob_linear(x, model.decoder, mu, logvar)
+    if recon == "antithetic":
         B = z.shape[0]
         xm = model.decoder(torch.cat([z, 2.0 * mu - z]))
-        ll = 0.5 * model.likelihood.log_prob(x.repeat(2, 1), xm).view(2, B).sum(0)
-    else:
-        ll = model.likelihood.log_prob(x, model.decoder(z))
-    return ll, kl
+        return 0.5 * model.likelihood.log_prob(x.repeat(2, 1), xm).view(2, B).sum(0)
+    return model.likelihood.log_prob(x, model.decoder(z))
 
 
 def _resolve_prior(prior, latent_dim: int, num_components: int) -> "GMMPrior":
@@ -465,11 +474,14 @@ class HalfVAE(nn.Module):
         x: [B, data_dim], the data of the table rows ``idx`` ([B] row indices; None: all rows in
         order, B = num_samples). See :func:`elbo_terms` for the estimators (``recon``).
         """
-        mu, logvar = self.latents.gather(idx)
+        recon = _resolve_recon(self, recon)
+        # One gather and one draw of the rows serve the KL and the likelihood; with a fused table
+        # optimizer the rows' gradients from both step the table in one op.
+        z, kl, mu, logvar = self.latents.sample(idx, self.prior, generator=generator, eps=eps)
         if x.dim() != 2 or x.shape != (mu.shape[0], self.data_dim):
             raise ValueError(f"x must have shape {(mu.shape[0], self.data_dim)}, got "
                              f"{tuple(x.shape)}")
-        return elbo_terms(self, x, mu, logvar, generator=generator, eps=eps, recon=recon)
+        return _log_likelihood(self, x, z, mu, logvar, recon), kl
 
     def negative_elbo(self, x: torch.Tensor, idx: torch.Tensor | None = None,
                       generator: torch.Generator | None = None, kl_weight: float = 1.0,

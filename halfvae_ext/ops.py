@@ -201,11 +201,12 @@ def _latent_rows_update_fake(mu, logvar, state, idx, grad_mu, grad_logvar, optim
 
 
 @torch.library.register_fake("halfvae_ext::reparam_gmm_kl_rows_backward_step_")
-def _reparam_gmm_kl_rows_backward_step_fake(grad_z, grad_kl, mu, logvar, state, idx,
-                                            prior_logits, prior_means, prior_logvars, eps, seed,
-                                            reduction, prior_grads, optimizer, lr, beta1, beta2,
-                                            adam_eps, step):
-    _one_device(mu=mu, grad_z=grad_z, grad_kl=grad_kl, logvar=logvar, state=state, idx=idx,
+def _reparam_gmm_kl_rows_backward_step_fake(grad_z, grad_kl, grad_mu_rows, grad_logvar_rows, mu,
+                                            logvar, state, idx, prior_logits, prior_means,
+                                            prior_logvars, eps, seed, reduction, prior_grads,
+                                            optimizer, lr, beta1, beta2, adam_eps, step):
+    _one_device(mu=mu, grad_z=grad_z, grad_kl=grad_kl, grad_mu_rows=grad_mu_rows,
+                grad_logvar_rows=grad_logvar_rows, logvar=logvar, state=state, idx=idx,
                 prior_logits=prior_logits, prior_means=prior_means, prior_logvars=prior_logvars,
                 eps=eps, seed=seed)
     return (torch.empty_like(prior_logits), torch.empty_like(prior_means),

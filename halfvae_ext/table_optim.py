@@ -1,10 +1,12 @@
 """Optimizer steps fused into the backward of a latent table's KL.
 
 With `FusedRowOptimizer`, the backward of `fused_rows_kl` computes the gradients of the gathered
-rows ([B, K], O(batch) memory), sums duplicate indices in batch order and applies Adam or SGD to
-those rows of the table, and of the optimizer state, in place. No gradient of the table exists at
-any point, and a step costs O(B) whatever the number of rows. Adam follows torch.optim.SparseAdam
-(moments updated only on touched rows, bias correction by a step count shared by the table).
+rows ([B, K], O(batch) memory), adds what other terms of the loss give the same rows (a likelihood
+that reads them: `return_rows`), sums duplicate indices in batch order and applies Adam or SGD to
+those rows of the table, and of the optimizer state, in place, all in one op. No gradient of the
+table exists at any point, and a step costs O(B) whatever the number of rows. Adam follows
+torch.optim.SparseAdam (moments updated only on touched rows, bias correction by a step count
+shared by the table).
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ class FusedRowOptimizer(torch.nn.Module):
     def logvar_exp_avg(self):
         return self.state[:, 1]
 
-    def apply(self, mu, logvar, idx, grad_mu_rows, grad_logvar_rows):
+    def step_rows(self, mu, logvar, idx, grad_mu_rows, grad_logvar_rows):
         """One step on rows idx of both tables, from their per-index gradients [B, K]."""
         self.step.add_(1)  # in place: no module __setattr__ on the hot path
         b1, b2 = self.betas
@@ -61,25 +63,31 @@ class FusedRowOptimizer(torch.nn.Module):
                                      self.kind, self.lr, b1, b2, self.eps, int(self.step))
 
     def backward_step(self, grad_z, grad_kl, mu, logvar, idx, prior_logits, prior_means,
-                      prior_logvars, eps, seed, reduction, prior_grads):
+                      prior_logvars, eps, seed, reduction, prior_grads, grad_mu_rows=None,
+                      grad_logvar_rows=None):
         """The backward of reparam_gmm_kl_rows and this optimizer's step on rows idx, in one op
-        (the row gradients never leave it); returns the prior's gradients."""
+        (the row gradients never leave it); grad_mu_rows, grad_logvar_rows: [B, K] gradients of
+        the gathered rows from other terms, or None. Returns the prior's gradients."""
         self.step.add_(1)  # in place: no module __setattr__ on the hot path
         b1, b2 = self.betas
         with torch.no_grad():
             return _ops.reparam_gmm_kl_rows_backward_step_(
-                grad_z, grad_kl, mu, logvar, self.state, idx, prior_logits, prior_means,
-                prior_logvars, eps, seed, reduction, prior_grads, self.kind, self.lr, b1, b2,
-                self.eps, int(self.step))
+                grad_z, grad_kl, grad_mu_rows, grad_logvar_rows, mu, logvar, self.state, idx,
+                prior_logits, prior_means, prior_logvars, eps, seed, reduction, prior_grads,
+                self.kind, self.lr, b1, b2, self.eps, int(self.step))
 
     def extra_repr(self):
         return f"kind={self.kind!r}, lr={self.lr}, betas={self.betas}, eps={self.eps}"
 
 
 class _FusedRowsKL(torch.autograd.Function):
+    """(z, kl) of reparam_gmm_kl_rows, and with_rows also the gathered rows (mu[idx],
+    logvar[idx]) for other terms; the backward steps the optimizer on rows idx from all their
+    gradients, in one op."""
+
     @staticmethod
     def forward(ctx, mu, logvar, prior_logits, prior_means, prior_logvars, idx, eps, seed,
-                reduction, optimizer):
+                reduction, optimizer, with_rows):
         if eps is None and mu.device.type == "cpu":
             # Draw eps once and keep it for the backward ([B, K], O(batch)), instead of drawing it
             # again there: on the CPU a draw costs more than the KL kernel's reads of a stored eps
@@ -92,29 +100,44 @@ class _FusedRowsKL(torch.autograd.Function):
         ctx.save_for_backward(mu, logvar, prior_logits, prior_means, prior_logvars, idx, eps, seed)
         ctx.reduction = reduction
         ctx.optimizer = optimizer
-        return z, kl
+        if not with_rows:
+            return z, kl
+        # Outputs nobody uses get no gradient (None), not zeros: a likelihood that does not read
+        # logvar adds nothing to the step.
+        ctx.set_materialize_grads(False)
+        return z, kl, mu.index_select(0, idx), logvar.index_select(0, idx)
 
     @staticmethod
-    def backward(ctx, grad_z, grad_kl):
+    def backward(ctx, grad_z, grad_kl, grad_mu_rows=None, grad_logvar_rows=None):
         mu, logvar, prior_logits, prior_means, prior_logvars, idx, eps, seed = ctx.saved_tensors
         need = ctx.needs_input_grad
+        B, K = idx.shape[0], mu.shape[1]
+        if grad_z is None:
+            grad_z = mu.new_zeros((B, K))
+        if grad_kl is None:
+            grad_kl = mu.new_zeros((B,) if ctx.reduction == 1 else (B, K))
         g_logits, g_means, g_logvars = ctx.optimizer.backward_step(
             grad_z, grad_kl, mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps, seed,
-            ctx.reduction, bool(need[2] or need[3] or need[4]))
+            ctx.reduction, bool(need[2] or need[3] or need[4]), grad_mu_rows, grad_logvar_rows)
         return (None, None, g_logits if need[2] else None, g_means if need[3] else None,
-                g_logvars if need[4] else None, None, None, None, None, None)
+                g_logvars if need[4] else None, None, None, None, None, None, None)
 
 
 def fused_rows_kl(mu, logvar, idx, prior_logits, prior_means, prior_logvars,
-                  optimizer: FusedRowOptimizer, *, eps=None, generator=None, reduction="row"):
+                  optimizer: FusedRowOptimizer, *, eps=None, generator=None, reduction="row",
+                  return_rows=False):
     """reparam_gmm_kl_rows whose backward steps `optimizer` on the touched rows of mu and logvar
-    (in place) instead of returning their gradients. The prior still gets ordinary gradients."""
+    (in place) instead of returning their gradients. The prior still gets ordinary gradients.
+
+    return_rows: also return mu[idx] and logvar[idx] ([B, K] each) for other terms of the loss;
+    their gradients join the KL's in the same step. Returns (z, kl) or (z, kl, mu_rows,
+    logvar_rows)."""
     code, seed = _rows_arguments(mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps,
                                  generator, reduction)
     if not mu.requires_grad:
         raise ValueError("mu must require grad: its optimizer step runs in the backward")
-    z, kl = _FusedRowsKL.apply(mu, logvar, prior_logits, prior_means, prior_logvars, idx, eps,
-                               seed, code, optimizer)
+    out = _FusedRowsKL.apply(mu, logvar, prior_logits, prior_means, prior_logvars, idx, eps, seed,
+                             code, optimizer, bool(return_rows))
     if reduction == "sum":
-        kl = kl.sum()
-    return z, kl
+        out = (out[0], out[1].sum(), *out[2:])
+    return out

@@ -267,9 +267,144 @@ def test_update_ops_opcheck():
     eps = torch.randn(4, 4, dtype=torch.float64)
     torch.library.opcheck(torch.ops.halfvae_ext.latent_rows_update_,
                           (mu, logvar, state, idx, g, g, "adam", 0.1, 0.9, 0.999, 1e-8, 1))
-    torch.library.opcheck(torch.ops.halfvae_ext.reparam_gmm_kl_rows_backward_step_,
-                          (g, torch.ones(4, dtype=torch.float64), mu, logvar, state, idx, *prior,
-                           eps, None, 1, True, "adam", 0.1, 0.9, 0.999, 1e-8, 2))
+    for extra in ((None, None), (g, None), (g, 2 * g)):  # the rows' gradients from other terms
+        torch.library.opcheck(torch.ops.halfvae_ext.reparam_gmm_kl_rows_backward_step_,
+                              (g, torch.ones(4, dtype=torch.float64), *extra, mu, logvar, state,
+                               idx, *prior, eps, None, 1, True, "adam", 0.1, 0.9, 0.999, 1e-8, 2))
+
+
+def rows_reference_step(mu0, logvar0, idx, prior, eps, grad_z, grad_kl, extra, kind, lr):
+    """The table after one SparseAdam (or SGD) step from the reference's gradients of the gathered
+    rows plus `extra` (gradients of the same rows from other terms, None for none)."""
+    mu, logvar = mu0.clone().requires_grad_(), logvar0.clone().requires_grad_()
+    rows = (torch.nn.functional.embedding(idx, mu, sparse=True),
+            torch.nn.functional.embedding(idx, logvar, sparse=True))
+    z, kl = ref.reparam_gmm_kl(*rows, *prior, eps=eps)
+    loss = (z * grad_z).sum() + (kl * grad_kl).sum()
+    loss = loss + sum((r * e).sum() for r, e in zip(rows, extra) if e is not None)
+    opt = (torch.optim.SparseAdam([mu, logvar], lr=lr) if kind == "adam"
+           else torch.optim.SGD([mu, logvar], lr=lr))
+    loss.backward()
+    opt.step()
+    return mu.detach(), logvar.detach()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "interleaved"])
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_step_op_adds_the_rows_gradients_from_other_terms(kind, layout):
+    """reparam_gmm_kl_rows_backward_step_ with grad_mu_rows / grad_logvar_rows steps each row by
+    the sum over its occurrences of (KL gradient + given gradient), in float64 against SparseAdam
+    on the reference's gradients. Rows occurring once (stepped inside the backward's block loop)
+    and repeated ones (after it) both."""
+    N, K, C, B = 3000, 5, 3, 1200
+    mu0, logvar0, prior = tables(N, K, C, torch.float64)
+    g = torch.Generator().manual_seed(11)
+    idx = torch.cat([torch.randperm(N, generator=g)[:800],  # mostly rows that occur once
+                     torch.randint(0, 50, (400,), generator=g)])
+    eps, grad_z = (torch.randn(B, K, generator=g, dtype=torch.float64) for _ in range(2))
+    grad_kl = torch.randn(B, generator=g, dtype=torch.float64)
+    gm, gl = (torch.randn(B, K, generator=g, dtype=torch.float64) for _ in range(2))
+    for extra in ((gm, gl), (gm, None), (None, gl)):
+        mu_r, lv_r = rows_reference_step(mu0, logvar0, idx, prior, eps, grad_z, grad_kl, extra,
+                                         kind, lr=0.05)
+        mu, logvar = ((mu0.clone(), logvar0.clone()) if layout == "contiguous"
+                      else interleaved(mu0, logvar0))
+        state = torch.zeros(N, 4 if kind == "adam" else 0, K, dtype=torch.float64)
+        torch.ops.halfvae_ext.reparam_gmm_kl_rows_backward_step_(
+            grad_z, grad_kl, *extra, mu, logvar, state, idx, *prior, eps, None, 1, False, kind,
+            0.05, 0.9, 0.999, 1e-8, 1)
+        torch.testing.assert_close(mu, mu_r, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(logvar, lv_r, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"grad_logvar_rows must have shape \[len\(idx\), K\]"):
+        torch.ops.halfvae_ext.reparam_gmm_kl_rows_backward_step_(
+            grad_z, grad_kl, gm, gl[:-1], mu, logvar, state, idx, *prior, eps, None, 1, False,
+            kind, 0.05, 0.9, 0.999, 1e-8, 1)
+    with pytest.raises(TypeError, match="grad_mu_rows has dtype torch.float32"):
+        torch.ops.halfvae_ext.reparam_gmm_kl_rows_backward_step_(
+            grad_z, grad_kl, gm.float(), gl, mu, logvar, state, idx, *prior, eps, None, 1, False,
+            kind, 0.05, 0.9, 0.999, 1e-8, 1)
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse", "fused"])
+def test_latent_table_sample_returns_the_rows_in_every_mode(mode):
+    from halfvae_ext.models import GMMPrior, LatentTable
+    prior = GMMPrior(3, 3).double()
+    table = LatentTable(20, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64,
+                        sparse=mode == "sparse", fused_optimizer="sgd" if mode == "fused" else None)
+    idx = torch.tensor([4, 0, 4, 19])
+    eps = torch.randn(4, 3, dtype=torch.float64)
+    z, kl, mu_rows, logvar_rows = table.sample(idx, prior, eps=eps)
+    assert torch.equal(mu_rows, table.mu[idx]) and torch.equal(logvar_rows, table.logvar[idx])
+    z_f, kl_f = table(idx, prior, eps=eps)  # forward: the same sample and KL
+    assert torch.equal(z, z_f) and torch.equal(kl, kl_f)
+    z_all, _, mu_all, _ = table.sample(None, prior, eps=torch.randn(20, 3, dtype=torch.float64))
+    assert z_all.shape == (20, 3) and torch.equal(mu_all, table.mu)
+    if mode == "dense":  # gradients reach the table through all four outputs
+        def fn(mu, logvar):
+            table.mu, table.logvar = mu, logvar
+            return table.sample(idx, prior, eps=eps)
+        inputs = [torch.nn.Parameter(table.mu.detach().clone()),
+                  torch.nn.Parameter(table.logvar.detach().clone())]
+        assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+@pytest.mark.parametrize("uses", ["both", "mu", "none"])
+def test_fused_sample_steps_like_sparse_gradients_of_all_terms(kind, uses):
+    """A loss of the fused table's (z, kl, mu_rows, logvar_rows) steps the table as SparseAdam (or
+    SGD) does with sparse gradients of the same loss; rows the loss does not read add nothing."""
+    from halfvae_ext.models import GMMPrior, LatentTable
+    prior = GMMPrior(4, 3).double()
+    tables_ = [LatentTable(300, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64,
+                           fused_optimizer=kind, lr=0.05),
+               LatentTable(300, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64,
+                           sparse=True)]
+    opt = (torch.optim.SparseAdam if kind == "adam" else torch.optim.SGD)(
+        [tables_[1].mu, tables_[1].logvar], lr=0.05)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(4):
+        idx = torch.randint(0, 100, (128,), generator=g)
+        eps = torch.randn(128, 4, generator=g, dtype=torch.float64)
+        w = torch.randn(128, 4, generator=g, dtype=torch.float64)
+        for table in tables_:
+            z, kl, mu_rows, logvar_rows = table.sample(idx, prior, eps=eps)
+            loss = kl.sum() + (w * z).sum()
+            if uses in ("both", "mu"):
+                loss = loss + (w * mu_rows.sin()).sum()
+            if uses == "both":
+                loss = loss + logvar_rows.exp().sum()
+            loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert tables_[0].mu.grad is None
+    torch.testing.assert_close(tables_[0].mu.detach(), tables_[1].mu.detach(), rtol=1e-12,
+                               atol=1e-12)
+    torch.testing.assert_close(tables_[0].logvar.detach(), tables_[1].logvar.detach(), rtol=1e-12,
+                               atol=1e-12)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_step_op_with_the_rows_other_gradients_equals_cpu(dtype):
+    N, K, B = 500, 8, 256
+    mu0, logvar0, prior = tables(N, K, 3, dtype)
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, 100, (B,), generator=g)
+    args = [torch.randn(B, K, generator=g).to(dtype), torch.randn(B, generator=g).to(dtype),
+            torch.randn(B, K, generator=g).to(dtype), torch.randn(B, K, generator=g).to(dtype)]
+    eps = torch.randn(B, K, generator=g).to(dtype)
+    out = {}
+    for device in ("cpu", "cuda"):
+        mu, logvar = (t.clone().to(device) for t in interleaved(mu0, logvar0))
+        state = torch.zeros(N, 4, K, dtype=dtype, device=device)
+        grads = torch.ops.halfvae_ext.reparam_gmm_kl_rows_backward_step_(
+            *(a.to(device) for a in args), mu, logvar, state, idx.to(device),
+            *(p.to(device) for p in prior), eps.to(device), None, 1, True, "adam", 0.05, 0.9,
+            0.999, 1e-8, 1)
+        out[device] = [t.cpu() for t in (mu, logvar, state, *grads)]
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    for a, b in zip(out["cuda"], out["cpu"]):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
 @requires_cuda

@@ -140,6 +140,8 @@ void backward_impl(const ReparamGmmKlProblem& p, const at::Tensor& grad_z,
   const T* gkl = grad_kl.data_ptr<T>();
   T* gmu_out = grad_mu.data_ptr<T>();
   T* glv_out = grad_logvar.data_ptr<T>();
+  const T* extra_mu = p.extra_grad_mu.defined() ? p.extra_grad_mu.data_ptr<T>() : nullptr;
+  const T* extra_lv = p.extra_grad_logvar.defined() ? p.extra_grad_logvar.data_ptr<T>() : nullptr;
   const bool row = p.reduction == kReductionRow;
   const int C = static_cast<int>(p.C);
   const int64_t K = p.K;
@@ -192,6 +194,10 @@ void backward_impl(const ReparamGmmKlProblem& p, const at::Tensor& grad_z,
           store(glv_out + g, glv, n);
         });
         if constexpr (kPriorGrads) sums.end_block();
+        // The rows' gradients from other terms, while this block's are in L1 (the rows are
+        // stepped from the totals).
+        if (extra_mu != nullptr) add_span(gmu_out + start, extra_mu + start, count);
+        if (extra_lv != nullptr) add_span(glv_out + start, extra_lv + start, count);
         if (stepper) {
           for (int64_t r = start / K; r < (start + count) / K; ++r) {
             if (!single[r]) continue;

@@ -177,6 +177,15 @@ inline void for_each_vector(int64_t start, int64_t count, int64_t P, const Body&
   }
 }
 
+// a[i] += b[i], i < n.
+template <typename T>
+inline void add_span(T* a, const T* b, int64_t n) {
+  using V = Vectorized<T>;
+  int64_t i = 0;
+  for (; i + V::size() <= n; i += V::size()) (V::loadu(a + i) + V::loadu(b + i)).store(a + i);
+  for (; i < n; ++i) a[i] += b[i];
+}
+
 // The (seed, offset) of an in-kernel draw, from its int64[2] tensor.
 inline PhiloxSeed read_seed(const at::Tensor& seed) {
   const auto s = seed.to(at::kCPU).contiguous();

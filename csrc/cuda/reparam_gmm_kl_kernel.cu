@@ -88,6 +88,15 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
   }
 }
 
+// A row gradient from the kernel plus, when given, the same element's gradient from other terms;
+// rounded to scalar_t first, as autograd would round the two before summing them.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ scalar_t plus_extra(acc_t g, const scalar_t* extra, int64_t i) {
+  if (extra == nullptr) return static_cast<scalar_t>(g);
+  return static_cast<scalar_t>(static_cast<acc_t>(static_cast<scalar_t>(g)) +
+                               static_cast<acc_t>(extra[i]));
+}
+
 template <typename scalar_t, typename acc_t, int CT, bool kSampled, bool kRow, bool kPriorGrads>
 __global__ void __launch_bounds__(kThreads) backward_kernel(
     const scalar_t* __restrict__ grad_z, const scalar_t* __restrict__ grad_kl,
@@ -96,7 +105,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
     const int64_t* __restrict__ seed, const acc_t* __restrict__ w, const acc_t* __restrict__ m,
     const acc_t* __restrict__ prec, int64_t numel, int64_t K, int64_t row_stride, int C,
     int64_t stride,
-    SumsTable sums_table,
+    SumsTable sums_table, const scalar_t* __restrict__ extra_grad_mu,
+    const scalar_t* __restrict__ extra_grad_logvar,
     scalar_t* __restrict__ grad_mu, scalar_t* __restrict__ grad_logvar) {
   extern __shared__ double smem[];
   double* table = kPriorGrads ? begin_sums(sums_table, smem) : nullptr;
@@ -119,8 +129,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
             static_cast<acc_t>(mu[li]), static_cast<acc_t>(logvar[li]), e.at(i, q),
             static_cast<acc_t>(grad_z[i]), gk, C, prior[q], sums[q], gmu, glv);
         if constexpr (kPriorGrads) sums[q].add_weight(gk);
-        grad_mu[i] = static_cast<scalar_t>(gmu);
-        grad_logvar[i] = static_cast<scalar_t>(glv);
+        grad_mu[i] = plus_extra(gmu, extra_grad_mu, i);
+        grad_logvar[i] = plus_extra(glv, extra_grad_logvar, i);
       }
     }
     if constexpr (kPriorGrads) {
@@ -199,6 +209,8 @@ void backward(const ReparamGmmKlProblem& p, const at::Tensor& grad_z, const at::
               kSampled ? p.seed.data_ptr<int64_t>() : nullptr, p.prior.w.data_ptr<acc_t>(),
               p.prior.m.data_ptr<acc_t>(), p.prior.prec.data_ptr<acc_t>(), numel, p.K,
               p.row_stride, static_cast<int>(p.C), launch.stride, table,
+              p.extra_grad_mu.defined() ? p.extra_grad_mu.data_ptr<scalar_t>() : nullptr,
+              p.extra_grad_logvar.defined() ? p.extra_grad_logvar.data_ptr<scalar_t>() : nullptr,
               grad_mu.data_ptr<scalar_t>(),
               grad_logvar.data_ptr<scalar_t>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();

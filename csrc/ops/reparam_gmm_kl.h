@@ -1,7 +1,7 @@
 // reparam_gmm_kl: z = mu + exp(logvar/2)*eps and the Monte-Carlo KL log N(z; mu, sigma^2) - log p_k(z)
 // against a per-dimension Gaussian mixture, fused. eps is given, or drawn in the kernel by Philox from
-// a (seed, offset) tensor; the backward regenerates it from the same seed. The _rows variants gather
-// rows idx of latent tables inside the kernel.
+// a (seed, offset) tensor; the backward regenerates it from the same seed. The _rows variants
+// gather rows idx of latent tables inside the kernel.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -25,6 +25,9 @@ struct ReparamGmmKlProblem {
   at::Tensor idx;         // int64 [N] row indices into mu/logvar (reparam_gmm_kl_rows), or undefined
   at::Tensor eps;         // [N, K], contiguous; undefined when sampled in the kernel
   at::Tensor seed;        // int64[2] on the device of mu; undefined when eps is given
+  // Backward only, optional: gradients [N, K] (contiguous) of the same rows from other terms (the
+  // table step's likelihood terms), added to each index's grad_mu and grad_logvar.
+  at::Tensor extra_grad_mu, extra_grad_logvar;
   // Backward with idx only, optional: the optimizer step to apply to rows idx of mu and logvar from
   // the gradients being computed.
   const RowUpdate* row_step = nullptr;
