@@ -8,7 +8,8 @@ Problems (3 sources: sine, square, sawtooth, standardized):
 Methods:
 - ``halfvae``: :class:`HalfVAEICA` with its defaults (PCA init, prior warm-up, 4 restarts chosen by
   ELBO); on the nonlinear problem the residual decoder x = W z + mlp(z) (one hidden layer of 32
-  leaky-ReLU units).
+  leaky-ReLU units). Every Half-VAE method reports the trained posterior means of the rows,
+  ``posterior_means_`` (not ``transform``).
 - ``halfvae_random``: the same with ``init="random"`` (random latent means and decoder).
 - ``halfvae_plain``: the straightforward version: random init, no prior warm-up, one restart.
 - ``halfvae_fastica``: Half-VAE warm-started from FastICA's sources (``init="fastica"``, opt-in;
@@ -31,12 +32,16 @@ import warnings
 
 import numpy as np
 import torch
+from sklearn.exceptions import ConvergenceWarning
 
 from .atomic_io import atomic_write
-from .estimator import HalfVAEICA, _random_orthogonal, _reset_parameters, _torch_threads, lr_factor
+from .estimator import HalfVAEICA
 from .ica import make_nonlinear, make_paper_linear, mean_corr_coef, per_component_rmse
 from .ica.metrics import align_sources
 from .models import VAE, GMMPrior, ResidualDecoder
+from .preprocessing import check_data, fit_whitening
+from .recipe import (INIT_NOISE_STD, final_elbo, lr_factor, prior_warmup_epochs, random_orthogonal,
+                     reset_parameters, restart_seeds, set_prior_trainable, torch_threads)
 
 __all__ = ["run_experiments", "format_table", "plot_sources", "fit_vae", "METHODS", "PROBLEMS",
            "SOURCE_NAMES"]
@@ -66,62 +71,53 @@ def fit_vae(X, n_components, *, decoder="linear", hidden=(32,), activation="leak
             encoder_hidden=(64, 64),
             n_mixture=3, max_iter=1500, n_restarts=4, learning_rate=0.01,
             encoder_learning_rate=0.01, prior_warmup=0.3, lr_decay=0.3, random_state=0):
-    """The VAE-with-encoder baseline, trained like :class:`HalfVAEICA` (same whitening, prior and
-    warm-up, closed-form expected log-likelihood for the linear decoder (antithetic draws for the
-    MLP), small initial noise, learning-rate tail decay, restarts chosen by the final ELBO).
-    Returns (sources [n, K] = the encoder means, info dict)."""
-    pre = HalfVAEICA(n_components, decoder=decoder)
-    pre._validate_hyperparameters()
-    X = pre._check_X(X, reset=True)
-    Xw = torch.as_tensor(pre._fit_preprocessing(X), dtype=torch.float32)
-    K = pre.n_components_
-    seeds = np.random.SeedSequence(random_state).spawn(n_restarts)
+    """The VAE-with-encoder baseline, trained with :class:`HalfVAEICA`'s recipe (the same
+    whitening, prior and warm-up, learning-rate schedule, seeds, initial noise and final ELBO from
+    :mod:`halfvae_ext.preprocessing` and :mod:`halfvae_ext.recipe`; closed-form expected
+    log-likelihood for the linear decoder, antithetic draws for the MLP), restarts chosen by the
+    final ELBO. Returns (sources [n, K] = the encoder means, info dict)."""
+    X = check_data(X)
+    whitening, Xw_np = fit_whitening(X, n_components, "pca", keep_all_dims=decoder != "linear")
+    Xw = torch.as_tensor(Xw_np, dtype=torch.float32)
+    K = whitening.n_components
+    init_logvar = 2 * math.log(INIT_NOISE_STD)
+    warm = prior_warmup_epochs(prior_warmup, max_iter)
     best = None
     elbos = []
-    for r, ss in enumerate(seeds):
-        seed = int(ss.generate_state(1, np.uint64)[0] >> np.uint64(1))
+    for r, seed in enumerate(restart_seeds(random_state, n_restarts)):
         g = torch.Generator().manual_seed(seed)
         model = VAE(Xw.shape[1], K, encoder_hidden=encoder_hidden, decoder=decoder,
                     prior=GMMPrior(K, n_mixture), hidden=hidden, activation=activation,
-                    init_logvar=2 * math.log(0.1), init_noise_std=0.1)
-        _reset_parameters(model.encoder, g)
-        _reset_parameters(model.decoder, g)
+                    init_logvar=init_logvar, init_noise_std=INIT_NOISE_STD)
+        reset_parameters(model.encoder, g)
+        reset_parameters(model.decoder, g)
         with torch.no_grad():
-            model.encoder[-1].bias[K:].fill_(2 * math.log(0.1))
+            model.encoder[-1].bias[K:].fill_(init_logvar)
             linear = model.decoder if decoder == "linear" else \
                 model.decoder.linear if isinstance(model.decoder, ResidualDecoder) else None
             if isinstance(model.decoder, ResidualDecoder):
                 model.decoder.zero_correction_()
             if linear is not None and Xw.shape[1] == K:
-                R = torch.eye(K, dtype=torch.float64) if r == 0 else _random_orthogonal(K, g)
+                R = torch.eye(K, dtype=torch.float64) if r == 0 else random_orthogonal(K, g)
                 linear.weight.copy_(R.float())
         opt = torch.optim.Adam([
             dict(params=model.encoder.parameters(), lr=encoder_learning_rate),
             dict(params=list(model.decoder.parameters()) + list(model.likelihood.parameters())
                  + list(model.prior.parameters()), lr=learning_rate)])
-        warm = int(prior_warmup * max_iter)
         for epoch in range(max_iter):
             f = lr_factor(epoch, max_iter, lr_decay)
             opt.param_groups[0]["lr"] = encoder_learning_rate * f
             opt.param_groups[1]["lr"] = learning_rate * f
-            model.prior.means.requires_grad_(epoch >= warm)
-            model.prior.logits.requires_grad_(epoch >= warm)
+            set_prior_trainable(model.prior, epoch < warm)
             ll, kl = model.elbo_terms(Xw, generator=g)
             loss = (kl - ll).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        with torch.no_grad():
-            ge = torch.Generator().manual_seed(seed + 1)
-            draws = []
-            for _ in range(8):
-                ll, kl = model.elbo_terms(Xw, generator=ge)
-                draws.append(float((ll - kl).mean()))
-            elbo = float(np.mean(draws))
-            if not math.isfinite(elbo):
-                elbo = -math.inf
-            elbos.append(elbo)
-            if best is None or elbo > best[0]:
+        elbo = final_elbo(model, Xw, seed, n_draws=8)
+        elbos.append(elbo)
+        if best is None or elbo > best[0]:
+            with torch.no_grad():
                 best = (elbo, model.encode(Xw)[0].double().numpy().copy(), r)
     return best[1], {"elbo": best[0], "best_restart": best[2], "restart_elbos": elbos}
 
@@ -136,16 +132,22 @@ def run_method(method: str, problem: str, X, seed: int, quick: bool = False):
     s = _method_settings(quick)
     decoder = "linear" if problem == "linear" else "residual"
     if method == "halfvae":
-        return HalfVAEICA(_N_SOURCES, decoder=decoder, random_state=seed, **s).fit_transform(X)
-    if method == "halfvae_random":
-        return HalfVAEICA(_N_SOURCES, decoder=decoder, init="random", random_state=seed,
-                          **s).fit_transform(X)
-    if method == "halfvae_fastica":
-        return HalfVAEICA(_N_SOURCES, decoder=decoder, init="fastica", random_state=seed,
-                          **s).fit_transform(X)
-    if method == "halfvae_plain":
-        return HalfVAEICA(_N_SOURCES, decoder=decoder, init="random", prior_warmup=0.0,
-                          n_restarts=1, max_iter=s["max_iter"], random_state=seed).fit_transform(X)
+        est = HalfVAEICA(_N_SOURCES, decoder=decoder, random_state=seed, **s)
+    elif method == "halfvae_random":
+        est = HalfVAEICA(_N_SOURCES, decoder=decoder, init="random", random_state=seed, **s)
+    elif method == "halfvae_fastica":
+        est = HalfVAEICA(_N_SOURCES, decoder=decoder, init="fastica", random_state=seed, **s)
+    elif method == "halfvae_plain":
+        est = HalfVAEICA(_N_SOURCES, decoder=decoder, init="random", prior_warmup=0.0,
+                         n_restarts=1, max_iter=s["max_iter"], random_state=seed)
+    else:
+        est = None
+    if est is not None:
+        # The trained posterior means of the rows (not transform, the per-row linear projection
+        # or posterior mode): with the prior's shrinkage they are the better sources.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # the quick settings are short
+            return est.fit(X).posterior_means_
     if method == "vae":
         return fit_vae(X, _N_SOURCES, decoder=decoder, random_state=seed, **s)[0]
     if method == "fastica":
@@ -160,7 +162,7 @@ def run_method(method: str, problem: str, X, seed: int, quick: bool = False):
 def _run_task(task):
     """One (problem, seed, method) fit; module-level so that worker processes can run it."""
     problem, seed, method, n_samples, quick, keep = task
-    with _torch_threads(1):
+    with torch_threads(1):
         P = make_problem(problem, n_samples, seed)
         t0 = time.perf_counter()
         S = run_method(method, problem, P.X, seed, quick)
@@ -349,14 +351,3 @@ def run_demo(out_dir="halfvae_demo", seeds=3, quick=False, n_samples=5000, metho
     print(f"wrote {json_path} and {png_path} ({out['config']['total_seconds']:.0f}s)",
           file=stream)
     return out
-
-
-def main(argv=None):
-    """``python -m halfvae_ext.experiments [--out DIR] [--seeds N] [--quick]`` (= ``halfvae demo``)."""
-    from .cli import main as cli_main
-    return cli_main(["demo", *(argv if argv is not None else __import__("sys").argv[1:])])
-
-
-if __name__ == "__main__":
-    import sys
-    sys.exit(main())

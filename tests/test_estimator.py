@@ -84,7 +84,7 @@ def test_transform_new_rows(laplace):
     assert mean_corr_coef(laplace.S[450:], St) > 0.97
     np.testing.assert_array_equal(St, est.transform(laplace.X[450:]))  # deterministic
     assert est.transform(laplace.X[450:451]).shape == (1, 3)  # a single row works
-    # On the training rows it agrees with the fitted table (both are posterior means).
+    # On the training rows the projection agrees with the fitted table (posterior means).
     S_fit = est.model_.latents.mu.detach().double().numpy()
     St_train = est.transform(laplace.X[:450])
     assert np.corrcoef(S_fit[:, 0], St_train[:, 0])[0, 1] > 0.99
@@ -374,11 +374,10 @@ def test_bad_X(X, exc, match):
 def test_n_components_too_large(laplace):
     with pytest.raises(ValueError, match="larger than the number of features"):
         HalfVAEICA(4, max_iter=2).fit(laplace.X)
-    X = np.column_stack([laplace.X, laplace.X[:, 0] + laplace.X[:, 1]])  # rank 3, 4 features
-    with pytest.raises(ValueError, match="exceeds the rank"):
-        HalfVAEICA(4, max_iter=2).fit(X)
-    with pytest.raises(ValueError, match="exceeds the rank"):
-        HalfVAEICA(3, max_iter=2).fit(laplace.X[:3])  # 3 samples: centered rank 2
+    # Above the rank: a warning and n_components_ = rank (test_rank_deficient_data_...).
+    with pytest.warns(UserWarning, match="exceeds the rank"):
+        est = HalfVAEICA(3, max_iter=2, n_restarts=1).fit(laplace.X[:3])  # centered rank 2
+    assert est.n_components_ == 2
 
 
 @pytest.mark.parametrize("params, exc, match", [
@@ -417,3 +416,182 @@ def test_bad_transform_input(fitted):
     from sklearn.exceptions import NotFittedError
     with pytest.raises(NotFittedError):
         HalfVAEICA(2).transform(np.zeros((3, 3)))
+
+
+# ----------------------------------------------------------------------------- transform per row
+@pytest.fixture(scope="module")
+def paper():
+    return make_paper_linear(2000, random_state=0)
+
+
+def test_transform_linear_is_the_fastica_projection(paper):
+    est = HalfVAEICA(3, max_iter=300, n_restarts=1, random_state=0)
+    S_fit = est.fit_transform(paper.X)
+    St = est.transform(paper.X)
+    np.testing.assert_array_equal(S_fit, St)
+    np.testing.assert_allclose(St, (paper.X - est.mean_) @ est.components_.T, rtol=0, atol=1e-12)
+    rev = est.transform(paper.X[::-1])[::-1]
+    np.testing.assert_allclose(rev, St, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(est.transform(paper.X[5:6]), St[5:6], rtol=0, atol=1e-12)
+    # The trained posterior means stay available, and separate at least as well.
+    assert est.posterior_means_.shape == (2000, 3)
+    np.testing.assert_array_equal(est.posterior_means_,
+                                  est.model_.latents.mu.detach().double().numpy())
+    assert mean_corr_coef(paper.S, est.posterior_means_) > 0.99
+    assert mean_corr_coef(paper.S, St) > 0.99
+
+
+def test_transform_residual_is_a_per_row_posterior_mode(laplace):
+    est = HalfVAEICA(3, decoder="residual", max_iter=60, n_restarts=1, random_state=0)
+    est.fit(laplace.X)
+    X = laplace.X[:200]
+    St = est.transform(X)
+    np.testing.assert_allclose(est.transform(X[::-1])[::-1], St, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(est.transform(X[7:8]), St[7:8], rtol=0, atol=1e-10)
+    np.testing.assert_array_equal(est.transform(X), St)
+    np.testing.assert_array_equal(HalfVAEICA(3, decoder="residual", max_iter=60, n_restarts=1,
+                                             random_state=0).fit_transform(laplace.X)[:200], St)
+    # A mode: the log joint of each row is higher there than at its start, the posterior mean.
+    import copy
+    m = est.model_
+    dec, prior, lik = (copy.deepcopy(x).double() for x in (m.decoder, m.prior, m.likelihood))
+    Xw = torch.as_tensor((X - est.mean_) @ est.whitening_.T)
+
+    def log_joint(z):
+        z = torch.as_tensor(z, dtype=torch.float64)
+        return lik.log_prob(Xw, dec(z)) + prior.log_prob(z).sum(1)
+
+    with torch.no_grad():
+        at_mode, at_mean = log_joint(St), log_joint(est.posterior_means_[:200])
+    assert bool((at_mode >= at_mean - 1e-6).all())
+    assert float((at_mode - at_mean).mean()) > 0
+
+
+# ----------------------------------------------------------------------------- defects
+def test_batch_size_at_least_n_samples_is_full_batch(laplace):
+    X = laplace.X[:100]
+    for opt in ("torch", "fused"):
+        est = HalfVAEICA(2, batch_size=100, table_optimizer=opt, max_iter=5, n_restarts=1,
+                         random_state=0).fit(X)
+        assert est.n_iter_ == 5
+    full = HalfVAEICA(2, max_iter=5, n_restarts=1, random_state=0).fit(X)
+    big = HalfVAEICA(2, batch_size=1000, max_iter=5, n_restarts=1, random_state=0).fit(X)
+    np.testing.assert_array_equal(full.posterior_means_, big.posterior_means_)
+
+
+@pytest.mark.parametrize("stopped", [False, True])
+def test_refused_resume_leaves_the_estimator_untouched(laplace, stopped):
+    est = HalfVAEICA(3, max_iter=20, n_restarts=1, random_state=0)
+    est.fit(laplace.X, stop_after=5 if stopped else None)
+    before = {k: copy_of(v) for k, v in vars(est).items()}
+    X2 = laplace.X * 2.0 + 1.0
+    with pytest.raises(ValueError, match="not the data"):
+        est.fit(X2, resume=True)
+    assert vars(est).keys() == before.keys()
+    for k, v in vars(est).items():
+        if isinstance(v, np.ndarray):
+            np.testing.assert_array_equal(v, before[k])
+    if not stopped:
+        np.testing.assert_array_equal(est.transform(laplace.X[:5]),
+                                      (laplace.X[:5] - est.mean_) @ est.components_.T)
+    est.fit(laplace.X, resume=True)  # the run is still resumable
+    assert est.n_iter_ == 20
+
+
+def copy_of(v):
+    return v.copy() if isinstance(v, np.ndarray) else v
+
+
+def test_save_errors_name_the_path_and_keep_read_only_files(fitted, tmp_path):
+    est, _ = fitted
+    missing = tmp_path / "nodir" / "m.pt"
+    with pytest.raises(FileNotFoundError) as e:
+        est.save(missing)
+    assert str(missing) in str(e.value) and ".tmp-" not in str(e.value)
+    ro = tmp_path / "ro.pt"
+    ro.write_bytes(b"keep me")
+    os.chmod(ro, 0o444)
+    with pytest.raises(PermissionError) as e:
+        est.save(ro)
+    assert str(ro) in str(e.value)
+    assert ro.read_bytes() == b"keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ro.pt"]
+
+
+@pytest.mark.parametrize("where", ["missing_dir", "directory", "read_only_file"])
+def test_unwritable_checkpoint_path_refused_before_training(laplace, tmp_path, monkeypatch,
+                                                           where):
+    path = {"missing_dir": tmp_path / "nodir" / "c.pt", "directory": tmp_path,
+            "read_only_file": tmp_path / "c.pt"}[where]
+    if where == "read_only_file":
+        path.write_bytes(b"x")
+        os.chmod(path, 0o444)
+
+    def no_epoch(*a, **k):
+        raise AssertionError("trained before checking checkpoint_path")
+
+    monkeypatch.setattr(HalfVAEICA, "_epoch", no_epoch)
+    est = HalfVAEICA(3, max_iter=5, n_restarts=1, checkpoint_path=path)
+    with pytest.raises(OSError) as e:
+        est.fit(laplace.X)
+    assert str(path) in str(e.value)
+    assert not hasattr(est, "mean_")
+
+
+def test_random_state_accepts_a_numpy_random_state(laplace):
+    kw = dict(max_iter=10, n_restarts=2)
+    a = HalfVAEICA(3, random_state=np.random.RandomState(0), **kw).fit(laplace.X)
+    b = HalfVAEICA(3, random_state=np.random.RandomState(0), **kw).fit(laplace.X)
+    np.testing.assert_array_equal(a.posterior_means_, b.posterior_means_)
+    rs = np.random.RandomState(0)
+    est = HalfVAEICA(3, random_state=rs, **kw)
+    first = est.fit(laplace.X).posterior_means_
+    assert not np.array_equal(first, est.fit(laplace.X).posterior_means_)  # rs advanced
+
+
+def test_random_state_object_survives_save_and_resume(laplace, tmp_path):
+    est = HalfVAEICA(3, max_iter=10, n_restarts=2, random_state=np.random.RandomState(3))
+    est.fit(laplace.X, stop_after=13)
+    est.save(tmp_path / "r.pt")
+    ref = HalfVAEICA(3, max_iter=10, n_restarts=2,
+                     random_state=np.random.RandomState(3)).fit(laplace.X)
+    resumed = HalfVAEICA.load(tmp_path / "r.pt").fit(laplace.X, resume=True)
+    _state_equal(resumed, ref)
+
+
+def test_float32_input_keeps_float32(laplace):
+    X32 = laplace.X.astype(np.float32)
+    est = HalfVAEICA(3, max_iter=20, n_restarts=1, random_state=0).fit(X32)
+    for name in ("mean_", "whitening_", "dewhitening_", "mixing_", "components_",
+                 "posterior_means_"):
+        assert getattr(est, name).dtype == np.float32, name
+    assert est.transform(X32).dtype == np.float32
+    assert est.fit_transform(X32).dtype == np.float32
+    assert est.inverse_transform(est.transform(X32)).dtype == np.float32
+    assert est.transform(laplace.X).dtype == np.float64
+
+
+def test_rank_deficient_data_warns_and_fits_the_rank(laplace):
+    X = np.column_stack([laplace.X, laplace.X[:, 0] + laplace.X[:, 1]])  # rank 3, 4 features
+    with pytest.warns(UserWarning, match=r"rank of the centered X \(3\)"):
+        est = HalfVAEICA(4, max_iter=20, n_restarts=1, random_state=0).fit(X)
+    assert est.n_components_ == 3
+    assert est.transform(X).shape == (600, 3) and est.components_.shape == (3, 4)
+    assert list(est.get_feature_names_out()) == ["halfvaeica0", "halfvaeica1", "halfvaeica2"]
+
+
+def test_convergence_warning(laplace):
+    from sklearn.exceptions import ConvergenceWarning
+    with pytest.warns(ConvergenceWarning, match="did not converge"):
+        HalfVAEICA(3, max_iter=10, n_restarts=1, random_state=0).fit(laplace.X)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        HalfVAEICA(3, max_iter=10, n_restarts=1, tol=None, random_state=0).fit(laplace.X)
+        HalfVAEICA(3, **FAST).fit(laplace.X)
+
+
+def test_cuda_device_refused_without_a_gpu(laplace, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device='cuda'"):
+        HalfVAEICA(3, max_iter=2, device="cuda").fit(laplace.X)
