@@ -13,9 +13,10 @@ Two kinds of recovered sources:
 
 - ``transform(X)``: a deterministic function of each row. Linear decoder: (X - mean_) @
   components_.T, as scikit-learn's FastICA. Other decoders: the posterior mode of each row.
-- ``posterior_means_``: the trained latent table, the posterior means of the training rows. Their
-  prior shrinks the noise, so on the paper's problems they are the better sources (the square wave
-  comes out almost exact); the README's figures are computed from them.
+- ``posterior_means_``: the trained latent table, the posterior means of the training rows (with
+  the prior's shrinkage). The README's figures and the demo report them. On the paper's linear
+  problem they are as good as the linear projection on sine and sawtooth and worse on the square
+  wave (seed 0, defaults: RMSE 0.00073 against 0.000037).
 
 Typical use::
 

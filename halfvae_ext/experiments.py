@@ -144,7 +144,7 @@ def run_method(method: str, problem: str, X, seed: int, quick: bool = False):
         est = None
     if est is not None:
         # The trained posterior means of the rows (not transform, the per-row linear projection
-        # or posterior mode): with the prior's shrinkage they are the better sources.
+        # or posterior mode): what the README's tables were computed from.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)  # the quick settings are short
             return est.fit(X).posterior_means_
