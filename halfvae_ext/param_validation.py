@@ -111,14 +111,14 @@ class Device:
 
 
 class RandomState:
-    """What sklearn.utils.check_random_state accepts: an integer seed in [0, 2**32 - 1] or a
-    numpy RandomState (None is declared separately)."""
+    """A non-negative integer seed or a numpy RandomState (None is declared separately). Seeds
+    feed numpy's SeedSequence, so unlike check_random_state they are not limited to 32 bits."""
 
     def __call__(self, v) -> bool:
-        return isinstance(v, np.random.RandomState) or Interval(int, 0, 2**32 - 1)(v)
+        return isinstance(v, np.random.RandomState) or Interval(int, 0)(v)
 
     def __str__(self):
-        return "an integer in [0, 4294967295] or a numpy.random.RandomState"
+        return "a non-negative integer or a numpy.random.RandomState"
 
 
 def _describe(c) -> str:
