@@ -11,8 +11,9 @@ final ELBO), :mod:`halfvae_ext.restarts` (restarts chosen by ELBO, as a resumabl
 
 Two kinds of recovered sources:
 
-- ``transform(X)``: a deterministic function of each row. Linear decoder: (X - mean_) @
-  components_.T, as scikit-learn's FastICA. Other decoders: the posterior mode of each row.
+- ``transform(X)``: a function of each row alone (to floating-point accuracy: the batch shape and
+  thread count can change the last bits). Linear decoder: (X - mean_) @ components_.T, as
+  scikit-learn's FastICA. Other decoders: the posterior mode of each row.
 - ``posterior_means_``: the trained latent table, the posterior means of the training rows (with
   the prior's shrinkage). The README's figures and the demo report them. On the paper's linear
   problem they are as good as the linear projection on sine and sawtooth and worse on the square
@@ -59,8 +60,22 @@ _NON_TRAINING_PARAMS = ("verbose", "checkpoint_path", "checkpoint_every", "devic
 _SMALL_PROBLEM = 1 << 17
 # How a numpy RandomState given as random_state is written to files (the run keeps its seeds).
 _RANDOM_STATE_OBJECT = "RandomState"
+_DIVERGED = ("training diverged in every restart (non-finite ELBO); try a smaller learning_rate "
+             "or table_learning_rate")
 
 _POSITIVE = Interval(float, 0, None, closed="neither")
+
+
+def _plain(v):
+    """v with numpy scalars (also inside lists and tuples) as the Python numbers they hold: the
+    parameter table accepts np.int64(3) or np.float32(0.01), but files are read with
+    torch.load(weights_only=True), which refuses numpy objects, and the recipe should compute
+    with the same values whether they came from the user or from a file."""
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, (list, tuple)):
+        return type(v)(_plain(x) for x in v)
+    return v
 
 
 class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -134,10 +149,11 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
     checkpoint_every : int or None
         Write a checkpoint every that many epochs (and when a restart ends or a fit stops).
     random_state : int, numpy RandomState or None
-        Seed of everything random (initializations, Monte-Carlo draws, mini-batch order), as
-        sklearn.utils.check_random_state reads it: an int gives the same fit every time, a
-        RandomState gives one draw of entropy (the same for a RandomState seeded alike; each fit
-        advances it), None fresh entropy.
+        Seed of everything random (initializations, Monte-Carlo draws, mini-batch order). A
+        non-negative int of any size (it feeds numpy's SeedSequence; unlike
+        sklearn.utils.check_random_state there is no 32-bit limit) gives the same fit every time;
+        a RandomState gives one draw of entropy (the same for a RandomState seeded alike; each
+        fit advances it, as in scikit-learn); None fresh entropy.
     device : str or torch.device
         Must be usable here (a CUDA device needs torch.cuda.is_available()).
     n_threads : int or None
@@ -171,10 +187,13 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
     model_ : HalfVAE
         The trained model of the kept restart (on ``device``).
 
-    The arrays are float32 for float32 X, else float64 (as FastICA).
+    The arrays are float32 for float32 X, else float64; transform and inverse_transform return
+    float32 only when both their input and the fit were float32 (as FastICA).
     """
 
-    _parameter_constraints = {
+    # Our own table (halfvae_ext.param_validation), not scikit-learn's: its name is not
+    # scikit-learn's reserved _parameter_constraints, whose constraint language differs.
+    _hyperparameter_table = {
         "n_components": [None, Interval(int, 1)],
         "n_mixture": [Interval(int, 1, 64)],
         "decoder": [Options(DECODERS)],
@@ -246,9 +265,14 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         return hasattr(self, "model_")
 
     # ------------------------------------------------------------------ validation
+    def _validate_params(self):
+        """Validate the parameters against the table, what scikit-learn's method of this name
+        does with its own table (so that its machinery, if it calls this, checks ours)."""
+        validate_parameters(self._hyperparameter_table, self.get_params(deep=False))
+
     def _check_params(self) -> torch.device:
         """Validate the parameters against the table (and what it cannot say); return the device."""
-        validate_parameters(self._parameter_constraints, self.get_params(deep=False))
+        self._validate_params()
         if self.checkpoint_every is not None and self.checkpoint_path is None:
             raise InvalidParameterError("checkpoint_every needs a checkpoint_path")
         device = torch.device(self.device)
@@ -262,31 +286,30 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         return device
 
     def _training_params(self) -> dict:
-        p = self.get_params(deep=False)
+        p = self._file_params()
         for name in _NON_TRAINING_PARAMS:
             p.pop(name)
-        p["hidden"] = list(p["hidden"]) if not isinstance(p["hidden"], Integral) else p["hidden"]
-        if isinstance(p["random_state"], np.random.RandomState):
-            p["random_state"] = _RANDOM_STATE_OBJECT
         return p
 
     def _recipe(self) -> Recipe:
-        hidden = (self.hidden,) if isinstance(self.hidden, Integral) else tuple(self.hidden)
-        return Recipe(n_components=self.n_components_, n_mixture=self.n_mixture,
-                      decoder=self.decoder, hidden=hidden, activation=self.activation,
-                      noise=self.noise, init=self.init, max_iter=self.max_iter,
-                      batch_size=self.batch_size, table_optimizer=self.table_optimizer,
-                      learning_rate=self.learning_rate,
-                      table_learning_rate=self.table_learning_rate,
-                      prior_warmup=self.prior_warmup, lr_decay=self.lr_decay,
-                      n_eval_samples=self.n_eval_samples)
+        p = {k: _plain(v) for k, v in self.get_params(deep=False).items()}
+        hidden = (p["hidden"],) if isinstance(p["hidden"], Integral) else tuple(p["hidden"])
+        return Recipe(n_components=int(self.n_components_), n_mixture=p["n_mixture"],
+                      decoder=p["decoder"], hidden=hidden, activation=p["activation"],
+                      noise=p["noise"], init=p["init"], max_iter=p["max_iter"],
+                      batch_size=p["batch_size"], table_optimizer=p["table_optimizer"],
+                      learning_rate=p["learning_rate"],
+                      table_learning_rate=p["table_learning_rate"],
+                      prior_warmup=p["prior_warmup"], lr_decay=p["lr_decay"],
+                      n_eval_samples=p["n_eval_samples"])
 
     def _run_to_resume(self):
         run = getattr(self, "_run", None)
         if run is None and self.checkpoint_path is not None \
                 and os.path.exists(self.checkpoint_path):
             run = RunState.from_dict(self._read_payload(self.checkpoint_path)["run"])
-        return run
+        # A run whose every restart diverged has nothing to continue: resume starts afresh.
+        return None if run is not None and run.diverged else run
 
     def _check_resumable(self, run: RunState, X: np.ndarray) -> None:
         if run.fingerprint != fingerprint(X):
@@ -347,6 +370,10 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
             # checkpoint at checkpoint_path (consistent), or starts afresh.
             self._run = None
             raise
+        if run.diverged:
+            # Nothing to keep: save() refuses and fit(X, resume=True) starts afresh.
+            self._run = None
+            raise RuntimeError(_DIVERGED)
         if run.done:
             self._set_fitted(run, device)
             self._warn_if_not_converged()
@@ -398,13 +425,10 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         self.mean_ = w.mean.astype(dtype, copy=False)
         self.whitening_ = w.whitening.astype(dtype, copy=False)
         self.dewhitening_ = w.dewhitening.astype(dtype, copy=False)
-        self.n_components_ = w.n_components
+        self.n_components_ = int(w.n_components)
 
     def _set_fitted(self, run: RunState, device):
         best = run.best
-        if not np.isfinite(best.elbo):
-            raise RuntimeError("training diverged in every restart (non-finite ELBO); try a "
-                               "smaller learning_rate or table_learning_rate")
         dtype = self.mean_.dtype
         model = self._recipe().build_model(best.snapshot.model["latents.mu"].shape[0],
                                            self.dewhitening_.shape[1], device)
@@ -454,8 +478,10 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
             raise TypeError(f"{name}: {e}") from None
 
     def transform(self, X):
-        """Sources of rows X [m, n_features] -> [m, K], each row's from that row alone
-        (deterministic; no dependence on the other rows or their order).
+        """Sources of rows X [m, n_features] -> [m, K], each row's from that row alone: the
+        same call gives the same bits; with other rows, another order or another thread count a
+        row's result agrees to floating-point accuracy (the matrix products' rounding depends on
+        the batch shape and threads).
 
         Linear decoder: (X - mean_) @ components_.T, as FastICA.
         MLP and residual decoders: the posterior mode argmax_z log p(x | z) + log p(z) with the
@@ -463,15 +489,17 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         cosine-decayed) on the sum over rows of the negative log joint, in float64, started at
         the posterior mean of the nearest training row (in the whitened space).
 
-        The output is in X's float dtype (float32 stays float32). For the training rows the
-        posterior means themselves are ``posterior_means_``.
+        The output dtype follows FastICA's rule for every decoder: numpy's result type of X's
+        dtype and the fitted arrays' (float32 only when X is float32 and the model was fitted on
+        float32). For the training rows the posterior means themselves are ``posterior_means_``.
         """
         check_is_fitted(self)
         X = self._check_X(X)
         if isinstance(self.model_.decoder, nn.Linear):
             return (X - self.mean_) @ self.components_.T
         with torch_threads(self._threads(X.shape[0])):
-            return self._posterior_mode(X).astype(X.dtype)
+            return self._posterior_mode(X).astype(np.result_type(X.dtype, self.mean_.dtype),
+                                                  copy=False)
 
     def _posterior_mode(self, X: np.ndarray) -> np.ndarray:
         model = self.model_
@@ -495,9 +523,7 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         return z.cpu().numpy()
 
     def _training_whitened(self, device):
-        if not hasattr(self, "_Xw_train"):
-            raise RuntimeError("transform with the MLP decoder needs the training data, which a "
-                               "loaded model does not keep; refit")  # pragma: no cover
+        # Kept by fit for the MLP and residual decoders, and written to and read from files.
         return self._Xw_train.to(device)
 
     def inverse_transform(self, S):
@@ -519,7 +545,8 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
 
     # ------------------------------------------------------------------ persistence
     def _file_params(self) -> dict:
-        params = self.get_params(deep=False)
+        """The parameters as files hold them: plain Python values (see _plain)."""
+        params = {k: _plain(v) for k, v in self.get_params(deep=False).items()}
         params["hidden"] = list(params["hidden"]) if not isinstance(params["hidden"], Integral) \
             else params["hidden"]
         if params["checkpoint_path"] is not None:
@@ -586,6 +613,8 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         if "Xw_train" in fitted:
             est._Xw_train = fitted["Xw_train"]
         est._run = RunState.from_dict(payload["run"])
+        if est._run.diverged:  # a checkpoint written at the end of such a fit
+            raise ValueError(f"{path}: nothing to load: {_DIVERGED}")
         if est._run.done:
             est._set_fitted(est._run, dev)
         return est

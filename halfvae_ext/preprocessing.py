@@ -88,7 +88,7 @@ def fit_whitening(X: np.ndarray, n_components: int | None, whiten="pca",
     n, d = X.shape
     mean = X.mean(axis=0)
     Xc = X - mean
-    K = n_components if n_components is not None else d
+    K = int(n_components) if n_components is not None else d
     if K > d:
         raise ValueError(f"n_components={K} is larger than the number of features ({d}); "
                          "this estimator needs at least as many observed signals as sources")

@@ -98,6 +98,11 @@ class RunState:
     def n_restarts(self) -> int:
         return len(self.seeds)
 
+    @property
+    def diverged(self) -> bool:
+        """Done, and every restart ended with a non-finite ELBO: there is no model to keep."""
+        return self.done and (self.best is None or not math.isfinite(self.best.elbo))
+
     def to_dict(self) -> dict:
         return {"format": RUN_FORMAT, "version": RUN_FORMAT_VERSION, "params": self.params,
                 "fingerprint": self.fingerprint, "seeds": list(self.seeds),
