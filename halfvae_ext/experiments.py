@@ -29,6 +29,7 @@ import math
 import os
 import time
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -40,11 +41,12 @@ from .ica import make_nonlinear, make_paper_linear, mean_corr_coef, per_componen
 from .ica.metrics import align_sources
 from .models import VAE, GMMPrior, ResidualDecoder
 from .preprocessing import check_data, fit_whitening
-from .recipe import (INIT_NOISE_STD, final_elbo, lr_factor, prior_warmup_epochs, random_orthogonal,
-                     reset_parameters, restart_seeds, set_prior_trainable, torch_threads)
+from .recipe import (INIT_NOISE_STD, Recipe, random_orthogonal, reset_parameters, restart_seeds,
+                     torch_threads)
+from .restarts import RunState, run_restarts
 
-__all__ = ["run_experiments", "format_table", "plot_sources", "fit_vae", "METHODS", "PROBLEMS",
-           "SOURCE_NAMES"]
+__all__ = ["run_experiments", "format_table", "plot_sources", "fit_vae", "VAERecipe", "METHODS",
+           "PROBLEMS", "SOURCE_NAMES"]
 
 SOURCE_NAMES = ("sine", "square", "sawtooth")
 PROBLEMS = ("linear", "nonlinear")
@@ -67,59 +69,85 @@ def make_problem(name: str, n_samples: int, seed: int):
 
 
 # ----------------------------------------------------------------------------- VAE baseline
+@dataclass(frozen=True)
+class VAERecipe(Recipe):
+    """:class:`~halfvae_ext.recipe.Recipe` with an encoder in place of the latent table: the same
+    schedule, prior warm-up, epoch, final ELBO and restarts (:func:`run_restarts`); its own
+    model, initialization, optimizer (one Adam, the encoder's group at its own rate) and
+    full-batch ELBO terms."""
+    encoder_hidden: tuple = (64, 64)
+    encoder_learning_rate: float = 0.01
+
+    def build_model(self, n_rows, data_dim, device) -> VAE:
+        K = self.n_components
+        return VAE(data_dim, K, encoder_hidden=self.encoder_hidden, decoder=self.decoder,
+                   prior=GMMPrior(K, self.n_mixture), hidden=self.hidden,
+                   activation=self.activation, noise=self.noise,
+                   init_logvar=2 * math.log(INIT_NOISE_STD),
+                   init_noise_std=INIT_NOISE_STD).to(device)
+
+    def initialize(self, model: VAE, Xw, restart, seed, generator) -> None:
+        """Default layers drawn from ``generator``, posterior variance started small, the linear
+        part of the decoder at the identity (restart 0) or a random rotation when the whitened
+        data has K dimensions, the residual correction at zero."""
+        K = self.n_components
+        reset_parameters(model.encoder, generator)
+        reset_parameters(model.decoder, generator)
+        with torch.no_grad():
+            model.encoder[-1].bias[K:].fill_(2 * math.log(INIT_NOISE_STD))
+            residual = isinstance(model.decoder, ResidualDecoder)
+            linear = model.decoder if self.decoder == "linear" else \
+                model.decoder.linear if residual else None
+            if residual:
+                model.decoder.zero_correction_()
+            if linear is not None and Xw.shape[1] == K:
+                R = torch.eye(K, dtype=torch.float64) if restart == 0 else \
+                    random_orthogonal(K, generator)
+                linear.weight.copy_(R.float())
+
+    def make_optimizers(self, model: VAE) -> list:
+        return [torch.optim.Adam([
+            dict(params=model.encoder.parameters(), lr=self.encoder_learning_rate),
+            dict(params=list(model.decoder.parameters()) + list(model.likelihood.parameters())
+                 + list(model.prior.parameters()), lr=self.learning_rate)])]
+
+    def set_learning_rates(self, model: VAE, optimizers: list, factor: float) -> None:
+        optimizers[0].param_groups[0]["lr"] = self.encoder_learning_rate * factor
+        optimizers[0].param_groups[1]["lr"] = self.learning_rate * factor
+
+    def batch_elbo_terms(self, model: VAE, x, idx, generator):
+        return model.elbo_terms(x, generator=generator)  # full batch: the encoder sees every row
+
+
 def fit_vae(X, n_components, *, decoder="linear", hidden=(32,), activation="leaky_relu",
             encoder_hidden=(64, 64),
             n_mixture=3, max_iter=1500, n_restarts=4, learning_rate=0.01,
             encoder_learning_rate=0.01, prior_warmup=0.3, lr_decay=0.3, random_state=0):
     """The VAE-with-encoder baseline, trained with :class:`HalfVAEICA`'s recipe (the same
-    whitening, prior and warm-up, learning-rate schedule, seeds, initial noise and final ELBO from
-    :mod:`halfvae_ext.preprocessing` and :mod:`halfvae_ext.recipe`; closed-form expected
-    log-likelihood for the linear decoder, antithetic draws for the MLP), restarts chosen by the
-    final ELBO. Returns (sources [n, K] = the encoder means, info dict)."""
+    whitening from :mod:`halfvae_ext.preprocessing`; the same seeds, initial noise, prior
+    warm-up, learning-rate schedule, epoch, final ELBO and restarts chosen by it from
+    :mod:`halfvae_ext.recipe` and :mod:`halfvae_ext.restarts`, through :class:`VAERecipe`;
+    closed-form expected log-likelihood for the linear decoder, antithetic draws for the MLP).
+    Returns (sources [n, K] = the encoder means, info dict)."""
     X = check_data(X)
     whitening, Xw_np = fit_whitening(X, n_components, "pca", keep_all_dims=decoder != "linear")
     Xw = torch.as_tensor(Xw_np, dtype=torch.float32)
-    K = whitening.n_components
-    init_logvar = 2 * math.log(INIT_NOISE_STD)
-    warm = prior_warmup_epochs(prior_warmup, max_iter)
-    best = None
-    elbos = []
-    for r, seed in enumerate(restart_seeds(random_state, n_restarts)):
-        g = torch.Generator().manual_seed(seed)
-        model = VAE(Xw.shape[1], K, encoder_hidden=encoder_hidden, decoder=decoder,
-                    prior=GMMPrior(K, n_mixture), hidden=hidden, activation=activation,
-                    init_logvar=init_logvar, init_noise_std=INIT_NOISE_STD)
-        reset_parameters(model.encoder, g)
-        reset_parameters(model.decoder, g)
-        with torch.no_grad():
-            model.encoder[-1].bias[K:].fill_(init_logvar)
-            linear = model.decoder if decoder == "linear" else \
-                model.decoder.linear if isinstance(model.decoder, ResidualDecoder) else None
-            if isinstance(model.decoder, ResidualDecoder):
-                model.decoder.zero_correction_()
-            if linear is not None and Xw.shape[1] == K:
-                R = torch.eye(K, dtype=torch.float64) if r == 0 else random_orthogonal(K, g)
-                linear.weight.copy_(R.float())
-        opt = torch.optim.Adam([
-            dict(params=model.encoder.parameters(), lr=encoder_learning_rate),
-            dict(params=list(model.decoder.parameters()) + list(model.likelihood.parameters())
-                 + list(model.prior.parameters()), lr=learning_rate)])
-        for epoch in range(max_iter):
-            f = lr_factor(epoch, max_iter, lr_decay)
-            opt.param_groups[0]["lr"] = encoder_learning_rate * f
-            opt.param_groups[1]["lr"] = learning_rate * f
-            set_prior_trainable(model.prior, epoch < warm)
-            ll, kl = model.elbo_terms(Xw, generator=g)
-            loss = (kl - ll).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        elbo = final_elbo(model, Xw, seed, n_draws=8)
-        elbos.append(elbo)
-        if best is None or elbo > best[0]:
-            with torch.no_grad():
-                best = (elbo, model.encode(Xw)[0].double().numpy().copy(), r)
-    return best[1], {"elbo": best[0], "best_restart": best[2], "restart_elbos": elbos}
+    recipe = VAERecipe(n_components=whitening.n_components, n_mixture=n_mixture, decoder=decoder,
+                       hidden=hidden, activation=activation, max_iter=max_iter,
+                       learning_rate=learning_rate, prior_warmup=prior_warmup, lr_decay=lr_decay,
+                       encoder_hidden=encoder_hidden,
+                       encoder_learning_rate=encoder_learning_rate)
+    device = torch.device("cpu")
+    # The run's params and fingerprint are only for resuming, which the baseline never does.
+    run = RunState({}, "", restart_seeds(random_state, n_restarts))
+    run_restarts(run, recipe, Xw, device)
+    best = run.best
+    model = recipe.build_model(Xw.shape[0], Xw.shape[1], device)
+    model.load_state_dict(best.snapshot.model)
+    with torch.no_grad():
+        S = model.encode(Xw)[0].double().numpy().copy()
+    return S, {"elbo": best.elbo, "best_restart": best.restart,
+               "restart_elbos": [f.elbo for f in run.finished]}
 
 
 # ----------------------------------------------------------------------------- one run
@@ -146,7 +174,8 @@ def run_method(method: str, problem: str, X, seed: int, quick: bool = False):
         # The trained posterior means of the rows (not transform, the per-row linear projection
         # or posterior mode): what the README's tables were computed from.
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)  # the quick settings are short
+            if quick:  # the quick settings are short; the full ones are expected to converge
+                warnings.simplefilter("ignore", ConvergenceWarning)
             return est.fit(X).posterior_means_
     if method == "vae":
         return fit_vae(X, _N_SOURCES, decoder=decoder, random_state=seed, **s)[0]

@@ -12,9 +12,10 @@ experiments behind every choice).
   ``lr_decay`` fraction of the epochs (``lr_factor``), which settles the table rows.
 - Restarts are compared by the final ELBO (``final_elbo``), never by ground truth.
 
-:class:`Recipe` holds the settings and builds, initializes and trains a model; the functions
-around it (seeds, initialization helpers, schedule, final ELBO) are shared with the VAE baseline
-in :mod:`halfvae_ext.experiments`.
+:class:`Recipe` holds the settings and builds, initializes and trains a model; the VAE baseline
+in :mod:`halfvae_ext.experiments` is a subclass (``VAERecipe``: its own model, initialization and
+optimizer, through the methods of those names, ``set_learning_rates`` and ``batch_elbo_terms``)
+and uses the helpers around it (seeds, initialization helpers, schedule, final ELBO).
 """
 from __future__ import annotations
 
@@ -270,19 +271,26 @@ class Recipe:
         g.set_state(generator_state.cpu())
         return LiveRestart(model, opts, g, list(history))
 
+    def set_learning_rates(self, model: HalfVAE, optimizers: list, factor: float) -> None:
+        """The rates of an epoch: each base rate times the schedule's ``factor``."""
+        if self.fused_table:
+            model.latents.table_optimizer.lr = self.table_learning_rate * factor
+        else:
+            optimizers[0].param_groups[0]["lr"] = self.table_learning_rate * factor
+        for group in optimizers[-1].param_groups:
+            group["lr"] = self.learning_rate * factor
+
+    def batch_elbo_terms(self, model: HalfVAE, x: torch.Tensor, idx, generator):
+        """(log-likelihood, KL) per row of the batch x (rows idx of the data; None: all)."""
+        return model.elbo_terms(x, idx, generator=generator)
+
     def epoch(self, model: HalfVAE, optimizers: list, Xw: torch.Tensor,
               generator: torch.Generator, epoch: int) -> float:
         """One pass over the data (epoch ``epoch`` of the schedule); returns the epoch's mean
         one-draw ELBO per sample."""
         set_prior_trainable(model.prior,
                             epoch < prior_warmup_epochs(self.prior_warmup, self.max_iter))
-        f = lr_factor(epoch, self.max_iter, self.lr_decay)
-        if self.fused_table:
-            model.latents.table_optimizer.lr = self.table_learning_rate * f
-        else:
-            optimizers[0].param_groups[0]["lr"] = self.table_learning_rate * f
-        for group in optimizers[-1].param_groups:
-            group["lr"] = self.learning_rate * f
+        self.set_learning_rates(model, optimizers, lr_factor(epoch, self.max_iter, self.lr_decay))
         n = Xw.shape[0]
         if not self.mini_batches(n):
             batches = [None]
@@ -292,7 +300,7 @@ class Recipe:
         total = 0.0
         for idx in batches:
             x = Xw if idx is None else Xw.index_select(0, idx)
-            ll, kl = model.elbo_terms(x, idx, generator=generator)
+            ll, kl = self.batch_elbo_terms(model, x, idx, generator)
             elbo = ll - kl
             loss = -elbo.mean()
             for opt in optimizers:
