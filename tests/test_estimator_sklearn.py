@@ -22,8 +22,16 @@ def small():
     return HalfVAEICA(max_iter=20, n_restarts=1, n_eval_samples=1, tol=None, random_state=0)
 
 
-# Checks that cannot apply, with the reason (check name -> reason). Every check applies and passes
-# today. One is skipped by scikit-learn itself unless the process starts with SCIPY_ARRAY_API=1
+def small_residual():
+    """The residual decoder, whose transform is the per-row posterior mode: the row-order and
+    subset invariance checks test that each row's result depends on that row alone."""
+    return HalfVAEICA(decoder="residual", hidden=(8,), max_iter=20, n_restarts=1,
+                      n_eval_samples=1, transform_max_iter=30, tol=None, random_state=0)
+
+
+# Checks that cannot apply, with the reason (check name -> reason): empty, every check applies to
+# both instances and passes. One is skipped by scikit-learn itself unless the process starts with
+# SCIPY_ARRAY_API=1
 # (check_array_api_input); test_array_api_check runs it in such a process.
 EXPECTED_FAILED_CHECKS = {}
 
@@ -32,7 +40,8 @@ def expected_failed_checks(estimator):
     return EXPECTED_FAILED_CHECKS
 
 
-@parametrize_with_checks([small()], expected_failed_checks=expected_failed_checks)
+@parametrize_with_checks([small(), small_residual()],
+                         expected_failed_checks=expected_failed_checks)
 def test_sklearn_compatible(estimator, check):
     check(estimator)
 
