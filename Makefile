@@ -10,7 +10,7 @@ HALFVAE_CUDA ?= AUTO
 # GPU architectures to compile for; 9.0 = H100/H200. Example: make TORCH_CUDA_ARCH_LIST="8.0;9.0"
 TORCH_CUDA_ARCH_LIST ?= 9.0
 export TORCH_CUDA_ARCH_LIST
-DEPS := numpy scikit-build-core pybind11 cmake ninja pytest hypothesis scipy scikit-learn tqdm matplotlib
+DEPS := numpy scikit-build-core cmake ninja pytest hypothesis scipy scikit-learn tqdm matplotlib
 
 SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 

@@ -2,8 +2,10 @@
 already has is never lost to a failed write. Light on imports (the benchmarks use it too)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import tempfile
 
 
@@ -18,11 +20,52 @@ def _new_file_mode(path: str) -> int:
         return 0o666 & ~umask
 
 
+def _naming(e: OSError, path: str) -> OSError:
+    """The same error, naming the user's path instead of the temporary file."""
+    if e.errno is None:
+        return e
+    return type(e)(e.errno, e.strerror, path)
+
+
+def _refuse_read_only(path: str) -> None:
+    # os.replace needs write access to the directory only, so it would replace a read-only file
+    # that a plain open() refuses. Mode bits, not os.access: for root os.access is always true.
+    try:
+        st = os.stat(path)
+    except OSError:
+        return
+    if stat.S_ISREG(st.st_mode) and (not st.st_mode & 0o222 or not os.access(path, os.W_OK)):
+        raise PermissionError(errno.EACCES, "Permission denied (the file is read-only)", path)
+
+
+def check_writable(path) -> None:
+    """Raise the OSError (naming ``path``) that atomic_write(path, ...) would meet, without writing
+    ``path``: a missing or unwritable directory, a directory at ``path``, a read-only file."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(errno.ENOENT, f"No such directory {directory!r}", path)
+    _refuse_read_only(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=directory)
+    except OSError as e:
+        raise _naming(e, path) from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
 def atomic_write(path, write, mode="w") -> None:
-    """write(f) into a temporary file in the target's directory, fsync, then os.replace."""
+    """write(f) into a temporary file in the target's directory, fsync, then os.replace. An
+    OSError names ``path``; a read-only file at ``path`` is refused (PermissionError)."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=directory)
+    _refuse_read_only(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=directory)
+    except OSError as e:
+        raise _naming(e, path) from None
     try:
         os.fchmod(fd, _new_file_mode(path))
         with os.fdopen(fd, mode) as f:
@@ -30,11 +73,13 @@ def atomic_write(path, write, mode="w") -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError) and tmp in (e.filename, e.filename2):
+            raise _naming(e, path) from None
         raise
 
 

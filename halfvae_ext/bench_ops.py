@@ -6,7 +6,9 @@
 Compared in one run, per size N*K (K = 8) and mixture size C: the fused op with eps given and with
 in-kernel eps, torch.randn followed by the eps-given op, the eager reference, torch.distributions
 (Normal + MixtureSameFamily, validation off), torch.compile of the reference (compilation timed
-apart and excluded), and a copy of as many bytes as the fused op must move (the memory floor).
+apart and excluded), a copy of as many bytes as the fused op must move (the memory floor), and
+one `torch.exp(x)` over N*K elements (the "exp pass": a unit that carries over between machines,
+since it scales with the same vector width and memory system as the fused kernels).
 Forward and forward+backward; median of repeats after warm-up; inputs rotate through several copies
 when one set would sit in cache. Writes a table (stdout), bench_ops.json and bench_ops.png, plus
 peak memory of a forward+backward step for the fused and reference paths.
@@ -127,6 +129,13 @@ def copy_floor(bytes_moved, device, dtype, budget_s):
     return median_time(lambda i: (lambda: dsts[i].copy_(srcs[i])), n_sets, device, budget_s, 5, 200)
 
 
+def exp_pass(numel, device, dtype, budget_s):
+    """torch.exp(x) over numel elements, as a user writes it (a new output each call)."""
+    n_sets = max(1, min(8, math.ceil(CACHE_BYTES / (numel * 4)))) if device.type == "cpu" else 1
+    xs = [torch.randn(numel, device=device).to(dtype) for _ in range(n_sets)]
+    return median_time(lambda i: (lambda: torch.exp(xs[i])), n_sets, device, budget_s, 5, 200)
+
+
 def peak_memory(step, device):
     """Peak bytes allocated while `step` runs, counting only what it allocates."""
     if device.type == "cuda":
@@ -196,7 +205,7 @@ def main(argv=None):
     rows = []
     print(f"# bench_ops {meta}")
     header = f"{'C':>2} {'log2 NK':>7} {'mode':>7} " + " ".join(f"{n:>13}" for n in
-                                                              [*impls, "copy floor"])
+                                                              [*impls, "copy floor", "exp pass"])
     print(header + "   (ms)")
     for C in comps:
         for lg in sizes:
@@ -224,9 +233,10 @@ def main(argv=None):
                     row["seconds"][name] = median_time(lambda i: make(impl, i), n_sets, device,
                                                        args.budget, 3, 100)
                 row["seconds"]["copy floor"] = copy_floor(moved[mode], device, dtype, args.budget)
+                row["seconds"]["exp pass"] = exp_pass(NK, device, dtype, args.budget)
                 rows.append(row)
                 cells = " ".join(f"{row['seconds'][n] * 1e3:13.3f}" if n in row["seconds"]
-                                 else f"{'-':>13}" for n in [*impls, "copy floor"])
+                                 else f"{'-':>13}" for n in [*impls, "copy floor", "exp pass"])
                 print(f"{C:>2} {lg:>7} {mode:>7} {cells}", flush=True)
             del inp
 
@@ -267,6 +277,7 @@ def main(argv=None):
 
 def summarize(rows, meta):
     print("\nratios (fused, eps given = 1; higher = fused faster), fwd+bwd:")
+    fwd = {(r["C"], r["log2_NK"]): r["seconds"]["fused"] for r in rows if r["mode"] == "fwd"}
     for r in rows:
         if r["mode"] != "fwd+bwd":
             continue
@@ -275,6 +286,8 @@ def summarize(rows, meta):
         parts = [f"{n} {s[n] / f:6.1f}x" for n in ("eager", "distributions", "compile") if n in s]
         parts.append(f"randn+fused/fused_rng {s['randn+fused'] / s['fused_rng']:.2f}x")
         parts.append(f"copy floor reached {s['copy floor'] / f * 100:5.1f}%")
+        parts.append(f"fused = {f / s['exp pass']:.2f} exp passes "
+                     f"(fwd {fwd[(r['C'], r['log2_NK'])] / s['exp pass']:.2f})")
         cs = f" (compile took {r['compile_seconds']:.1f} s)" if "compile_seconds" in r else ""
         print(f"  C={r['C']} N*K=2^{r['log2_NK']}: " + ", ".join(parts) + cs)
 
@@ -291,7 +304,7 @@ def plot(rows, meta, path):
         for n in names:
             pts = [(r["NK"], r["seconds"][n]) for r in sel if n in r["seconds"]]
             xs, ts = zip(*pts)
-            style = "k--" if n == "copy floor" else "-o"
+            style = "k--" if n == "copy floor" else "k:" if n == "exp pass" else "-o"
             axes[0][j].loglog(xs, ts, style, label=n, markersize=3)
             axes[1][j].loglog(xs, [x / t for x, t in zip(xs, ts)], style, label=n, markersize=3)
         axes[0][j].set_title(f"fwd+bwd, C={C}, K={meta['K']}, {meta['device']}")

@@ -18,9 +18,9 @@ profiler) next to the bytes of table + optimizer state, and the memory on transp
 pages. Methods whose tables would not fit in memory are skipped and say so; set-ups of 4 GiB or
 more run in a fresh process.
 
-Then the issue's two goals, each measured as a ratio of two set-ups whose steps alternate in one
-process (fused at 1e8 against fused at 1e4; nn.Embedding + SparseAdam against fused at 1e7), so
-that the machine's drift does not enter the ratio.
+Then the fused table's two speed goals, each measured as a ratio of two set-ups whose steps
+alternate in one process (fused at 1e8 against fused at 1e4; nn.Embedding + SparseAdam against
+fused at 1e7), so that the machine's drift does not enter the ratio.
 """
 from __future__ import annotations
 
@@ -193,7 +193,7 @@ def measure_isolated(specs, batch, steps, seed):
     return result
 
 
-# The issue's two speed goals, each a ratio measured with alternating steps: (numerator,
+# The fused table's two speed goals, each a ratio measured with alternating steps: (numerator,
 # denominator, goal). fused(1e8) / fused(1e4) <= 1.3; embedding(1e7) / fused(1e7) >= 5.
 GOAL_PAIRS = ((("fused", 10**8), ("fused", 10**4), "<=", 1.3),
               (("embedding", 10**7), ("fused", 10**7), ">=", 5.0))

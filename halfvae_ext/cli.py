@@ -6,10 +6,12 @@
 
 Also ``python -m halfvae_ext.cli ...``. ``separate`` reads a CSV/text file (rows = samples, columns
 = observed signals; comma, tab or whitespace separated; an optional header row; blank lines and
-``#`` comments skipped) or a .npy array, and writes the K recovered sources (each standardized to
-zero mean and unit variance; their order and signs are arbitrary, as in any ICA) in the format of
-OUT's extension (.npy, .csv, .tsv, .txt), or the input's format if OUT has none of these. Errors
-are reported as one line on stderr with a non-zero exit status.
+``#`` comments skipped) or a .npy array, and writes the K recovered sources (the trained posterior
+means of the rows, ``HalfVAEICA.posterior_means_``, each standardized to zero mean and unit
+variance; their order and signs are arbitrary, as in any ICA) in the format of OUT's extension
+(.npy, .csv, .tsv, .txt), or the input's format if OUT has none of these. Errors are reported as
+one line on stderr with a non-zero exit status: 2 for usage errors, including an OUT or PNG that
+cannot be written (checked before any work), 1 for errors met while working.
 """
 from __future__ import annotations
 
@@ -29,6 +31,10 @@ _TEXT_EXTS = {".csv": ",", ".tsv": "\t", ".txt": None}
 
 class CLIError(Exception):
     """An error reported to the user as one line, without a traceback."""
+
+
+class UsageError(CLIError):
+    """A mistake in the command line itself (exit status 2), found before any work is done."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -186,9 +192,33 @@ def _plot(X, S, path, window=2000):
 
 
 # ----------------------------------------------------------------------------- commands
-def _cmd_separate(args, out, err):
-    from .estimator import HalfVAEICA
+def _check_output(path, option):
+    """Refuse an output path that cannot be written, before any work (a usage error)."""
+    from .atomic_io import check_writable
+    try:
+        check_writable(path)
+    except IsADirectoryError:
+        raise UsageError(f"{option} {path}: is a directory (give a file name)") from None
+    except FileNotFoundError:
+        raise UsageError(f"{option} {path}: directory "
+                         f"{os.path.dirname(os.path.abspath(path))} does not exist") from None
+    except OSError as e:
+        raise UsageError(f"{option} {path}: cannot write there ({e.strerror or e})") from None
 
+
+def _cmd_separate(args, out, err):
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    from .estimator import HalfVAEICA
+    from .preprocessing import centered_rank
+
+    _check_output(args.output, "-o")
+    if args.plot:
+        _check_output(args.plot, "--plot")
+        if os.path.abspath(args.plot) == os.path.abspath(args.output):
+            raise UsageError(f"--plot {args.plot}: the same file as -o")
     X, info = read_signals(args.file)
     n, d = X.shape
     if args.k > d:
@@ -196,18 +226,28 @@ def _cmd_separate(args, out, err):
                        "sources can be separated from them")
     if n < 2:
         raise CLIError(f"{args.file}: at least 2 rows (samples) are needed, got {n}")
-    if args.output is not None:
-        out_dir = os.path.dirname(os.path.abspath(args.output))
-        if not os.path.isdir(out_dir):
-            raise CLIError(f"cannot write {args.output}: directory {out_dir} does not exist")
+    rank = centered_rank(X)
+    if args.k > rank:
+        raise CLIError(f"-k {args.k} exceeds the rank of the centered data ({rank}): there are "
+                       f"not that many independent directions in {args.file}")
     est = HalfVAEICA(args.k, decoder=args.decoder, max_iter=args.max_iter,
                      n_restarts=args.restarts, random_state=args.seed, verbose=args.verbose,
                      batch_size=args.batch_size,
                      table_optimizer="fused" if args.batch_size else "torch")
-    try:
-        S = est.fit_transform(X)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        try:
+            est.fit(X)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+    for w in caught:
+        if issubclass(w.category, ConvergenceWarning):
+            print(f"halfvae separate: warning: {w.message}", file=err)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    # The trained posterior means of the rows, the sources the demo reports (est.transform(X)
+    # would give the per-row projection).
+    S = est.posterior_means_
     S = (S - S.mean(0)) / np.maximum(S.std(0), np.finfo(np.float64).tiny)
     try:
         write_signals(S, args.output, like=info)
@@ -339,6 +379,9 @@ def main(argv=None, *, stdout=None, stderr=None) -> int:
         if args.command == "separate":
             return _cmd_separate(args, out, err)
         return _cmd_demo(args, out, err)
+    except UsageError as e:
+        print(f"halfvae {args.command}: error: {e}", file=err)
+        return 2
     except CLIError as e:
         print(f"halfvae {args.command}: error: {e}", file=err)
         return 1

@@ -8,7 +8,8 @@ Problems (3 sources: sine, square, sawtooth, standardized):
 Methods:
 - ``halfvae``: :class:`HalfVAEICA` with its defaults (PCA init, prior warm-up, 4 restarts chosen by
   ELBO); on the nonlinear problem the residual decoder x = W z + mlp(z) (one hidden layer of 32
-  leaky-ReLU units).
+  leaky-ReLU units). Every Half-VAE method reports the trained posterior means of the rows,
+  ``posterior_means_`` (not ``transform``).
 - ``halfvae_random``: the same with ``init="random"`` (random latent means and decoder).
 - ``halfvae_plain``: the straightforward version: random init, no prior warm-up, one restart.
 - ``halfvae_fastica``: Half-VAE warm-started from FastICA's sources (``init="fastica"``, opt-in;
@@ -28,18 +29,24 @@ import math
 import os
 import time
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from sklearn.exceptions import ConvergenceWarning
 
 from .atomic_io import atomic_write
-from .estimator import HalfVAEICA, _random_orthogonal, _reset_parameters, _torch_threads, lr_factor
+from .estimator import HalfVAEICA
 from .ica import make_nonlinear, make_paper_linear, mean_corr_coef, per_component_rmse
 from .ica.metrics import align_sources
 from .models import VAE, GMMPrior, ResidualDecoder
+from .preprocessing import check_data, fit_whitening
+from .recipe import (INIT_NOISE_STD, Recipe, random_orthogonal, reset_parameters, restart_seeds,
+                     torch_threads)
+from .restarts import RunState, run_restarts
 
-__all__ = ["run_experiments", "format_table", "plot_sources", "fit_vae", "METHODS", "PROBLEMS",
-           "SOURCE_NAMES"]
+__all__ = ["run_experiments", "format_table", "plot_sources", "fit_vae", "VAERecipe", "METHODS",
+           "PROBLEMS", "SOURCE_NAMES"]
 
 SOURCE_NAMES = ("sine", "square", "sawtooth")
 PROBLEMS = ("linear", "nonlinear")
@@ -62,68 +69,85 @@ def make_problem(name: str, n_samples: int, seed: int):
 
 
 # ----------------------------------------------------------------------------- VAE baseline
+@dataclass(frozen=True)
+class VAERecipe(Recipe):
+    """:class:`~halfvae_ext.recipe.Recipe` with an encoder in place of the latent table: the same
+    schedule, prior warm-up, epoch, final ELBO and restarts (:func:`run_restarts`); its own
+    model, initialization, optimizer (one Adam, the encoder's group at its own rate) and
+    full-batch ELBO terms."""
+    encoder_hidden: tuple = (64, 64)
+    encoder_learning_rate: float = 0.01
+
+    def build_model(self, n_rows, data_dim, device) -> VAE:
+        K = self.n_components
+        return VAE(data_dim, K, encoder_hidden=self.encoder_hidden, decoder=self.decoder,
+                   prior=GMMPrior(K, self.n_mixture), hidden=self.hidden,
+                   activation=self.activation, noise=self.noise,
+                   init_logvar=2 * math.log(INIT_NOISE_STD),
+                   init_noise_std=INIT_NOISE_STD).to(device)
+
+    def initialize(self, model: VAE, Xw, restart, seed, generator) -> None:
+        """Default layers drawn from ``generator``, posterior variance started small, the linear
+        part of the decoder at the identity (restart 0) or a random rotation when the whitened
+        data has K dimensions, the residual correction at zero."""
+        K = self.n_components
+        reset_parameters(model.encoder, generator)
+        reset_parameters(model.decoder, generator)
+        with torch.no_grad():
+            model.encoder[-1].bias[K:].fill_(2 * math.log(INIT_NOISE_STD))
+            residual = isinstance(model.decoder, ResidualDecoder)
+            linear = model.decoder if self.decoder == "linear" else \
+                model.decoder.linear if residual else None
+            if residual:
+                model.decoder.zero_correction_()
+            if linear is not None and Xw.shape[1] == K:
+                R = torch.eye(K, dtype=torch.float64) if restart == 0 else \
+                    random_orthogonal(K, generator)
+                linear.weight.copy_(R.float())
+
+    def make_optimizers(self, model: VAE) -> list:
+        return [torch.optim.Adam([
+            dict(params=model.encoder.parameters(), lr=self.encoder_learning_rate),
+            dict(params=list(model.decoder.parameters()) + list(model.likelihood.parameters())
+                 + list(model.prior.parameters()), lr=self.learning_rate)])]
+
+    def set_learning_rates(self, model: VAE, optimizers: list, factor: float) -> None:
+        optimizers[0].param_groups[0]["lr"] = self.encoder_learning_rate * factor
+        optimizers[0].param_groups[1]["lr"] = self.learning_rate * factor
+
+    def batch_elbo_terms(self, model: VAE, x, idx, generator):
+        return model.elbo_terms(x, generator=generator)  # full batch: the encoder sees every row
+
+
 def fit_vae(X, n_components, *, decoder="linear", hidden=(32,), activation="leaky_relu",
             encoder_hidden=(64, 64),
             n_mixture=3, max_iter=1500, n_restarts=4, learning_rate=0.01,
             encoder_learning_rate=0.01, prior_warmup=0.3, lr_decay=0.3, random_state=0):
-    """The VAE-with-encoder baseline, trained like :class:`HalfVAEICA` (same whitening, prior and
-    warm-up, closed-form expected log-likelihood for the linear decoder (antithetic draws for the
-    MLP), small initial noise, learning-rate tail decay, restarts chosen by the final ELBO).
+    """The VAE-with-encoder baseline, trained with :class:`HalfVAEICA`'s recipe (the same
+    whitening from :mod:`halfvae_ext.preprocessing`; the same seeds, initial noise, prior
+    warm-up, learning-rate schedule, epoch, final ELBO and restarts chosen by it from
+    :mod:`halfvae_ext.recipe` and :mod:`halfvae_ext.restarts`, through :class:`VAERecipe`;
+    closed-form expected log-likelihood for the linear decoder, antithetic draws for the MLP).
     Returns (sources [n, K] = the encoder means, info dict)."""
-    pre = HalfVAEICA(n_components, decoder=decoder)
-    pre._validate_hyperparameters()
-    X = pre._check_X(X, reset=True)
-    Xw = torch.as_tensor(pre._fit_preprocessing(X), dtype=torch.float32)
-    K = pre.n_components_
-    seeds = np.random.SeedSequence(random_state).spawn(n_restarts)
-    best = None
-    elbos = []
-    for r, ss in enumerate(seeds):
-        seed = int(ss.generate_state(1, np.uint64)[0] >> np.uint64(1))
-        g = torch.Generator().manual_seed(seed)
-        model = VAE(Xw.shape[1], K, encoder_hidden=encoder_hidden, decoder=decoder,
-                    prior=GMMPrior(K, n_mixture), hidden=hidden, activation=activation,
-                    init_logvar=2 * math.log(0.1), init_noise_std=0.1)
-        _reset_parameters(model.encoder, g)
-        _reset_parameters(model.decoder, g)
-        with torch.no_grad():
-            model.encoder[-1].bias[K:].fill_(2 * math.log(0.1))
-            linear = model.decoder if decoder == "linear" else \
-                model.decoder.linear if isinstance(model.decoder, ResidualDecoder) else None
-            if isinstance(model.decoder, ResidualDecoder):
-                model.decoder.zero_correction_()
-            if linear is not None and Xw.shape[1] == K:
-                R = torch.eye(K, dtype=torch.float64) if r == 0 else _random_orthogonal(K, g)
-                linear.weight.copy_(R.float())
-        opt = torch.optim.Adam([
-            dict(params=model.encoder.parameters(), lr=encoder_learning_rate),
-            dict(params=list(model.decoder.parameters()) + list(model.likelihood.parameters())
-                 + list(model.prior.parameters()), lr=learning_rate)])
-        warm = int(prior_warmup * max_iter)
-        for epoch in range(max_iter):
-            f = lr_factor(epoch, max_iter, lr_decay)
-            opt.param_groups[0]["lr"] = encoder_learning_rate * f
-            opt.param_groups[1]["lr"] = learning_rate * f
-            model.prior.means.requires_grad_(epoch >= warm)
-            model.prior.logits.requires_grad_(epoch >= warm)
-            ll, kl = model.elbo_terms(Xw, generator=g)
-            loss = (kl - ll).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            ge = torch.Generator().manual_seed(seed + 1)
-            draws = []
-            for _ in range(8):
-                ll, kl = model.elbo_terms(Xw, generator=ge)
-                draws.append(float((ll - kl).mean()))
-            elbo = float(np.mean(draws))
-            if not math.isfinite(elbo):
-                elbo = -math.inf
-            elbos.append(elbo)
-            if best is None or elbo > best[0]:
-                best = (elbo, model.encode(Xw)[0].double().numpy().copy(), r)
-    return best[1], {"elbo": best[0], "best_restart": best[2], "restart_elbos": elbos}
+    X = check_data(X)
+    whitening, Xw_np = fit_whitening(X, n_components, "pca", keep_all_dims=decoder != "linear")
+    Xw = torch.as_tensor(Xw_np, dtype=torch.float32)
+    recipe = VAERecipe(n_components=whitening.n_components, n_mixture=n_mixture, decoder=decoder,
+                       hidden=hidden, activation=activation, max_iter=max_iter,
+                       learning_rate=learning_rate, prior_warmup=prior_warmup, lr_decay=lr_decay,
+                       encoder_hidden=encoder_hidden,
+                       encoder_learning_rate=encoder_learning_rate)
+    device = torch.device("cpu")
+    # The run's params and fingerprint are only for resuming, which the baseline never does.
+    run = RunState({}, "", restart_seeds(random_state, n_restarts))
+    run_restarts(run, recipe, Xw, device)
+    best = run.best
+    model = recipe.build_model(Xw.shape[0], Xw.shape[1], device)
+    model.load_state_dict(best.snapshot.model)
+    with torch.no_grad():
+        S = model.encode(Xw)[0].double().numpy().copy()
+    return S, {"elbo": best.elbo, "best_restart": best.restart,
+               "restart_elbos": [f.elbo for f in run.finished]}
 
 
 # ----------------------------------------------------------------------------- one run
@@ -136,16 +160,23 @@ def run_method(method: str, problem: str, X, seed: int, quick: bool = False):
     s = _method_settings(quick)
     decoder = "linear" if problem == "linear" else "residual"
     if method == "halfvae":
-        return HalfVAEICA(_N_SOURCES, decoder=decoder, random_state=seed, **s).fit_transform(X)
-    if method == "halfvae_random":
-        return HalfVAEICA(_N_SOURCES, decoder=decoder, init="random", random_state=seed,
-                          **s).fit_transform(X)
-    if method == "halfvae_fastica":
-        return HalfVAEICA(_N_SOURCES, decoder=decoder, init="fastica", random_state=seed,
-                          **s).fit_transform(X)
-    if method == "halfvae_plain":
-        return HalfVAEICA(_N_SOURCES, decoder=decoder, init="random", prior_warmup=0.0,
-                          n_restarts=1, max_iter=s["max_iter"], random_state=seed).fit_transform(X)
+        est = HalfVAEICA(_N_SOURCES, decoder=decoder, random_state=seed, **s)
+    elif method == "halfvae_random":
+        est = HalfVAEICA(_N_SOURCES, decoder=decoder, init="random", random_state=seed, **s)
+    elif method == "halfvae_fastica":
+        est = HalfVAEICA(_N_SOURCES, decoder=decoder, init="fastica", random_state=seed, **s)
+    elif method == "halfvae_plain":
+        est = HalfVAEICA(_N_SOURCES, decoder=decoder, init="random", prior_warmup=0.0,
+                         n_restarts=1, max_iter=s["max_iter"], random_state=seed)
+    else:
+        est = None
+    if est is not None:
+        # The trained posterior means of the rows (not transform, the per-row linear projection
+        # or posterior mode): what the README's tables were computed from.
+        with warnings.catch_warnings():
+            if quick:  # the quick settings are short; the full ones are expected to converge
+                warnings.simplefilter("ignore", ConvergenceWarning)
+            return est.fit(X).posterior_means_
     if method == "vae":
         return fit_vae(X, _N_SOURCES, decoder=decoder, random_state=seed, **s)[0]
     if method == "fastica":
@@ -160,7 +191,7 @@ def run_method(method: str, problem: str, X, seed: int, quick: bool = False):
 def _run_task(task):
     """One (problem, seed, method) fit; module-level so that worker processes can run it."""
     problem, seed, method, n_samples, quick, keep = task
-    with _torch_threads(1):
+    with torch_threads(1):
         P = make_problem(problem, n_samples, seed)
         t0 = time.perf_counter()
         S = run_method(method, problem, P.X, seed, quick)
@@ -349,14 +380,3 @@ def run_demo(out_dir="halfvae_demo", seeds=3, quick=False, n_samples=5000, metho
     print(f"wrote {json_path} and {png_path} ({out['config']['total_seconds']:.0f}s)",
           file=stream)
     return out
-
-
-def main(argv=None):
-    """``python -m halfvae_ext.experiments [--out DIR] [--seeds N] [--quick]`` (= ``halfvae demo``)."""
-    from .cli import main as cli_main
-    return cli_main(["demo", *(argv if argv is not None else __import__("sys").argv[1:])])
-
-
-if __name__ == "__main__":
-    import sys
-    sys.exit(main())

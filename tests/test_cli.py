@@ -218,3 +218,34 @@ def test_python_dash_m_entry_point():
                            "-k", "2", "-o", "x.csv"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip() == "halfvae separate: error: cannot read nofile.csv: no such file"
+
+
+# ----------------------------------------------------------------------------- outputs first
+@pytest.mark.parametrize("where", ["output_is_directory", "plot_missing_dir", "plot_is_directory",
+                                   "plot_read_only", "output_read_only"])
+def test_separate_checks_outputs_before_training(problem, tmp_path, monkeypatch, where):
+    from halfvae_ext.estimator import HalfVAEICA
+
+    def no_fit(*a, **k):
+        raise AssertionError("trained before checking the outputs")
+
+    monkeypatch.setattr(HalfVAEICA, "fit", no_fit)
+    src = tmp_path / "mix.npy"
+    np.save(src, problem.X)
+    out, png = tmp_path / "s.npy", tmp_path / "p.png"
+    ro = tmp_path / "ro"
+    ro.write_bytes(b"old")
+    os.chmod(ro, 0o444)
+    out, png = {"output_is_directory": (tmp_path, png),
+                "plot_missing_dir": (out, tmp_path / "nodir" / "p.png"),
+                "plot_is_directory": (out, tmp_path),
+                "plot_read_only": (out, ro),
+                "output_read_only": (ro, png)}[where]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    rc, stdout, err = run(["separate", str(src), "-k", "3", "-o", str(out), "--plot", str(png),
+                           *FAST])
+    assert rc == 2
+    # The option named right after "error:" (the temporary paths contain "-o" themselves).
+    assert_clean_error(rc, err, "error: --plot " if where.startswith("plot") else "error: -o ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+    assert ro.read_bytes() == b"old"

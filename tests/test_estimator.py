@@ -84,7 +84,7 @@ def test_transform_new_rows(laplace):
     assert mean_corr_coef(laplace.S[450:], St) > 0.97
     np.testing.assert_array_equal(St, est.transform(laplace.X[450:]))  # deterministic
     assert est.transform(laplace.X[450:451]).shape == (1, 3)  # a single row works
-    # On the training rows it agrees with the fitted table (both are posterior means).
+    # On the training rows the projection agrees with the fitted table (posterior means).
     S_fit = est.model_.latents.mu.detach().double().numpy()
     St_train = est.transform(laplace.X[:450])
     assert np.corrcoef(S_fit[:, 0], St_train[:, 0])[0, 1] > 0.99
@@ -374,11 +374,10 @@ def test_bad_X(X, exc, match):
 def test_n_components_too_large(laplace):
     with pytest.raises(ValueError, match="larger than the number of features"):
         HalfVAEICA(4, max_iter=2).fit(laplace.X)
-    X = np.column_stack([laplace.X, laplace.X[:, 0] + laplace.X[:, 1]])  # rank 3, 4 features
-    with pytest.raises(ValueError, match="exceeds the rank"):
-        HalfVAEICA(4, max_iter=2).fit(X)
-    with pytest.raises(ValueError, match="exceeds the rank"):
-        HalfVAEICA(3, max_iter=2).fit(laplace.X[:3])  # 3 samples: centered rank 2
+    # Above the rank: a warning and n_components_ = rank (test_rank_deficient_data_...).
+    with pytest.warns(UserWarning, match="exceeds the rank"):
+        est = HalfVAEICA(3, max_iter=2, n_restarts=1).fit(laplace.X[:3])  # centered rank 2
+    assert est.n_components_ == 2
 
 
 @pytest.mark.parametrize("params, exc, match", [
@@ -417,3 +416,298 @@ def test_bad_transform_input(fitted):
     from sklearn.exceptions import NotFittedError
     with pytest.raises(NotFittedError):
         HalfVAEICA(2).transform(np.zeros((3, 3)))
+
+
+# ----------------------------------------------------------------------------- transform per row
+@pytest.fixture(scope="module")
+def paper():
+    return make_paper_linear(2000, random_state=0)
+
+
+def test_transform_linear_is_the_fastica_projection(paper):
+    est = HalfVAEICA(3, max_iter=300, n_restarts=1, random_state=0)
+    S_fit = est.fit_transform(paper.X)
+    St = est.transform(paper.X)
+    np.testing.assert_array_equal(S_fit, St)
+    np.testing.assert_allclose(St, (paper.X - est.mean_) @ est.components_.T, rtol=0, atol=1e-12)
+    rev = est.transform(paper.X[::-1])[::-1]
+    np.testing.assert_allclose(rev, St, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(est.transform(paper.X[5:6]), St[5:6], rtol=0, atol=1e-12)
+    # The trained posterior means stay available. Both separate; the projection is at least as
+    # good on every component (as the README reports for the full recipe; here RMSE 0.053,
+    # 0.0002, 0.045 against the posterior means' 0.053, 0.0042, 0.045).
+    assert est.posterior_means_.shape == (2000, 3)
+    np.testing.assert_array_equal(est.posterior_means_,
+                                  est.model_.latents.mu.detach().double().numpy())
+    assert mean_corr_coef(paper.S, est.posterior_means_) > 0.99
+    assert mean_corr_coef(paper.S, St) > 0.99
+    rmse_means = per_component_rmse(paper.S, est.posterior_means_)
+    rmse_projection = per_component_rmse(paper.S, St)
+    assert np.all(rmse_projection <= rmse_means + 1e-3), (rmse_projection, rmse_means)
+
+
+def test_transform_residual_is_a_per_row_posterior_mode(laplace):
+    est = HalfVAEICA(3, decoder="residual", max_iter=60, n_restarts=1, random_state=0)
+    est.fit(laplace.X)
+    X = laplace.X[:200]
+    St = est.transform(X)
+    np.testing.assert_allclose(est.transform(X[::-1])[::-1], St, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(est.transform(X[7:8]), St[7:8], rtol=0, atol=1e-10)
+    np.testing.assert_array_equal(est.transform(X), St)
+    np.testing.assert_array_equal(HalfVAEICA(3, decoder="residual", max_iter=60, n_restarts=1,
+                                             random_state=0).fit_transform(laplace.X)[:200], St)
+    # A mode: the log joint of each row is higher there than at its start, the posterior mean.
+    import copy
+    m = est.model_
+    dec, prior, lik = (copy.deepcopy(x).double() for x in (m.decoder, m.prior, m.likelihood))
+    Xw = torch.as_tensor((X - est.mean_) @ est.whitening_.T)
+
+    def log_joint(z):
+        z = torch.as_tensor(z, dtype=torch.float64)
+        return lik.log_prob(Xw, dec(z)) + prior.log_prob(z).sum(1)
+
+    with torch.no_grad():
+        at_mode, at_mean = log_joint(St), log_joint(est.posterior_means_[:200])
+    assert bool((at_mode >= at_mean - 1e-6).all())
+    assert float((at_mode - at_mean).mean()) > 0
+
+
+# ----------------------------------------------------------------------------- defects
+def test_batch_size_at_least_n_samples_is_full_batch(laplace):
+    X = laplace.X[:100]
+    for opt in ("torch", "fused"):
+        est = HalfVAEICA(2, batch_size=100, table_optimizer=opt, max_iter=5, n_restarts=1,
+                         random_state=0).fit(X)
+        assert est.n_iter_ == 5
+    full = HalfVAEICA(2, max_iter=5, n_restarts=1, random_state=0).fit(X)
+    big = HalfVAEICA(2, batch_size=1000, max_iter=5, n_restarts=1, random_state=0).fit(X)
+    np.testing.assert_array_equal(full.posterior_means_, big.posterior_means_)
+
+
+@pytest.mark.parametrize("stopped", [False, True])
+def test_refused_resume_leaves_the_estimator_untouched(laplace, stopped):
+    est = HalfVAEICA(3, max_iter=20, n_restarts=1, random_state=0)
+    est.fit(laplace.X, stop_after=5 if stopped else None)
+    before = {k: copy_of(v) for k, v in vars(est).items()}
+    run = est._run
+    run_before = (run.restart, run.epoch, run.done, len(run.finished), run.current is None)
+    model_state = {k: v.clone() for k, v in est.model_.state_dict().items()} \
+        if hasattr(est, "model_") else None
+    X2 = laplace.X * 2.0 + 1.0
+    with pytest.raises(ValueError, match="not the data"):
+        est.fit(X2, resume=True)
+    assert vars(est).keys() == before.keys()
+    for k, v in vars(est).items():
+        if isinstance(v, np.ndarray):
+            np.testing.assert_array_equal(v, before[k])
+            assert v.dtype == before[k].dtype, k
+        elif v is None or isinstance(v, (bool, int, float, str, tuple)):
+            assert type(v) is type(before[k]) and v == before[k], k  # the parameters, elbo_, ...
+        else:
+            assert v is before[k], k  # the same objects: _run, model_, _Xw_train
+    assert est._run is run
+    assert (run.restart, run.epoch, run.done, len(run.finished),
+            run.current is None) == run_before
+    if model_state is not None:
+        for k, v in est.model_.state_dict().items():
+            assert torch.equal(v, model_state[k]), k
+    if not stopped:
+        assert isinstance(est.elbo_, float) and est.n_iter_ == 20 and est.n_components_ == 3
+    if not stopped:
+        np.testing.assert_array_equal(est.transform(laplace.X[:5]),
+                                      (laplace.X[:5] - est.mean_) @ est.components_.T)
+    est.fit(laplace.X, resume=True)  # the run is still resumable
+    assert est.n_iter_ == 20
+
+
+def copy_of(v):
+    return v.copy() if isinstance(v, np.ndarray) else v
+
+
+def test_save_errors_name_the_path_and_keep_read_only_files(fitted, tmp_path):
+    est, _ = fitted
+    missing = tmp_path / "nodir" / "m.pt"
+    with pytest.raises(FileNotFoundError) as e:
+        est.save(missing)
+    assert str(missing) in str(e.value) and ".tmp-" not in str(e.value)
+    ro = tmp_path / "ro.pt"
+    ro.write_bytes(b"keep me")
+    os.chmod(ro, 0o444)
+    with pytest.raises(PermissionError) as e:
+        est.save(ro)
+    assert str(ro) in str(e.value)
+    assert ro.read_bytes() == b"keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ro.pt"]
+
+
+@pytest.mark.parametrize("where", ["missing_dir", "directory", "read_only_file"])
+def test_unwritable_checkpoint_path_refused_before_training(laplace, tmp_path, monkeypatch,
+                                                           where):
+    path = {"missing_dir": tmp_path / "nodir" / "c.pt", "directory": tmp_path,
+            "read_only_file": tmp_path / "c.pt"}[where]
+    if where == "read_only_file":
+        path.write_bytes(b"x")
+        os.chmod(path, 0o444)
+
+    def no_epoch(*a, **k):
+        raise AssertionError("trained before checking checkpoint_path")
+
+    monkeypatch.setattr(HalfVAEICA, "_epoch", no_epoch)
+    est = HalfVAEICA(3, max_iter=5, n_restarts=1, checkpoint_path=path)
+    with pytest.raises(OSError) as e:
+        est.fit(laplace.X)
+    # The user's path itself is named, not a temporary file beside or inside it.
+    assert e.value.filename == str(path)
+    assert ".tmp-" not in str(e.value)
+    assert str(e.value).endswith(f": {str(path)!r}")
+    assert not hasattr(est, "mean_")
+
+
+def test_random_state_accepts_a_numpy_random_state(laplace):
+    kw = dict(max_iter=10, n_restarts=2)
+    a = HalfVAEICA(3, random_state=np.random.RandomState(0), **kw).fit(laplace.X)
+    b = HalfVAEICA(3, random_state=np.random.RandomState(0), **kw).fit(laplace.X)
+    np.testing.assert_array_equal(a.posterior_means_, b.posterior_means_)
+    rs = np.random.RandomState(0)
+    est = HalfVAEICA(3, random_state=rs, **kw)
+    first = est.fit(laplace.X).posterior_means_
+    assert not np.array_equal(first, est.fit(laplace.X).posterior_means_)  # rs advanced
+
+
+def test_random_state_object_survives_save_and_resume(laplace, tmp_path):
+    est = HalfVAEICA(3, max_iter=10, n_restarts=2, random_state=np.random.RandomState(3))
+    est.fit(laplace.X, stop_after=13)
+    est.save(tmp_path / "r.pt")
+    ref = HalfVAEICA(3, max_iter=10, n_restarts=2,
+                     random_state=np.random.RandomState(3)).fit(laplace.X)
+    resumed = HalfVAEICA.load(tmp_path / "r.pt").fit(laplace.X, resume=True)
+    _state_equal(resumed, ref)
+
+
+def test_float32_input_keeps_float32(laplace):
+    X32 = laplace.X.astype(np.float32)
+    est = HalfVAEICA(3, max_iter=20, n_restarts=1, random_state=0).fit(X32)
+    for name in ("mean_", "whitening_", "dewhitening_", "mixing_", "components_",
+                 "posterior_means_"):
+        assert getattr(est, name).dtype == np.float32, name
+    assert est.transform(X32).dtype == np.float32
+    assert est.fit_transform(X32).dtype == np.float32
+    assert est.inverse_transform(est.transform(X32)).dtype == np.float32
+    assert est.transform(laplace.X).dtype == np.float64
+
+
+def test_rank_deficient_data_warns_and_fits_the_rank(laplace):
+    X = np.column_stack([laplace.X, laplace.X[:, 0] + laplace.X[:, 1]])  # rank 3, 4 features
+    with pytest.warns(UserWarning, match=r"rank of the centered X \(3\)"):
+        est = HalfVAEICA(4, max_iter=20, n_restarts=1, random_state=0).fit(X)
+    assert est.n_components_ == 3
+    assert est.transform(X).shape == (600, 3) and est.components_.shape == (3, 4)
+    assert list(est.get_feature_names_out()) == ["halfvaeica0", "halfvaeica1", "halfvaeica2"]
+
+
+def test_convergence_warning(laplace):
+    from sklearn.exceptions import ConvergenceWarning
+    with pytest.warns(ConvergenceWarning, match="did not converge"):
+        HalfVAEICA(3, max_iter=10, n_restarts=1, random_state=0).fit(laplace.X)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        HalfVAEICA(3, max_iter=10, n_restarts=1, tol=None, random_state=0).fit(laplace.X)
+        HalfVAEICA(3, **FAST).fit(laplace.X)
+
+
+def test_cuda_device_refused_without_a_gpu(laplace, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device='cuda'"):
+        HalfVAEICA(3, max_iter=2, device="cuda").fit(laplace.X)
+
+
+# ----------------------------------------------------------------------------- review fixes
+def test_numpy_scalar_parameters_save_load_and_resume(laplace, tmp_path):
+    """The table accepts numpy scalars; files (read with weights_only=True) hold Python numbers,
+    and a numpy-typed fit equals the same fit with Python numbers, so it resumes exactly."""
+    X = laplace.X[:300]
+    kw = dict(n_mixture=np.int64(3), hidden=(np.int64(8),), max_iter=np.int64(20),
+              n_restarts=np.int32(2), learning_rate=np.float32(0.01),
+              table_learning_rate=np.float64(0.05), prior_warmup=np.float32(0.25),
+              n_eval_samples=np.int16(2), random_state=np.int64(5), tol=None)
+    ref = HalfVAEICA(np.int64(3), **kw).fit(X)
+    assert type(ref.n_components_) is int and ref.n_components_ == 3
+    plain = HalfVAEICA(3, **{k: v.item() if isinstance(v, np.generic) else v
+                             for k, v in kw.items()}).fit(X)
+    _state_equal(plain, ref)
+    path = tmp_path / "model.pt"
+    ref.save(path)
+    loaded = HalfVAEICA.load(path)
+    assert loaded.get_params() == ref.get_params()
+    _state_equal(loaded, ref)
+    np.testing.assert_array_equal(loaded.transform(X[:20]), ref.transform(X[:20]))
+    # A stopped numpy-typed fit: its checkpoint and saved file load and resume.
+    ckpt = tmp_path / "ckpt.pt"
+    stopped = HalfVAEICA(np.int64(3), **kw, checkpoint_path=ckpt, checkpoint_every=np.int64(7))
+    stopped.fit(X, stop_after=np.int64(27))
+    stopped.save(tmp_path / "stopped.pt")
+    assert torch.load(ckpt, weights_only=True)["run"]["epoch"] == 7
+    resumed = HalfVAEICA(np.int64(3), **kw, checkpoint_path=ckpt, checkpoint_every=7)
+    resumed.fit(X, resume=True)  # from the checkpoint file
+    _state_equal(resumed, ref)
+    _state_equal(HalfVAEICA.load(ckpt), ref)
+    _state_equal(HalfVAEICA.load(tmp_path / "stopped.pt").fit(X, resume=True), ref)
+
+
+def test_every_restart_diverged_leaves_nothing_to_save_or_resume(laplace, tmp_path, monkeypatch):
+    from halfvae_ext.recipe import Recipe
+    X = laplace.X[:200]
+    ckpt = tmp_path / "ckpt.pt"
+    kw = dict(max_iter=5, n_restarts=2, tol=None, random_state=0, checkpoint_path=ckpt)
+    real_final_elbo = Recipe.final_elbo
+    monkeypatch.setattr(Recipe, "final_elbo", lambda self, *a: float("nan"))
+    est = HalfVAEICA(3, **kw)
+    with pytest.raises(RuntimeError, match="diverged in every restart"):
+        est.fit(X)
+    assert not hasattr(est, "model_") and est._run is None
+    with pytest.raises(ValueError, match="nothing to save"):
+        est.save(tmp_path / "m.pt")
+    assert not (tmp_path / "m.pt").exists()
+    diverged_checkpoint = ckpt.read_bytes()  # the fit's last checkpoint: the diverged run
+    with pytest.raises(ValueError, match="nothing to load.*diverged in every restart"):
+        HalfVAEICA.load(ckpt)
+    monkeypatch.setattr(Recipe, "final_elbo", real_final_elbo)
+    ref = HalfVAEICA(3, **{**kw, "checkpoint_path": None}).fit(X)
+    # Nothing to continue, in the estimator or in the checkpoint: resume starts afresh.
+    est.fit(X, resume=True)
+    _state_equal(est, ref)
+    ckpt.write_bytes(diverged_checkpoint)
+    _state_equal(HalfVAEICA(3, **kw).fit(X, resume=True), ref)
+
+
+def test_sklearn_validate_params_checks_our_table():
+    """scikit-learn's reserved _parameter_constraints is not ours: its inherited _validate_params
+    (which its machinery may call) checks our table instead of crashing on it."""
+    from halfvae_ext.param_validation import InvalidParameterError
+    assert "_parameter_constraints" not in vars(HalfVAEICA)
+    HalfVAEICA()._validate_params()
+    HalfVAEICA(3, random_state=np.random.RandomState(0), hidden=[4, 4])._validate_params()
+    with pytest.raises(InvalidParameterError, match="n_components must be"):
+        HalfVAEICA(n_components=0)._validate_params()
+
+
+@pytest.mark.parametrize("decoder", ["linear", "mlp", "residual"])
+def test_output_dtype_follows_fastica_for_every_decoder(laplace, decoder):
+    import warnings
+    from sklearn.decomposition import FastICA
+    X = laplace.X[:100]
+    for fit_dtype in (np.float64, np.float32):
+        est = HalfVAEICA(3, decoder=decoder, hidden=(8,), max_iter=5, n_restarts=1, tol=None,
+                         transform_max_iter=3, random_state=0).fit(X.astype(fit_dtype))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ica = FastICA(3, whiten="unit-variance", max_iter=5,
+                          random_state=0).fit(X.astype(fit_dtype))
+        for in_dtype in (np.float64, np.float32):
+            Xi = X[:10].astype(in_dtype)
+            expected = ica.transform(Xi).dtype
+            assert expected == np.result_type(in_dtype, fit_dtype)  # FastICA's rule
+            S = est.transform(Xi)
+            assert S.dtype == expected, (fit_dtype, in_dtype)
+            assert est.inverse_transform(S).dtype == ica.inverse_transform(S).dtype

@@ -1,0 +1,117 @@
+"""Input checks and the whitening that precedes Half-VAE training (and the VAE baseline's).
+
+PCA whitening fixes the scale and correlation of the data; the rotation, which is what ICA is
+about, is left to the model.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["check_data", "centered_rank", "fingerprint", "Whitening", "fit_whitening"]
+
+FLOAT_DTYPES = (np.float64, np.float32)
+
+
+def check_data(X, *, min_samples: int = 2, name: str = "X") -> np.ndarray:
+    """X as a finite 2-D float array [n_samples, n_features] (float32 stays float32, anything else
+    becomes float64). Raises TypeError/ValueError whose message starts with ``name``."""
+    from sklearn.utils import check_array
+    if X is None or isinstance(X, (str, bytes)) or np.isscalar(X):
+        raise TypeError(f"{name} must be a 2-D array-like of numbers, got {type(X).__name__}")
+    try:
+        import torch
+        if isinstance(X, torch.Tensor):
+            X = X.detach().cpu().numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        return check_array(X, dtype=FLOAT_DTYPES, ensure_min_samples=min_samples,
+                           ensure_all_finite=True, input_name=name)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    except TypeError as e:
+        raise TypeError(f"{name}: {e}") from None
+
+
+def _rank_from_singular_values(s: np.ndarray, n: int, d: int) -> int:
+    tol = max(n, d) * np.finfo(np.float64).eps * (s[0] if s.size else 0.0)
+    return int((s > max(tol, 1e-10 * s[0] if s.size and s[0] > 0 else 1e-300)).sum())
+
+
+def centered_rank(X: np.ndarray) -> int:
+    """Numerical rank of X - mean(X) (how many sources can be separated from it at most)."""
+    X = np.asarray(X, dtype=np.float64)
+    s = np.linalg.svd(X - X.mean(axis=0), compute_uv=False)
+    return _rank_from_singular_values(s, *X.shape)
+
+
+def fingerprint(X: np.ndarray) -> str:
+    """SHA-256 of X's shape and float64 values: identifies the data of a resumable run."""
+    h = hashlib.sha256()
+    h.update(str(X.shape).encode())
+    h.update(np.ascontiguousarray(X, dtype=np.float64).tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """X_white = (X - mean) @ whitening.T and back, X ~= X_white @ dewhitening.T + mean.
+
+    mean: [d]; whitening: [dw, d]; dewhitening: [d, dw] (float64); n_components: the number of
+    sources K (at most the rank); rank: the numerical rank of the centered data.
+    """
+    mean: np.ndarray
+    whitening: np.ndarray
+    dewhitening: np.ndarray
+    n_components: int
+    rank: int
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        return (X - self.mean) @ self.whitening.T
+
+
+def fit_whitening(X: np.ndarray, n_components: int | None, whiten="pca",
+                  keep_all_dims: bool = False) -> tuple[Whitening, np.ndarray]:
+    """Center X [n, d] and whiten it: ``whiten="pca"`` (to K dimensions, or to every nondegenerate
+    one with ``keep_all_dims``, which a nonlinear decoder needs), "standardize" (each feature), or
+    False (center only). Returns the map and the whitened data [n, dw].
+
+    n_components (None: d) larger than d is an error; larger than the rank of the centered data
+    gives a UserWarning and K = rank (as scikit-learn's FastICA reduces it).
+    """
+    X = np.asarray(X, dtype=np.float64)
+    n, d = X.shape
+    mean = X.mean(axis=0)
+    Xc = X - mean
+    K = int(n_components) if n_components is not None else d
+    if K > d:
+        raise ValueError(f"n_components={K} is larger than the number of features ({d}); "
+                         "this estimator needs at least as many observed signals as sources")
+    _, s, vt = np.linalg.svd(Xc, full_matrices=False)
+    rank = _rank_from_singular_values(s, n, d)
+    if rank == 0:
+        raise ValueError(f"X is constant ({n} equal rows after centering): there is nothing to "
+                         "separate")
+    if rank < K:
+        warnings.warn(f"n_components={K} exceeds the rank of the centered X ({rank}): there are "
+                      f"not that many independent directions in the data ({n} samples, {d} "
+                      f"features); fitting {rank} components", UserWarning, stacklevel=3)
+        K = rank
+    if whiten == "pca":
+        keep = rank if keep_all_dims else K
+        whitening = vt[:keep] / s[:keep, None] * math.sqrt(n)
+        dewhitening = vt[:keep].T * s[:keep] / math.sqrt(n)
+    elif whiten == "standardize":
+        std = Xc.std(axis=0)
+        std = np.where(std > 0, std, 1.0)
+        whitening = np.diag(1.0 / std)
+        dewhitening = np.diag(std)
+    else:
+        whitening = np.eye(d)
+        dewhitening = np.eye(d)
+    return Whitening(mean, whitening, dewhitening, K, rank), Xc @ whitening.T

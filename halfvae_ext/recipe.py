@@ -1,0 +1,315 @@
+"""The Half-VAE ICA training recipe, one restart at a time (benchmarks/ICA_EXPERIMENTS.md has the
+experiments behind every choice).
+
+- The model starts at the data: latent means at the whitened PCA scores (``init="pca"``; restarts
+  >= 1 randomly rotated), the decoder set so that decode(mu) reproduces the data; observation
+  noise and posterior std start at ``INIT_NOISE_STD`` (a noise std of 1 lets the noise explain
+  everything: posterior collapse).
+- Prior warm-up: for the first ``prior_warmup`` fraction of the epochs the GMM components keep
+  their positions and weights and only their variances learn (a free 3-component mixture fits the
+  marginal of two mixed sub-Gaussian sources well enough to keep them mixed).
+- Adam, a larger rate for the latent table; both rates decay along a half cosine over the last
+  ``lr_decay`` fraction of the epochs (``lr_factor``), which settles the table rows.
+- Restarts are compared by the final ELBO (``final_elbo``), never by ground truth.
+
+:class:`Recipe` holds the settings and builds, initializes and trains a model; the VAE baseline
+in :mod:`halfvae_ext.experiments` is a subclass (``VAERecipe``: its own model, initialization and
+optimizer, through the methods of those names, ``set_learning_rates`` and ``batch_elbo_terms``)
+and uses the helpers around it (seeds, initialization helpers, schedule, final ELBO).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .models import GMMPrior, HalfVAE, ResidualDecoder
+
+__all__ = ["INIT_NOISE_STD", "Recipe", "LiveRestart", "restart_seeds", "random_orthogonal",
+           "reset_parameters", "torch_threads", "lr_factor", "prior_warmup_epochs",
+           "set_prior_trainable", "final_elbo", "elbo_change", "posterior_mode"]
+
+# Noise std of the likelihood (and posterior std of the table) at the start, in whitened units.
+INIT_NOISE_STD = 0.1
+
+
+# ----------------------------------------------------------------------------- shared helpers
+def restart_seeds(random_state, n_restarts: int) -> list:
+    """One 63-bit seed per restart. random_state: an int (reproducible), None (fresh entropy) or
+    a numpy RandomState (one draw from it gives the entropy, so a RandomState seeded alike gives
+    the same seeds, and each call advances it, as in scikit-learn)."""
+    if isinstance(random_state, np.random.RandomState):
+        entropy = int(random_state.randint(np.iinfo(np.int32).max))
+    else:
+        entropy = None if random_state is None else int(random_state)
+    ss = np.random.SeedSequence(entropy)
+    return [int(c.generate_state(1, np.uint64)[0] >> np.uint64(1)) for c in ss.spawn(n_restarts)]
+
+
+def random_orthogonal(k: int, generator: torch.Generator) -> torch.Tensor:
+    """A Haar-random k x k rotation (float64) drawn from ``generator``."""
+    q, r = torch.linalg.qr(torch.randn(k, k, generator=generator, dtype=torch.float64))
+    return q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
+
+
+def reset_parameters(module: nn.Module, generator: torch.Generator) -> None:
+    """nn.Linear's default initialization of every layer, drawn from ``generator`` (not the
+    global RNG)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+            if layer.bias is not None:
+                bound = 1.0 / math.sqrt(layer.in_features)
+                nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """Run the block with torch's intra-op thread count set to n (None: unchanged)."""
+    if n is None or n == torch.get_num_threads():
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def lr_factor(epoch: int, max_iter: int, lr_decay: float) -> float:
+    """Learning-rate multiplier: 1, then a half cosine down to 0.01 over the last ``lr_decay``
+    fraction of the ``max_iter`` epochs."""
+    start = (1.0 - lr_decay) * max_iter
+    if lr_decay == 0 or epoch < start:
+        return 1.0
+    frac = (epoch - start) / (max_iter - start)
+    return max(0.5 * (1.0 + math.cos(math.pi * frac)), 0.01)
+
+
+def prior_warmup_epochs(prior_warmup: float, max_iter: int) -> int:
+    return int(prior_warmup * max_iter)
+
+
+def set_prior_trainable(prior: GMMPrior, frozen: bool) -> None:
+    """Warm-up (frozen): component positions and weights fixed, variances free. The variances
+    alone can turn the flat-topped start super-Gaussian (narrow center, wide sides) or
+    multimodal, but cannot fit the marginal of two mixed sub-Gaussian sources."""
+    prior.means.requires_grad_(not frozen)
+    prior.logits.requires_grad_(not frozen)
+    prior.logvars.requires_grad_(True)
+
+
+@torch.no_grad()
+def final_elbo(model, Xw: torch.Tensor, seed: int, n_draws: int) -> float:
+    """ELBO per sample of all rows, averaged over ``n_draws`` Monte-Carlo draws from a generator
+    seeded with seed + 1 (a stream the training did not use); -inf if not finite. ``model`` is a
+    HalfVAE or a VAE."""
+    g = torch.Generator(device=Xw.device).manual_seed((seed + 1) % (2**63))
+    vals = []
+    for _ in range(n_draws):
+        ll, kl = model.elbo_terms(Xw, generator=g)
+        vals.append(float((ll - kl).mean()))
+    elbo = float(np.mean(vals))
+    return elbo if math.isfinite(elbo) else -math.inf
+
+
+def elbo_change(history, fraction: float = 0.1) -> float:
+    """How fast a per-epoch ELBO history still moved at its end, per epoch: |mean of the last
+    window - mean of the window before| / window length, each window ``fraction`` of the epochs
+    (at least one; averaging over a window removes most of the Monte-Carlo noise of single
+    epochs). NaN with fewer than two epochs."""
+    h = np.asarray(history, dtype=np.float64)
+    if h.size < 2:
+        return math.nan
+    w = max(1, int(h.size * fraction))
+    return float(abs(h[-w:].mean() - h[-2 * w:-w].mean()) / w)
+
+
+def posterior_mode(model, Xw: torch.Tensor, z0: torch.Tensor, n_steps: int,
+                   lr: float = 0.02) -> torch.Tensor:
+    """argmax_z log p(x | z) + log p(z) for every row of Xw [m, dw], from z0 [m, K]: ``n_steps``
+    Adam steps (rate ``lr``, cosine-decayed to 0) on the sum over rows of the negative log joint.
+    Adam is elementwise and the sum separates, so each row follows its own trajectory: the result
+    of a row depends on that row and its start only. Runs in the dtype of Xw; returns [m, K]."""
+    z = z0.detach().clone().requires_grad_(True)
+    if n_steps == 0 or z.shape[0] == 0:
+        return z.detach()
+    opt = torch.optim.Adam([z], lr=lr)
+    for step in range(n_steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / n_steps))
+        log_joint = model.likelihood.log_prob(Xw, model.decoder(z)) + model.prior.log_prob(z).sum(1)
+        opt.zero_grad(set_to_none=True)
+        (-log_joint.sum()).backward()
+        opt.step()
+    return z.detach()
+
+
+# ----------------------------------------------------------------------------- one restart
+@dataclass
+class LiveRestart:
+    """A restart in progress: its model, optimizers, random stream and per-epoch ELBO."""
+    model: HalfVAE
+    optimizers: list
+    generator: torch.Generator
+    history: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Settings of one training restart (the HalfVAEICA parameters of the same names) and the
+    steps that use them."""
+    n_components: int
+    n_mixture: int = 3
+    decoder: str = "linear"
+    hidden: tuple = (32,)
+    activation: str = "leaky_relu"
+    noise: object = "learned"
+    init: str = "pca"
+    max_iter: int = 1500
+    batch_size: int | None = None
+    table_optimizer: str = "torch"
+    learning_rate: float = 0.01
+    table_learning_rate: float = 0.05
+    prior_warmup: float = 0.3
+    lr_decay: float = 0.3
+    n_eval_samples: int = 8
+
+    @property
+    def fused_table(self) -> bool:
+        return self.table_optimizer == "fused"
+
+    def mini_batches(self, n_rows: int) -> bool:
+        """True if an epoch is several steps (a batch_size below n_rows)."""
+        return self.batch_size is not None and self.batch_size < n_rows
+
+    def build_model(self, n_rows: int, data_dim: int, device) -> HalfVAE:
+        """A HalfVAE for n_rows rows of data_dim whitened features, not yet initialized."""
+        prior = GMMPrior(self.n_components, self.n_mixture)
+        noise = self.noise
+        init_lv = 2.0 * math.log(INIT_NOISE_STD if noise == "learned" else min(float(noise), 1.0))
+        model = HalfVAE(n_rows, data_dim, self.n_components, decoder=self.decoder, prior=prior,
+                        hidden=self.hidden, activation=self.activation, noise=noise,
+                        init_mu=torch.zeros(n_rows, self.n_components), init_logvar=init_lv,
+                        init_noise_std=INIT_NOISE_STD,
+                        sparse=self.mini_batches(n_rows) and not self.fused_table,
+                        table_optimizer="adam" if self.fused_table else None,
+                        table_lr=self.table_learning_rate)
+        return model.to(device)
+
+    def initialize(self, model: HalfVAE, Xw: torch.Tensor, restart: int, seed: int,
+                   generator: torch.Generator) -> None:
+        """Set the latent means and decoder of a fresh restart (draws from ``generator``)."""
+        n, dw = Xw.shape
+        K = self.n_components
+        Xd = Xw.detach().cpu().double()
+        reset_parameters(model.decoder, generator)
+        residual = isinstance(model.decoder, ResidualDecoder)
+        if residual:
+            model.decoder.zero_correction_()
+        if self.init == "random":
+            mu = torch.randn(n, K, generator=generator, dtype=torch.float64)
+            W = None  # keep the random decoder
+        elif self.init == "pca":
+            u, s, vt = torch.linalg.svd(Xd, full_matrices=False)
+            R = torch.eye(K, dtype=torch.float64) if restart == 0 else \
+                random_orthogonal(K, generator)
+            mu = u[:, :K] * math.sqrt(n) @ R
+            W = (vt[:K].T * (s[:K] / math.sqrt(n))) @ R
+        else:  # fastica (opt-in warm start)
+            from sklearn.decomposition import FastICA
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ica = FastICA(K, whiten="unit-variance", random_state=seed % (2**32),
+                              max_iter=1000)
+                mu = torch.from_numpy(ica.fit_transform(Xd.numpy()))
+            W = torch.linalg.lstsq(mu, Xd).solution.T
+        with torch.no_grad():
+            model.latents.mu.copy_(mu.to(model.latents.mu))
+            if W is not None and isinstance(model.decoder, nn.Linear):
+                model.decoder.weight.copy_(W.to(model.decoder.weight))
+            elif W is not None and residual:
+                model.decoder.linear.weight.copy_(W.to(model.decoder.linear.weight))
+
+    def make_optimizers(self, model: HalfVAE) -> list:
+        """[table optimizer, the rest's Adam]; with the fused table only [the rest's Adam] (the
+        table's optimizer lives in the model, model.latents.table_optimizer)."""
+        table = list(model.latents.parameters())
+        rest = [dict(params=list(model.decoder.parameters())
+                     + [p for p in model.likelihood.parameters()], lr=self.learning_rate),
+                dict(params=list(model.prior.parameters()), lr=self.learning_rate)]
+        if self.fused_table:
+            return [torch.optim.Adam(rest)]
+        if model.latents.sparse:
+            opt_table = torch.optim.SparseAdam(table, lr=self.table_learning_rate)
+        else:
+            opt_table = torch.optim.Adam(table, lr=self.table_learning_rate)
+        return [opt_table, torch.optim.Adam(rest)]
+
+    def start(self, Xw: torch.Tensor, restart: int, seed: int, device) -> LiveRestart:
+        """Build and initialize restart ``restart`` (its generator seeded with ``seed``)."""
+        g = torch.Generator(device=device).manual_seed(seed)
+        model = self.build_model(Xw.shape[0], Xw.shape[1], device)
+        self.initialize(model, Xw, restart, seed, g)
+        return LiveRestart(model, self.make_optimizers(model), g, [])
+
+    def restore(self, model_state: dict, optimizer_states: list, generator_state: torch.Tensor,
+                history, Xw: torch.Tensor, device) -> LiveRestart:
+        """A restart continued from saved states."""
+        model = self.build_model(Xw.shape[0], Xw.shape[1], device)
+        model.load_state_dict(model_state)
+        opts = self.make_optimizers(model)
+        for opt, sd in zip(opts, optimizer_states):
+            opt.load_state_dict(sd)
+        g = torch.Generator(device=device)
+        g.set_state(generator_state.cpu())
+        return LiveRestart(model, opts, g, list(history))
+
+    def set_learning_rates(self, model: HalfVAE, optimizers: list, factor: float) -> None:
+        """The rates of an epoch: each base rate times the schedule's ``factor``."""
+        if self.fused_table:
+            model.latents.table_optimizer.lr = self.table_learning_rate * factor
+        else:
+            optimizers[0].param_groups[0]["lr"] = self.table_learning_rate * factor
+        for group in optimizers[-1].param_groups:
+            group["lr"] = self.learning_rate * factor
+
+    def batch_elbo_terms(self, model: HalfVAE, x: torch.Tensor, idx, generator):
+        """(log-likelihood, KL) per row of the batch x (rows idx of the data; None: all)."""
+        return model.elbo_terms(x, idx, generator=generator)
+
+    def epoch(self, model: HalfVAE, optimizers: list, Xw: torch.Tensor,
+              generator: torch.Generator, epoch: int) -> float:
+        """One pass over the data (epoch ``epoch`` of the schedule); returns the epoch's mean
+        one-draw ELBO per sample."""
+        set_prior_trainable(model.prior,
+                            epoch < prior_warmup_epochs(self.prior_warmup, self.max_iter))
+        self.set_learning_rates(model, optimizers, lr_factor(epoch, self.max_iter, self.lr_decay))
+        n = Xw.shape[0]
+        if not self.mini_batches(n):
+            batches = [None]
+        else:
+            perm = torch.randperm(n, generator=generator, device=generator.device)
+            batches = list(torch.split(perm.to(Xw.device), self.batch_size))
+        total = 0.0
+        for idx in batches:
+            x = Xw if idx is None else Xw.index_select(0, idx)
+            ll, kl = self.batch_elbo_terms(model, x, idx, generator)
+            elbo = ll - kl
+            loss = -elbo.mean()
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for opt in optimizers:
+                opt.step()
+            total += float(elbo.detach().sum())
+        return total / n
+
+    def final_elbo(self, model: HalfVAE, Xw: torch.Tensor, seed: int) -> float:
+        return final_elbo(model, Xw, seed, self.n_eval_samples)
