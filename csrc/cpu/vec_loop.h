@@ -38,16 +38,17 @@ inline Vectorized<float> fast_logf(const Vectorized<float>& x) {
   const VF below = m < VF(0.707106781186547524f);  // all-ones lanes where m < sqrt(1/2)
   const VF e = exponent - (below & VF(1.0f));
   m = VF::blendv(m - VF(1.0f), m + m - VF(1.0f), below);
+  // Cephes' degree-8 polynomial by Estrin's scheme: a dependency chain of 4 multiply-adds instead
+  // of Horner's 9, so the out-of-order core overlaps it with the component exps around it.
   const VF z = m * m;
-  VF y = VF(7.0376836292E-2f);
-  y = at::vec::fmadd(y, m, VF(-1.1514610310E-1f));
-  y = at::vec::fmadd(y, m, VF(1.1676998740E-1f));
-  y = at::vec::fmadd(y, m, VF(-1.2420140846E-1f));
-  y = at::vec::fmadd(y, m, VF(1.4249322787E-1f));
-  y = at::vec::fmadd(y, m, VF(-1.6668057665E-1f));
-  y = at::vec::fmadd(y, m, VF(2.0000714765E-1f));
-  y = at::vec::fmadd(y, m, VF(-2.4999993993E-1f));
-  y = at::vec::fmadd(y, m, VF(3.3333331174E-1f));
+  const VF z2 = z * z;
+  const VF q0 = at::vec::fmadd(VF(-2.4999993993E-1f), m, VF(3.3333331174E-1f));
+  const VF q1 = at::vec::fmadd(VF(-1.6668057665E-1f), m, VF(2.0000714765E-1f));
+  const VF q2 = at::vec::fmadd(VF(-1.2420140846E-1f), m, VF(1.4249322787E-1f));
+  const VF q3 = at::vec::fmadd(VF(-1.1514610310E-1f), m, VF(1.1676998740E-1f));
+  const VF r0 = at::vec::fmadd(q1, z, q0);
+  const VF r1 = at::vec::fmadd(q3, z, q2);
+  VF y = at::vec::fmadd(at::vec::fmadd(VF(7.0376836292E-2f), z2, r1), z2, r0);
   y = y * m * z;
   y = at::vec::fmadd(e, VF(-2.12194440e-4f), y);
   y = at::vec::fmadd(z, VF(-0.5f), y);
