@@ -39,20 +39,44 @@ inline Vectorized<float> fast_logf(const Vectorized<float>& x) {
   const VF below = m < VF(0.707106781186547524f);  // all-ones lanes where m < sqrt(1/2)
   const VF e = exponent - (below & VF(1.0f));
   m = VF::blendv(m - VF(1.0f), m + m - VF(1.0f), below);
+  // Cephes' degree-8 polynomial by Estrin's scheme: a dependency chain of 4 multiply-adds instead
+  // of Horner's 9, so the out-of-order core overlaps it with the component exps around it.
   const VF z = m * m;
-  VF y = VF(7.0376836292E-2f);
-  y = at::vec::fmadd(y, m, VF(-1.1514610310E-1f));
-  y = at::vec::fmadd(y, m, VF(1.1676998740E-1f));
-  y = at::vec::fmadd(y, m, VF(-1.2420140846E-1f));
-  y = at::vec::fmadd(y, m, VF(1.4249322787E-1f));
-  y = at::vec::fmadd(y, m, VF(-1.6668057665E-1f));
-  y = at::vec::fmadd(y, m, VF(2.0000714765E-1f));
-  y = at::vec::fmadd(y, m, VF(-2.4999993993E-1f));
-  y = at::vec::fmadd(y, m, VF(3.3333331174E-1f));
+  const VF z2 = z * z;
+  const VF q0 = at::vec::fmadd(VF(-2.4999993993E-1f), m, VF(3.3333331174E-1f));
+  const VF q1 = at::vec::fmadd(VF(-1.6668057665E-1f), m, VF(2.0000714765E-1f));
+  const VF q2 = at::vec::fmadd(VF(-1.2420140846E-1f), m, VF(1.4249322787E-1f));
+  const VF q3 = at::vec::fmadd(VF(-1.1514610310E-1f), m, VF(1.1676998740E-1f));
+  const VF r0 = at::vec::fmadd(q1, z, q0);
+  const VF r1 = at::vec::fmadd(q3, z, q2);
+  VF y = at::vec::fmadd(at::vec::fmadd(VF(7.0376836292E-2f), z2, r1), z2, r0);
   y = y * m * z;
   y = at::vec::fmadd(e, VF(-2.12194440e-4f), y);
   y = at::vec::fmadd(z, VF(-0.5f), y);
   return at::vec::fmadd(e, VF(0.693359375f), m + y);
+}
+
+// exp of float32 lanes x <= 0 (NaN passes through), for the shifted log-sum-exp terms
+// a_c - max_c a_c. torch's exp_u20 polynomial and argument reduction (same ~20 ulp), without its
+// overflow and underflow branches: arguments below ln(FLT_MIN) are clamped there (exp = 1.2e-38
+// instead of 0, a responsibility negligible either way), and n = round(x log2 e) comes from the
+// low bits of one fused multiply-add with 1.5 * 2^23 + 127, which are also the bits of 2^n once
+// shifted into the exponent field. 11 vector operations against exp_u20's 18: the kernels take
+// C of these per element in each direction.
+inline Vectorized<float> exp_nonpos_f32(const Vectorized<float>& x) {
+  using VF = Vectorized<float>;
+  using VI = Vectorized<int32_t>;
+  constexpr float kShift = 12582912.0f + 127.0f;  // 1.5 * 2^23 + exponent bias
+  const VF xc = at::vec::clamp_min(x, VF(-87.3365447505530f));  // ln(FLT_MIN)
+  const VF t = at::vec::fmadd(xc, VF(1.44269504088896341f), VF(kShift));
+  const VF n = t - VF(kShift);
+  const VF r = at::vec::fnmadd(n, VF(0.693147180559945f), xc);
+  VF p = at::vec::fmadd(r, VF(0.00828929059f), VF(0.0418978221f));
+  p = at::vec::fmadd(r, p, VF(0.166676521f));
+  p = at::vec::fmadd(r, p, VF(0.499991506f));
+  p = at::vec::fmadd(r, p, VF(0.999999701f));
+  p = at::vec::fmadd(r, p, VF(1.0f));
+  return p * at::vec::cast<float>(at::vec::cast<int32_t>(t) << VI(23));
 }
 
 template <typename T>
@@ -68,7 +92,13 @@ struct VecMath {
     if constexpr (std::is_same_v<T, float>) return fast_logf(x);
     else return x.log();
   }
-  static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
+  static V exp_nonpos(const V& x) {
+    if constexpr (std::is_same_v<T, float>) return exp_nonpos_f32(x);
+    else return x.exp();
+  }
+  // max(a, b) in one instruction (at::vec::maximum spends two more on NaN): a NaN lane still
+  // reaches the result, through exp_nonpos(a_c - max) of the NaN term.
+  static V max(const V& a, const V& b) { return at::vec::clamp_min(b, a); }
 };
 
 // Loads n <= W lanes; lanes past n are zero (the kernels rely on zero upstream gradients there).
@@ -90,7 +120,7 @@ template <typename T>
 struct PriorPattern {
   using V = Vectorized<T>;
   int64_t K = 0, C = 0, P = 0, stride = 0;  // stride: P rounded up to W (padding keeps loads in bounds)
-  std::vector<T> w, m, prec;                // [C][stride]
+  std::vector<T> w, m, prec, half_prec;     // [C][stride]
 
   explicit PriorPattern(const PriorTables& t) : K(t.K), C(t.C) {
     const int64_t W = V::size();
@@ -100,6 +130,7 @@ struct PriorPattern {
     w.assign(C * stride, T(0));
     m.assign(C * stride, T(0));
     prec.assign(C * stride, T(1));
+    half_prec.assign(C * stride, T(0.5));
     const T* tw = t.w.data_ptr<T>();
     const T* tm = t.m.data_ptr<T>();
     const T* tp = t.prec.data_ptr<T>();
@@ -109,6 +140,7 @@ struct PriorPattern {
         w[c * stride + j] = tw[k * C + c];
         m[c * stride + j] = tm[k * C + c];
         prec[c * stride + j] = tp[k * C + c];
+        half_prec[c * stride + j] = T(0.5) * tp[k * C + c];
       }
   }
 };
@@ -122,6 +154,7 @@ struct PriorLanes {
   V w(int c) const { return V::loadu(pat.w.data() + c * pat.stride + j); }
   V m(int c) const { return V::loadu(pat.m.data() + c * pat.stride + j); }
   V prec(int c) const { return V::loadu(pat.prec.data() + c * pat.stride + j); }
+  V half_prec(int c) const { return V::loadu(pat.half_prec.data() + c * pat.stride + j); }
 };
 
 struct Blocking {

@@ -27,12 +27,14 @@ template <>
 struct DevMath<float> {
   static __device__ __forceinline__ float exp(float x) { return ::expf(x); }
   static __device__ __forceinline__ float log(float x) { return ::logf(x); }
+  static __device__ __forceinline__ float exp_nonpos(float x) { return ::expf(x); }
   static __device__ __forceinline__ float max(float a, float b) { return ::fmaxf(a, b); }
 };
 template <>
 struct DevMath<double> {
   static __device__ __forceinline__ double exp(double x) { return ::exp(x); }
   static __device__ __forceinline__ double log(double x) { return ::log(x); }
+  static __device__ __forceinline__ double exp_nonpos(double x) { return ::exp(x); }
   static __device__ __forceinline__ double max(double a, double b) { return ::fmax(a, b); }
 };
 
@@ -70,6 +72,7 @@ struct LanePrior {
   __device__ T w(int c) const { return w_[c]; }
   __device__ T m(int c) const { return m_[c]; }
   __device__ T prec(int c) const { return p_[c]; }
+  __device__ T half_prec(int c) const { return T(0.5) * p_[c]; }
 };
 template <typename T>
 struct LanePrior<T, 0> {
@@ -82,6 +85,7 @@ struct LanePrior<T, 0> {
   __device__ T w(int c) const { return __ldg(w_ + c); }
   __device__ T m(int c) const { return __ldg(m_ + c); }
   __device__ T prec(int c) const { return __ldg(p_ + c); }
+  __device__ T half_prec(int c) const { return T(0.5) * __ldg(p_ + c); }
 };
 
 // Prior-gradient sums of one lane. CT > 0: registers, flushed once per thread; CT == 0: each

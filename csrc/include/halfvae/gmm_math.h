@@ -24,7 +24,9 @@ C10_HOST_DEVICE constexpr int components(int C) { return CT > 0 ? CT : C; }
 template <int CT>
 C10_HOST_DEVICE constexpr int component_capacity() { return CT > 0 ? CT : kMaxComponents; }
 
-// log p(z) for one latent dimension. `prior` exposes w(c), m(c), prec(c) returning V.
+// log p(z) for one latent dimension. `prior` exposes w(c), m(c), prec(c) and half_prec(c) =
+// 0.5 * prec(c) returning V; `M` exp, log, max and exp_nonpos (exp of arguments <= 0, which the
+// log-sum-exp's shifted terms always are: a CPU vector can skip the overflow handling).
 template <class M, int CT, class V, class Prior>
 C10_HOST_DEVICE inline V gmm_log_density(const V& z, int C_runtime, const Prior& prior) {
   const int C = components<CT>(C_runtime);
@@ -33,12 +35,12 @@ C10_HOST_DEVICE inline V gmm_log_density(const V& z, int C_runtime, const Prior&
 #pragma unroll
   for (int c = 0; c < C; ++c) {
     const V d = z - prior.m(c);
-    a[c] = prior.w(c) - V(0.5) * d * d * prior.prec(c);
+    a[c] = prior.w(c) - d * d * prior.half_prec(c);
     amax = (c == 0) ? a[c] : M::max(amax, a[c]);
   }
   V sum = V(0);
 #pragma unroll
-  for (int c = 0; c < C; ++c) sum = sum + M::exp(a[c] - amax);
+  for (int c = 0; c < C; ++c) sum = sum + M::exp_nonpos(a[c] - amax);
   return amax + M::log(sum);
 }
 
@@ -49,30 +51,30 @@ C10_HOST_DEVICE inline V gmm_score(const V& z, const V& weight, int C_runtime, c
                                    Acc& acc) {
   const int C = components<CT>(C_runtime);
   V a[component_capacity<CT>()];
+  V d[component_capacity<CT>()];
   V amax;
 #pragma unroll
   for (int c = 0; c < C; ++c) {
-    const V d = z - prior.m(c);
-    a[c] = prior.w(c) - V(0.5) * d * d * prior.prec(c);
+    d[c] = z - prior.m(c);
+    a[c] = prior.w(c) - d[c] * d[c] * prior.half_prec(c);
     amax = (c == 0) ? a[c] : M::max(amax, a[c]);
   }
   V sum = V(0);
 #pragma unroll
   for (int c = 0; c < C; ++c) {
-    a[c] = M::exp(a[c] - amax);  // unnormalized responsibility
+    a[c] = M::exp_nonpos(a[c] - amax);  // unnormalized responsibility
     sum = sum + a[c];
   }
   const V inv_sum = V(1) / sum;
   V score = V(0);
 #pragma unroll
   for (int c = 0; c < C; ++c) {
-    const V d = z - prior.m(c);
-    const V dprec = d * prior.prec(c);
+    const V dprec = d[c] * prior.prec(c);
     const V r = a[c] * inv_sum;
     score = score - r * dprec;
     if constexpr (kPriorGrads) {
       const V gr = weight * r;
-      acc(c, gr, gr * dprec, gr * (V(0.5) * d * dprec - V(0.5)));
+      acc(c, gr, gr * dprec, gr * (V(0.5) * d[c] * dprec - V(0.5)));
     }
   }
   return score;
