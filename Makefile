@@ -14,7 +14,7 @@ DEPS := numpy scikit-build-core cmake ninja pytest hypothesis scipy scikit-learn
 
 SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 
-.PHONY: all build test demo bench clean
+.PHONY: all build test demo bench clean FORCE
 
 all: build
 
@@ -24,8 +24,14 @@ $(VENV)/.deps-installed:
 	$(PY) -m pip install -q $(TORCH_SPEC) $(DEPS)
 	touch $@
 
+# The build settings, rewritten only when they change, so that `make HALFVAE_CUDA=ON` after a
+# CPU-only build rebuilds instead of finding the stamp below up to date.
+EXT_CONFIG := HALFVAE_CUDA=$(HALFVAE_CUDA) TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST)
+$(VENV)/.ext-config: FORCE | $(VENV)/.deps-installed
+	@echo '$(EXT_CONFIG)' | cmp -s - $@ || echo '$(EXT_CONFIG)' > $@
+
 # Rebuilds only what changed: scikit-build-core keeps the CMake/ninja tree in build/.
-$(VENV)/.ext-built: $(VENV)/.deps-installed $(SOURCES)
+$(VENV)/.ext-built: $(VENV)/.deps-installed $(VENV)/.ext-config $(SOURCES)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e . \
 		-Ccmake.define.HALFVAE_CUDA=$(HALFVAE_CUDA) \
 		-Ccmake.define.TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)"

@@ -37,7 +37,7 @@ if "$PY" -c "import torch; raise SystemExit(0 if torch.cuda.is_available() else 
       --json "$OUT/bench_cuda_$rows.json"
   done
   "$PY" benchmarks/bench_quick.py --device cuda --rows $((2**23)) --dtype bfloat16 --repeats 20
-  # The suite (issue 4): ratios against eager / distributions / torch.compile and the copy floor.
+  # The suite: ratios against eager / distributions / torch.compile and the copy floor.
   "$PY" -m halfvae_ext.bench_ops --device cuda --sizes 20,24,26,27 --components 3 --budget 0.5 \
     --out "$OUT" 2>&1 | grep -v "^USDT\|^ERROR"
   "$PY" - <<'PY'

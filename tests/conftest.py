@@ -20,6 +20,17 @@ def make_problem(N, K, C, dtype=torch.float32, device="cpu", seed=0, requires_gr
     return mu, logvar, eps, prior
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny problems (`pytestmark =
+    pytest.mark.usefixtures("one_thread")`): one thread is fastest there, and on a busy 2-core
+    machine a 2-thread OpenMP team can stall for a scheduler tick at every parallel region."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def has_cuda():
     return halfvae_ext.cuda_kernels_available()
 

@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from halfvae_ext.cli import main, read_signals
 from halfvae_ext.ica import make_linear, mean_corr_coef
@@ -15,12 +14,7 @@ from halfvae_ext.ica import make_linear, mean_corr_coef
 FAST = ["--max-iter", "400", "--restarts", "1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

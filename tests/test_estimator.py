@@ -9,14 +9,7 @@ from sklearn.base import clone
 from halfvae_ext.estimator import HalfVAEICA, atomic_torch_save
 from halfvae_ext.ica import make_linear, make_paper_linear, mean_corr_coef, per_component_rmse
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are tiny: one thread is fastest, and on a busy 2-core machine a 2-thread
-    OpenMP team can stall for a scheduler tick at every parallel region."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FAST = dict(max_iter=400, n_restarts=2, random_state=0)

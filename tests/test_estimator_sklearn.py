@@ -4,18 +4,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from halfvae_ext.estimator import HalfVAEICA
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small():

@@ -9,14 +9,7 @@ from halfvae_ext import reference
 from halfvae_ext.models import VAE, GMMPrior, HalfVAE, LatentTable, ResidualDecoder, make_mlp
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are tiny: one thread is fastest, and on a busy 2-core machine a 2-thread
-    OpenMP team can stall for a scheduler tick at every parallel region."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_gmm_prior_init_is_unit_variance_and_symmetric():
