@@ -25,8 +25,8 @@ struct RowGroups {
   int64_t size() const { return static_cast<int64_t>(first.size()); }
 
   // One pass over the batch with an open-addressing hash table of rows (load <= 1/2, Fibonacci
-  // hashing, linear probing): O(B) whatever the table size. (It replaced a stable radix sort whose
-  // passes grew with the row count, 3 at 10^8 rows; at 4096 rows both cost the same, measured.)
+  // hashing, linear probing): O(B) whatever the table size, where a radix sort's passes grow with
+  // the row count (3 at 10^8 rows; at 4096 rows both cost the same, measured).
   // idx values are valid rows (>= 0): -1 marks an empty slot.
   RowGroups(const int64_t* idx, int64_t B) : next(B, -1) {
     TORCH_CHECK(B < (int64_t(1) << 30), "batches of at most 2^30 rows");
