@@ -78,10 +78,11 @@ def reparam_gmm_kl(mu, logvar, prior_logits, prior_means, prior_logvars, *, eps=
 _TABLE_GRADS = {"dense": 0, "sparse": 1}
 
 
-def _rows_arguments(mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps, generator,
-                    reduction):
-    """What reparam_gmm_kl_rows and the fused table step check in Python; returns the reduction
-    code and the seed tensor (None when eps is given)."""
+def rows_op_arguments(mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps,
+                      generator, reduction):
+    """The Python side of a row-gathering op's arguments (reparam_gmm_kl_rows, and the fused
+    table step in table_optim): the checks C++ cannot make; returns the reduction code and the
+    seed tensor (None when eps is given)."""
     _require_tensors(mu=mu, logvar=logvar, idx=idx, prior_logits=prior_logits,
                      prior_means=prior_means, prior_logvars=prior_logvars)
     return _reduction_code(reduction), _seed_unless_eps(eps, generator, mu.device)
@@ -98,8 +99,8 @@ def reparam_gmm_kl_rows(mu, logvar, idx, prior_logits, prior_means, prior_logvar
     For an optimizer step fused into the backward (no table gradient at all), use
     halfvae_ext.LatentTable(..., fused_optimizer="adam"|"sgd").
     """
-    code, seed = _rows_arguments(mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps,
-                                 generator, reduction)
+    code, seed = rows_op_arguments(mu, logvar, idx, prior_logits, prior_means, prior_logvars,
+                                   eps, generator, reduction)
     if table_grad not in _TABLE_GRADS:
         raise ValueError(f"table_grad must be 'dense' or 'sparse', got {table_grad!r}")
     z, kl = _ops.reparam_gmm_kl_rows(mu, logvar, idx, prior_logits, prior_means, prior_logvars,

@@ -14,8 +14,10 @@ import contextlib
 
 import torch
 
-from .ops import _ops, _rows_arguments
+from .ops import rows_op_arguments
 from .table_memory import empty_table
+
+_ops = torch.ops.halfvae_ext
 
 # Calls inside an autograd.Function's forward skip the autograd layer of the op they call (the
 # Function records the graph): no Python redispatch per step. A private torch API; a torch without
@@ -132,8 +134,8 @@ def fused_rows_kl(mu, logvar, idx, prior_logits, prior_means, prior_logvars,
     return_rows: also return mu[idx] and logvar[idx] ([B, K] each) for other terms of the loss;
     their gradients join the KL's in the same step. Returns (z, kl) or (z, kl, mu_rows,
     logvar_rows)."""
-    code, seed = _rows_arguments(mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps,
-                                 generator, reduction)
+    code, seed = rows_op_arguments(mu, logvar, idx, prior_logits, prior_means, prior_logvars,
+                                   eps, generator, reduction)
     if not mu.requires_grad:
         raise ValueError("mu must require grad: its optimizer step runs in the backward")
     out = _FusedRowsKL.apply(mu, logvar, prior_logits, prior_means, prior_logvars, idx, eps, seed,
