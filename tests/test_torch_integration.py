@@ -11,6 +11,15 @@ from halfvae_ext import reference as ref
 
 from conftest import make_problem
 
+# Under ATEN_CPU_CAPABILITY=default, inductor (torch 2.14.1) emits at::vec reduction code for these
+# graphs into a kernel whose prelude does not declare at::vec, and g++ refuses it ("'at::vec' has
+# not been declared", in inductor's own sum kernel). It happens with the code before the ops moved
+# to C++ checks too; the ops themselves run under that capability (the rest of this file).
+needs_inductor_vec = pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() == "DEFAULT",
+    reason="torch inductor's C++ codegen fails under ATEN_CPU_CAPABILITY=default (at::vec "
+           "undeclared in its reduction kernels)")
+
 
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("reduction", [0, 1])
@@ -40,6 +49,7 @@ def test_opcheck_backward_ops_and_philox():
     torch.library.opcheck(torch.ops.halfvae_ext.philox_normal, (seed, 10, torch.float32))
 
 
+@needs_inductor_vec
 def test_torch_compile_fullgraph_forward_and_backward():
     mu, logvar, eps, prior = make_problem(64, 8, 3)
     inputs = [mu, logvar, *prior]
@@ -64,6 +74,7 @@ def test_torch_compile_fullgraph_forward_and_backward():
         torch.testing.assert_close(g, gr, rtol=1e-3, atol=1e-3)
 
 
+@needs_inductor_vec
 def test_torch_compile_fullgraph_in_kernel_eps():
     mu, logvar, _, prior = make_problem(32, 4, 3)
     fn = torch.compile(lambda *a: hv.reparam_gmm_kl(*a)[1].sum(), fullgraph=True)
@@ -72,6 +83,7 @@ def test_torch_compile_fullgraph_in_kernel_eps():
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
 
 
+@needs_inductor_vec
 def test_torch_compile_with_a_generator_is_a_graph_break():
     """Known limitation (torch 2.14): dynamo cannot put a torch.Generator into a graph, so the seed
     draw of generator=... (torch.randint(..., generator=g)) breaks the graph: fullgraph=True
