@@ -43,7 +43,7 @@ test: build
 	$(PY) -m pytest -q tests
 
 # The main job: the paper's ICA experiment (Half-VAE vs VAE vs FastICA, linear and nonlinear mixing,
-# 3 seeds; a few minutes on 2 cores): table on stdout, results/demo/{results.json,sources.png}.
+# 3 seeds; about 12 minutes on 2 cores): table on stdout, results/demo/{results.json,sources.png}.
 demo: build
 	$(PY) -m halfvae_ext.cli demo --out results/demo
 
