@@ -384,10 +384,6 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
             return self.n_threads
         return 1 if n_rows * self.n_components_ < _SMALL_PROBLEM else None
 
-    def _epoch(self, recipe, model, optimizers, Xw, generator, epoch):
-        """One epoch of the recipe (the training loop calls it through here)."""
-        return recipe.epoch(model, optimizers, Xw, generator, epoch)
-
     def _train(self, run: RunState, recipe: Recipe, Xw, device, stop_after):
         bar = None
         progress = None
@@ -406,7 +402,7 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
                 atomic_torch_save(self._payload(state), self.checkpoint_path)
         try:
             run_restarts(run, recipe, Xw, device, stop_after=stop_after,
-                         epoch_fn=lambda *a: self._epoch(recipe, *a), checkpoint=checkpoint,
+                         checkpoint=checkpoint,
                          checkpoint_every=self.checkpoint_every, progress=progress)
         finally:
             if bar is not None:

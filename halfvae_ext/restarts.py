@@ -140,23 +140,18 @@ class RunState:
         self.done = self.restart >= self.n_restarts
 
 
-EpochFn = Callable[..., float]
-
-
 def run_restarts(run: RunState, recipe: Recipe, Xw: torch.Tensor, device, *,
-                 stop_after: int | None = None, epoch_fn: EpochFn | None = None,
+                 stop_after: int | None = None,
                  checkpoint: Callable[[RunState], None] | None = None,
                  checkpoint_every: int | None = None,
                  progress: Callable[[RunState, float], None] | None = None) -> None:
     """Advance ``run`` on the whitened data Xw until it is done or ``stop_after`` epochs have run.
 
-    epoch_fn(model, optimizers, Xw, generator, epoch) -> ELBO: one epoch (default
-    ``recipe.epoch``). checkpoint(state): called with a consistent state (the live restart
+    Each epoch is ``recipe.epoch``. checkpoint(state): called with a consistent state (the live restart
     snapshotted into ``current``) every ``checkpoint_every`` epochs, when a restart ends and when
     the run stops early. progress(run, epoch_elbo) after each epoch. A stopped run keeps its live
     restart in ``run.current``, so that it can continue.
     """
-    epoch_fn = epoch_fn or recipe.epoch
     budget = math.inf if stop_after is None else stop_after
     live = None
     while not run.done:
@@ -174,8 +169,8 @@ def run_restarts(run: RunState, recipe: Recipe, Xw: torch.Tensor, device, *,
             continue
         if budget <= 0:
             break
-        live.history.append(epoch_fn(live.model, live.optimizers, Xw, live.generator,
-                                     run.epoch))
+        live.history.append(recipe.epoch(live.model, live.optimizers, Xw, live.generator,
+                                         run.epoch))
         run.epoch += 1
         budget -= 1
         if progress is not None:

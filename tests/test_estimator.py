@@ -8,6 +8,7 @@ from sklearn.base import clone
 
 from halfvae_ext.estimator import HalfVAEICA, atomic_torch_save
 from halfvae_ext.ica import make_linear, make_paper_linear, mean_corr_coef, per_component_rmse
+from halfvae_ext.recipe import Recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -249,7 +250,7 @@ def test_checkpoint_every_survives_a_crash(laplace, fitted, tmp_path, monkeypatc
     path = tmp_path / "ckpt.pt"
     params = dict(FAST, checkpoint_path=str(path), checkpoint_every=25)
     calls = {"n": 0}
-    real_epoch = HalfVAEICA._epoch
+    real_epoch = Recipe.epoch
 
     def crashing_epoch(self, *args, **kwargs):
         calls["n"] += 1
@@ -257,11 +258,11 @@ def test_checkpoint_every_survives_a_crash(laplace, fitted, tmp_path, monkeypatc
             raise KeyboardInterrupt
         return real_epoch(self, *args, **kwargs)
 
-    monkeypatch.setattr(HalfVAEICA, "_epoch", crashing_epoch)
+    monkeypatch.setattr(Recipe, "epoch", crashing_epoch)
     crashed = HalfVAEICA(3, **params)
     with pytest.raises(KeyboardInterrupt):
         crashed.fit(laplace.X)
-    monkeypatch.setattr(HalfVAEICA, "_epoch", real_epoch)
+    monkeypatch.setattr(Recipe, "epoch", real_epoch)
     assert path.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary files left
     ckpt = torch.load(path, weights_only=True)
@@ -545,7 +546,7 @@ def test_unwritable_checkpoint_path_refused_before_training(laplace, tmp_path, m
     def no_epoch(*a, **k):
         raise AssertionError("trained before checking checkpoint_path")
 
-    monkeypatch.setattr(HalfVAEICA, "_epoch", no_epoch)
+    monkeypatch.setattr(Recipe, "epoch", no_epoch)
     est = HalfVAEICA(3, max_iter=5, n_restarts=1, checkpoint_path=path)
     with pytest.raises(OSError) as e:
         est.fit(laplace.X)
