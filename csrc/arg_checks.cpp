@@ -4,6 +4,7 @@
 
 #include "halfvae/gmm_math.h"
 #include "kernel_table.h"
+#include "prior_tables.h"
 
 namespace halfvae {
 
@@ -35,22 +36,59 @@ void check_prior(const at::Tensor& logits, const at::Tensor& means, const at::Te
   for (const auto& [t, name] : {Named{&logits, "prior_logits"}, Named{&means, "prior_means"},
                                 Named{&logvars, "prior_logvars"}}) {
     check_floating(*t, name);
-    TORCH_CHECK_VALUE(t->dim() == 2, name, " must have shape [K, C], got ", t->sizes());
+    TORCH_CHECK_VALUE(t->dim() == 2 || t->dim() == 3, name,
+                      " must have shape [K, C] (one prior) or [U, K, C] (one per group, chosen "
+                      "by prior_index), got ", t->sizes());
   }
   for (const auto& [t, name] : {Named{&means, "prior_means"}, Named{&logvars, "prior_logvars"}})
     TORCH_CHECK_VALUE(t->sizes() == logits.sizes(), name, " must have the shape of prior_logits ",
-                      logits.sizes(), " (the prior tensors have one shape [K, C]), got ",
+                      logits.sizes(), " (the prior tensors have one shape), got ",
                       t->sizes());
-  TORCH_CHECK_VALUE(logits.size(1) >= 1 && logits.size(1) <= kMaxComponents,
+  const int64_t C = logits.size(-1);
+  TORCH_CHECK_VALUE(C >= 1 && C <= kMaxComponents,
                     "prior_logits: the number of components C must be in [1, ", kMaxComponents,
-                    "], got ", logits.size(1));
+                    "], got ", C);
 }
 
 void check_latent(const at::Tensor& t, const char* name, const at::Tensor& prior_logits) {
   check_floating(t, name);
   TORCH_CHECK_VALUE(t.dim() == 2, name, " must have shape [N, K], got ", t.sizes());
-  TORCH_CHECK_VALUE(t.size(1) == prior_logits.size(0), name, " has K = ", t.size(1),
-                    " latent dimensions but the prior has K = ", prior_logits.size(0));
+  TORCH_CHECK_VALUE(t.size(1) == prior_logits.size(-2), name, " has K = ", t.size(1),
+                    " latent dimensions but the prior has K = ", prior_logits.size(-2));
+}
+
+void check_prior_index(const c10::optional<at::Tensor>& prior_index, int64_t N,
+                       const at::Tensor& prior_logits, const at::Tensor& like) {
+  if (prior_logits.dim() == 2) {
+    TORCH_CHECK_VALUE(!prior_index.has_value(),
+                      "prior_index chooses among groups of priors: it needs prior tables of shape "
+                      "[U, K, C], got prior_logits of shape ", prior_logits.sizes());
+    return;
+  }
+  TORCH_CHECK_VALUE(prior_index.has_value(), "prior tables of shape [U, K, C] (got ",
+                    prior_logits.sizes(), ") need prior_index, the group of every row");
+  const at::Tensor& pi = *prior_index;
+  const bool int_type = pi.scalar_type() == at::kLong || pi.scalar_type() == at::kInt;
+  TORCH_CHECK_TYPE(int_type, "prior_index must be an int64 or int32 tensor, got dtype ",
+                   dtype_name(pi.scalar_type()));
+  TORCH_CHECK_VALUE(pi.dim() == 1 && pi.size(0) == N,
+                    "prior_index must have shape [N] = [", N, "] (one group per row), got ",
+                    pi.sizes());
+  TORCH_CHECK_VALUE(pi.device() == like.device(), "prior_index is on ", pi.device(),
+                    " but the rows it indexes are on ", like.device());
+  const int64_t U = prior_logits.size(0);
+  TORCH_CHECK_VALUE(U >= 1, "prior_logits must have at least one group, got shape ",
+                    prior_logits.sizes());
+  if (pi.numel() == 0) return;
+  const auto [lo, hi] = at::aminmax(pi);
+  const int64_t min_u = lo.item<int64_t>(), max_u = hi.item<int64_t>();
+  TORCH_CHECK_INDEX(min_u >= 0 && max_u < U, "prior_index values must be in [0, ", U,
+                    ") (the number of prior groups), got min ", min_u, " and max ", max_u);
+}
+
+void check_kl_kind(int64_t kl_kind) {
+  TORCH_CHECK_VALUE(kl_kind == kKlMonteCarlo || kl_kind == kKlBound,
+                    "kl code must be 0 (Monte-Carlo) or 1 (bound), got ", kl_kind);
 }
 
 void check_same(const at::Tensor& t, const char* name, const at::Tensor& ref,

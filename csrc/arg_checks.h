@@ -13,10 +13,17 @@ struct Kernels;
 // "torch.float32" and so on: the name Python users know.
 std::string dtype_name(at::ScalarType dtype);
 
-// prior_logits, prior_means, prior_logvars: floating point, one shape [K, C], 1 <= C <= 64.
+// prior_logits, prior_means, prior_logvars: floating point, one shape [K, C] or [U, K, C],
+// 1 <= C <= 64.
 void check_prior(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& logvars);
 // t: a floating-point [N, K] tensor with the prior's K.
 void check_latent(const at::Tensor& t, const char* name, const at::Tensor& prior_logits);
+// prior_index: given exactly when the prior tables are [U, K, C]; then a 1-D int64/int32 [N]
+// tensor on the device of `like` with values in [0, U) (one reduction; on CUDA one sync).
+void check_prior_index(const c10::optional<at::Tensor>& prior_index, int64_t N,
+                       const at::Tensor& prior_logits, const at::Tensor& like);
+// kl_kind: kKlMonteCarlo or kKlBound.
+void check_kl_kind(int64_t kl_kind);
 // t has the dtype and the device of ref.
 void check_same(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name);
 // seed: int64[2] (seed, offset) on the device of `like`.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 _REDUCTION_CODES = {"none": 0, "row": 1, "sum": 1}
+_KL_CODES = {"mc": 0, "bound": 1}
 _ops = torch.ops.halfvae_ext
 
 
@@ -26,6 +27,26 @@ def _reduction_code(reduction) -> int:
     if not isinstance(reduction, str) or reduction not in _REDUCTION_CODES:
         raise ValueError(f"reduction must be 'row', 'none' or 'sum', got {reduction!r}")
     return _REDUCTION_CODES[reduction]
+
+
+def _kl_code(kl) -> int:
+    if not isinstance(kl, str) or kl not in _KL_CODES:
+        raise ValueError(f"kl must be 'mc' (Monte-Carlo estimate) or 'bound' (closed-form upper "
+                         f"bound), got {kl!r}")
+    return _KL_CODES[kl]
+
+
+def _prior_index_argument(prior_index):
+    if prior_index is not None:
+        _require_tensors(prior_index=prior_index)
+    return prior_index
+
+
+def _fill_defaults(inputs, n_required, defaults):
+    """An op's inputs as autograd hands them over, with the trailing defaulted arguments
+    (prior_index, kl) filled in when the caller left them out."""
+    inputs = tuple(inputs)
+    return inputs + tuple(defaults[len(inputs) - n_required:])
 
 
 def _seed_unless_eps(eps, generator, device):
@@ -53,12 +74,17 @@ def draw_seed(generator: torch.Generator | None, device) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- public API
 def reparam_gmm_kl(mu, logvar, prior_logits, prior_means, prior_logvars, *, eps=None,
-                   generator=None, reduction="row"):
-    """Reparameterized sample and Monte-Carlo KL against a per-dimension Gaussian-mixture prior.
+                   generator=None, reduction="row", prior_index=None, kl="mc"):
+    """Reparameterized sample and KL against a per-dimension Gaussian-mixture prior.
 
     z = mu + exp(logvar/2) * eps;  kl = log N(z; mu, exp(logvar)) - log p_k(z), one fused pass.
 
-    mu, logvar: [N, K]; prior_logits, prior_means, prior_logvars: [K, C].
+    mu, logvar: [N, K]; prior_logits, prior_means, prior_logvars: [K, C], or [U, K, C] (a
+    conditional prior: one mixture per group and dimension) with prior_index [N] (int64/int32,
+    values in [0, U)) choosing each row's group.
+    kl: "mc" -> the one-sample Monte-Carlo estimate above; "bound" -> the closed-form upper bound
+    -H(q) - log sum_c pi_c exp(-KL(q || N(m_c, v_c))) (Hershey & Olsen 2007) of KL(q || p_k),
+    which does not depend on eps (z is still the sample).
     eps: [N, K] or None; with None, eps ~ N(0, 1) is drawn inside the kernel (Philox, seeded from
     `generator` or the default generator of the device) and never stored; the backward regenerates
     it. reduction: "row" -> kl [N] (sum over k), "none" -> [N, K], "sum" -> scalar.
@@ -66,56 +92,66 @@ def reparam_gmm_kl(mu, logvar, prior_logits, prior_means, prior_logvars, *, eps=
     """
     _require_tensors(mu=mu, logvar=logvar, prior_logits=prior_logits, prior_means=prior_means,
                      prior_logvars=prior_logvars)
-    code = _reduction_code(reduction)
+    code, kl_code = _reduction_code(reduction), _kl_code(kl)
+    prior_index = _prior_index_argument(prior_index)
     seed = _seed_unless_eps(eps, generator, mu.device)
-    z, kl = _ops.reparam_gmm_kl(mu, logvar, prior_logits, prior_means, prior_logvars, eps, seed,
-                                code)
+    z, kl_out = _ops.reparam_gmm_kl(mu, logvar, prior_logits, prior_means, prior_logvars, eps,
+                                    seed, code, prior_index, kl_code)
     if reduction == "sum":
-        kl = kl.sum()
-    return z, kl
+        kl_out = kl_out.sum()
+    return z, kl_out
 
 
 _TABLE_GRADS = {"dense": 0, "sparse": 1}
 
 
 def rows_op_arguments(mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps,
-                      generator, reduction):
+                      generator, reduction, prior_index=None, kl="mc"):
     """The Python side of a row-gathering op's arguments (reparam_gmm_kl_rows, and the fused
-    table step in table_optim): the checks C++ cannot make; returns the reduction code and the
-    seed tensor (None when eps is given)."""
+    table step in table_optim): the checks C++ cannot make; returns the reduction code, the
+    seed tensor (None when eps is given) and the kl code."""
     _require_tensors(mu=mu, logvar=logvar, idx=idx, prior_logits=prior_logits,
                      prior_means=prior_means, prior_logvars=prior_logvars)
-    return _reduction_code(reduction), _seed_unless_eps(eps, generator, mu.device)
+    code, kl_code = _reduction_code(reduction), _kl_code(kl)
+    _prior_index_argument(prior_index)
+    return code, _seed_unless_eps(eps, generator, mu.device), kl_code
 
 
 def reparam_gmm_kl_rows(mu, logvar, idx, prior_logits, prior_means, prior_logvars, *, eps=None,
-                        generator=None, reduction="row", table_grad="dense"):
+                        generator=None, reduction="row", table_grad="dense", prior_index=None,
+                        kl="mc"):
     """reparam_gmm_kl on rows `idx` of latent tables, gathered inside the kernel.
 
     mu, logvar: [rows, K] tables; idx: [B] int64/int32 row indices (duplicates allowed); prior:
-    [K, C]. Returns z [B, K] and kl as reparam_gmm_kl does for the gathered rows.
+    [K, C], or [U, K, C] with prior_index [B] (the group of each gathered row, aligned with idx).
+    kl: "mc" or "bound" as in reparam_gmm_kl. Returns z [B, K] and kl as reparam_gmm_kl does for
+    the gathered rows.
     table_grad: "dense" -> mu.grad/logvar.grad are [rows, K] tensors (zero off the batch);
     "sparse" -> coalesced sparse COO gradients (duplicates summed), for torch.optim.SparseAdam/SGD.
     For an optimizer step fused into the backward (no table gradient at all), use
     halfvae_ext.LatentTable(..., fused_optimizer="adam"|"sgd").
     """
-    code, seed = rows_op_arguments(mu, logvar, idx, prior_logits, prior_means, prior_logvars,
-                                   eps, generator, reduction)
+    code, seed, kl_code = rows_op_arguments(mu, logvar, idx, prior_logits, prior_means,
+                                            prior_logvars, eps, generator, reduction,
+                                            prior_index, kl)
     if table_grad not in _TABLE_GRADS:
         raise ValueError(f"table_grad must be 'dense' or 'sparse', got {table_grad!r}")
-    z, kl = _ops.reparam_gmm_kl_rows(mu, logvar, idx, prior_logits, prior_means, prior_logvars,
-                                     eps, seed, code, _TABLE_GRADS[table_grad])
+    z, kl_out = _ops.reparam_gmm_kl_rows(mu, logvar, idx, prior_logits, prior_means,
+                                         prior_logvars, eps, seed, code,
+                                         _TABLE_GRADS[table_grad], prior_index, kl_code)
     if reduction == "sum":
-        kl = kl.sum()
-    return z, kl
+        kl_out = kl_out.sum()
+    return z, kl_out
 
 
-def gmm_log_prob(z, prior_logits, prior_means, prior_logvars):
-    """log p_k(z[n, k]) under the per-dimension Gaussian mixture; z: [N, K], prior: [K, C] -> [N, K].
+def gmm_log_prob(z, prior_logits, prior_means, prior_logvars, *, prior_index=None):
+    """log p_k(z[n, k]) under the per-dimension Gaussian mixture; z: [N, K], prior: [K, C] -> [N, K],
+    or prior [U, K, C] with prior_index [N] choosing row n's group.
     Differentiable in z and the three prior tensors."""
     _require_tensors(z=z, prior_logits=prior_logits, prior_means=prior_means,
                      prior_logvars=prior_logvars)
-    return _ops.gmm_log_prob(z, prior_logits, prior_means, prior_logvars)
+    return _ops.gmm_log_prob(z, prior_logits, prior_means, prior_logvars,
+                             _prior_index_argument(prior_index))
 
 
 def philox_normal(seed: torch.Tensor, shape, dtype=torch.float32) -> torch.Tensor:
@@ -155,27 +191,30 @@ def _one_device(**tensors):
 
 @torch.library.register_fake("halfvae_ext::reparam_gmm_kl")
 def _reparam_gmm_kl_fake(mu, logvar, prior_logits, prior_means, prior_logvars, eps, seed,
-                         reduction):
+                         reduction, prior_index=None, kl=0):
     _one_device(mu=mu, logvar=logvar, prior_logits=prior_logits, prior_means=prior_means,
-                prior_logvars=prior_logvars, eps=eps, seed=seed)
+                prior_logvars=prior_logvars, eps=eps, seed=seed, prior_index=prior_index)
     kl = mu.new_empty((mu.shape[0],)) if reduction == 1 else torch.empty_like(mu)
     return torch.empty_like(mu), kl
 
 
 @torch.library.register_fake("halfvae_ext::reparam_gmm_kl_backward")
 def _reparam_gmm_kl_backward_fake(grad_z, grad_kl, mu, logvar, prior_logits, prior_means,
-                                  prior_logvars, eps, seed, reduction, prior_grads):
+                                  prior_logvars, eps, seed, reduction, prior_grads,
+                                  prior_index=None, kl=0):
     _one_device(mu=mu, grad_z=grad_z, grad_kl=grad_kl, logvar=logvar, prior_logits=prior_logits,
-                prior_means=prior_means, prior_logvars=prior_logvars, eps=eps, seed=seed)
+                prior_means=prior_means, prior_logvars=prior_logvars, eps=eps, seed=seed,
+                prior_index=prior_index)
     return (torch.empty_like(mu), torch.empty_like(mu), torch.empty_like(prior_logits),
             torch.empty_like(prior_means), torch.empty_like(prior_logvars))
 
 
 @torch.library.register_fake("halfvae_ext::reparam_gmm_kl_rows")
 def _reparam_gmm_kl_rows_fake(mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps,
-                              seed, reduction, table_grad):
+                              seed, reduction, table_grad, prior_index=None, kl=0):
     _one_device(mu=mu, logvar=logvar, idx=idx, prior_logits=prior_logits,
-                prior_means=prior_means, prior_logvars=prior_logvars, eps=eps, seed=seed)
+                prior_means=prior_means, prior_logvars=prior_logvars, eps=eps, seed=seed,
+                prior_index=prior_index)
     B, K = idx.shape[0], mu.shape[1]
     kl = mu.new_empty((B,)) if reduction == 1 else mu.new_empty((B, K))
     return mu.new_empty((B, K)), kl
@@ -184,10 +223,10 @@ def _reparam_gmm_kl_rows_fake(mu, logvar, idx, prior_logits, prior_means, prior_
 @torch.library.register_fake("halfvae_ext::reparam_gmm_kl_rows_backward")
 def _reparam_gmm_kl_rows_backward_fake(grad_z, grad_kl, mu, logvar, idx, prior_logits,
                                        prior_means, prior_logvars, eps, seed, reduction,
-                                       prior_grads):
+                                       prior_grads, prior_index=None, kl=0):
     _one_device(mu=mu, grad_z=grad_z, grad_kl=grad_kl, logvar=logvar, idx=idx,
                 prior_logits=prior_logits, prior_means=prior_means, prior_logvars=prior_logvars,
-                eps=eps, seed=seed)
+                eps=eps, seed=seed, prior_index=prior_index)
     B, K = idx.shape[0], mu.shape[1]
     return (mu.new_empty((B, K)), mu.new_empty((B, K)), torch.empty_like(prior_logits),
             torch.empty_like(prior_means), torch.empty_like(prior_logvars))
@@ -205,26 +244,28 @@ def _latent_rows_update_fake(mu, logvar, state, idx, grad_mu, grad_logvar, optim
 def _reparam_gmm_kl_rows_backward_step_fake(grad_z, grad_kl, grad_mu_rows, grad_logvar_rows, mu,
                                             logvar, state, idx, prior_logits, prior_means,
                                             prior_logvars, eps, seed, reduction, prior_grads,
-                                            optimizer, lr, beta1, beta2, adam_eps, step):
+                                            optimizer, lr, beta1, beta2, adam_eps, step,
+                                            prior_index=None, kl=0):
     _one_device(mu=mu, grad_z=grad_z, grad_kl=grad_kl, grad_mu_rows=grad_mu_rows,
                 grad_logvar_rows=grad_logvar_rows, logvar=logvar, state=state, idx=idx,
                 prior_logits=prior_logits, prior_means=prior_means, prior_logvars=prior_logvars,
-                eps=eps, seed=seed)
+                eps=eps, seed=seed, prior_index=prior_index)
     return (torch.empty_like(prior_logits), torch.empty_like(prior_means),
             torch.empty_like(prior_logvars))
 
 
 @torch.library.register_fake("halfvae_ext::gmm_log_prob")
-def _gmm_log_prob_fake(z, prior_logits, prior_means, prior_logvars):
+def _gmm_log_prob_fake(z, prior_logits, prior_means, prior_logvars, prior_index=None):
     _one_device(z=z, prior_logits=prior_logits, prior_means=prior_means,
-                prior_logvars=prior_logvars)
+                prior_logvars=prior_logvars, prior_index=prior_index)
     return torch.empty_like(z)
 
 
 @torch.library.register_fake("halfvae_ext::gmm_log_prob_backward")
-def _gmm_log_prob_backward_fake(grad, z, prior_logits, prior_means, prior_logvars, prior_grads):
+def _gmm_log_prob_backward_fake(grad, z, prior_logits, prior_means, prior_logvars, prior_grads,
+                                prior_index=None):
     _one_device(z=z, grad=grad, prior_logits=prior_logits, prior_means=prior_means,
-                prior_logvars=prior_logvars)
+                prior_logvars=prior_logvars, prior_index=prior_index)
     return (torch.empty_like(z), torch.empty_like(prior_logits), torch.empty_like(prior_means),
             torch.empty_like(prior_logvars))
 
@@ -236,21 +277,27 @@ def _philox_normal_fake(seed, numel, dtype):
 
 # ----------------------------------------------------------------------------- autograd
 def _reparam_setup_context(ctx, inputs, output):
-    mu, logvar, prior_logits, prior_means, prior_logvars, eps, seed, reduction = inputs
-    ctx.save_for_backward(mu, logvar, prior_logits, prior_means, prior_logvars, eps, seed)
+    ctx.num_inputs = len(inputs)
+    (mu, logvar, prior_logits, prior_means, prior_logvars, eps, seed, reduction, prior_index,
+     kl) = _fill_defaults(inputs, 8, (None, 0))
+    ctx.save_for_backward(mu, logvar, prior_logits, prior_means, prior_logvars, eps, seed,
+                          prior_index)
     ctx.reduction = reduction
+    ctx.kl = kl
 
 
 def _reparam_backward(ctx, grad_z, grad_kl):
-    mu, logvar, prior_logits, prior_means, prior_logvars, eps, seed = ctx.saved_tensors
+    mu, logvar, prior_logits, prior_means, prior_logvars, eps, seed, prior_index = (
+        ctx.saved_tensors)
     need = ctx.needs_input_grad
     prior_grads = bool(need[2] or need[3] or need[4])
     g_mu, g_logvar, g_logits, g_means, g_logvars = _ops.reparam_gmm_kl_backward(
         grad_z, grad_kl, mu, logvar, prior_logits, prior_means, prior_logvars, eps, seed,
-        ctx.reduction, prior_grads)
-    return (g_mu if need[0] else None, g_logvar if need[1] else None,
-            g_logits if need[2] else None, g_means if need[3] else None,
-            g_logvars if need[4] else None, None, None, None)
+        ctx.reduction, prior_grads, prior_index, ctx.kl)
+    grads = (g_mu if need[0] else None, g_logvar if need[1] else None,
+             g_logits if need[2] else None, g_means if need[3] else None,
+             g_logvars if need[4] else None)
+    return grads + (None,) * (ctx.num_inputs - len(grads))
 
 
 torch.library.register_autograd("halfvae_ext::reparam_gmm_kl", _reparam_backward,
@@ -258,9 +305,13 @@ torch.library.register_autograd("halfvae_ext::reparam_gmm_kl", _reparam_backward
 
 
 def _rows_setup_context(ctx, inputs, output):
-    mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps, seed, reduction, tg = inputs
-    ctx.save_for_backward(mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps, seed)
+    ctx.num_inputs = len(inputs)
+    (mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps, seed, reduction, tg,
+     prior_index, kl) = _fill_defaults(inputs, 10, (None, 0))
+    ctx.save_for_backward(mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps, seed,
+                          prior_index)
     ctx.reduction = reduction
+    ctx.kl = kl
     ctx.table_grad = tg
     ctx.table_shape = tuple(mu.shape)
 
@@ -274,16 +325,18 @@ def _table_gradient(rows_grad, idx, shape, sparse):
 
 
 def _rows_backward(ctx, grad_z, grad_kl):
-    mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps, seed = ctx.saved_tensors
+    mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps, seed, prior_index = (
+        ctx.saved_tensors)
     need = ctx.needs_input_grad
     g_mu, g_logvar, g_logits, g_means, g_logvars = _ops.reparam_gmm_kl_rows_backward(
         grad_z, grad_kl, mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps, seed,
-        ctx.reduction, bool(need[3] or need[4] or need[5]))
+        ctx.reduction, bool(need[3] or need[4] or need[5]), prior_index, ctx.kl)
     sparse = ctx.table_grad == 1
-    return (_table_gradient(g_mu, idx, ctx.table_shape, sparse) if need[0] else None,
-            _table_gradient(g_logvar, idx, ctx.table_shape, sparse) if need[1] else None,
-            None, g_logits if need[3] else None, g_means if need[4] else None,
-            g_logvars if need[5] else None, None, None, None, None)
+    grads = (_table_gradient(g_mu, idx, ctx.table_shape, sparse) if need[0] else None,
+             _table_gradient(g_logvar, idx, ctx.table_shape, sparse) if need[1] else None,
+             None, g_logits if need[3] else None, g_means if need[4] else None,
+             g_logvars if need[5] else None)
+    return grads + (None,) * (ctx.num_inputs - len(grads))
 
 
 torch.library.register_autograd("halfvae_ext::reparam_gmm_kl_rows", _rows_backward,
@@ -291,16 +344,19 @@ torch.library.register_autograd("halfvae_ext::reparam_gmm_kl_rows", _rows_backwa
 
 
 def _log_prob_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    ctx.num_inputs = len(inputs)
+    ctx.save_for_backward(*_fill_defaults(inputs, 4, (None,)))
 
 
 def _log_prob_backward(ctx, grad):
-    z, prior_logits, prior_means, prior_logvars = ctx.saved_tensors
+    z, prior_logits, prior_means, prior_logvars, prior_index = ctx.saved_tensors
     need = ctx.needs_input_grad
     g_z, g_logits, g_means, g_logvars = _ops.gmm_log_prob_backward(
-        grad, z, prior_logits, prior_means, prior_logvars, bool(need[1] or need[2] or need[3]))
-    return (g_z if need[0] else None, g_logits if need[1] else None,
-            g_means if need[2] else None, g_logvars if need[3] else None)
+        grad, z, prior_logits, prior_means, prior_logvars, bool(need[1] or need[2] or need[3]),
+        prior_index)
+    grads = (g_z if need[0] else None, g_logits if need[1] else None,
+             g_means if need[2] else None, g_logvars if need[3] else None)
+    return grads + (None,) * (ctx.num_inputs - len(grads))
 
 
 torch.library.register_autograd("halfvae_ext::gmm_log_prob", _log_prob_backward,

@@ -66,17 +66,18 @@ class FusedRowOptimizer(torch.nn.Module):
 
     def backward_step(self, grad_z, grad_kl, mu, logvar, idx, prior_logits, prior_means,
                       prior_logvars, eps, seed, reduction, prior_grads, grad_mu_rows=None,
-                      grad_logvar_rows=None):
+                      grad_logvar_rows=None, prior_index=None, kl=0):
         """The backward of reparam_gmm_kl_rows and this optimizer's step on rows idx, in one op
         (the row gradients never leave it); grad_mu_rows, grad_logvar_rows: [B, K] gradients of
-        the gathered rows from other terms, or None. Returns the prior's gradients."""
+        the gathered rows from other terms, or None; prior_index, kl: as the forward's (kl as
+        its code). Returns the prior's gradients."""
         self.step.add_(1)  # in place: no module __setattr__ on the hot path
         b1, b2 = self.betas
         with torch.no_grad():
             return _ops.reparam_gmm_kl_rows_backward_step_(
                 grad_z, grad_kl, grad_mu_rows, grad_logvar_rows, mu, logvar, self.state, idx,
                 prior_logits, prior_means, prior_logvars, eps, seed, reduction, prior_grads,
-                self.kind, self.lr, b1, b2, self.eps, int(self.step))
+                self.kind, self.lr, b1, b2, self.eps, int(self.step), prior_index, kl)
 
     def extra_repr(self):
         return f"kind={self.kind!r}, lr={self.lr}, betas={self.betas}, eps={self.eps}"
@@ -89,7 +90,7 @@ class _FusedRowsKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mu, logvar, prior_logits, prior_means, prior_logvars, idx, eps, seed,
-                reduction, optimizer, with_rows):
+                reduction, optimizer, with_rows, prior_index, kl):
         if eps is None and mu.device.type == "cpu":
             # Draw eps once and keep it for the backward ([B, K], O(batch)), instead of drawing it
             # again there: on the CPU a draw costs more than the KL kernel's reads of a stored eps
@@ -97,21 +98,25 @@ class _FusedRowsKL(torch.autograd.Function):
             eps, seed = _ops.philox_normal(seed, idx.shape[0] * mu.shape[1], mu.dtype), None
             eps = eps.view(idx.shape[0], mu.shape[1])
         with _below_autograd():  # the op's own (Python) autograd layer has nothing to do here
-            z, kl = _ops.reparam_gmm_kl_rows(mu, logvar, idx, prior_logits, prior_means,
-                                             prior_logvars, eps, seed, reduction, 0)
-        ctx.save_for_backward(mu, logvar, prior_logits, prior_means, prior_logvars, idx, eps, seed)
+            z, kl_out = _ops.reparam_gmm_kl_rows(mu, logvar, idx, prior_logits, prior_means,
+                                                 prior_logvars, eps, seed, reduction, 0,
+                                                 prior_index, kl)
+        ctx.save_for_backward(mu, logvar, prior_logits, prior_means, prior_logvars, idx, eps, seed,
+                              prior_index)
         ctx.reduction = reduction
         ctx.optimizer = optimizer
+        ctx.kl = kl
         if not with_rows:
-            return z, kl
+            return z, kl_out
         # Outputs nobody uses get no gradient (None), not zeros: a likelihood that does not read
         # logvar adds nothing to the step.
         ctx.set_materialize_grads(False)
-        return z, kl, mu.index_select(0, idx), logvar.index_select(0, idx)
+        return z, kl_out, mu.index_select(0, idx), logvar.index_select(0, idx)
 
     @staticmethod
     def backward(ctx, grad_z, grad_kl, grad_mu_rows=None, grad_logvar_rows=None):
-        mu, logvar, prior_logits, prior_means, prior_logvars, idx, eps, seed = ctx.saved_tensors
+        mu, logvar, prior_logits, prior_means, prior_logvars, idx, eps, seed, prior_index = (
+            ctx.saved_tensors)
         need = ctx.needs_input_grad
         B, K = idx.shape[0], mu.shape[1]
         if grad_z is None:
@@ -120,26 +125,29 @@ class _FusedRowsKL(torch.autograd.Function):
             grad_kl = mu.new_zeros((B,) if ctx.reduction == 1 else (B, K))
         g_logits, g_means, g_logvars = ctx.optimizer.backward_step(
             grad_z, grad_kl, mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps, seed,
-            ctx.reduction, bool(need[2] or need[3] or need[4]), grad_mu_rows, grad_logvar_rows)
+            ctx.reduction, bool(need[2] or need[3] or need[4]), grad_mu_rows, grad_logvar_rows,
+            prior_index, ctx.kl)
         return (None, None, g_logits if need[2] else None, g_means if need[3] else None,
-                g_logvars if need[4] else None, None, None, None, None, None, None)
+                g_logvars if need[4] else None, None, None, None, None, None, None, None, None)
 
 
 def fused_rows_kl(mu, logvar, idx, prior_logits, prior_means, prior_logvars,
                   optimizer: FusedRowOptimizer, *, eps=None, generator=None, reduction="row",
-                  return_rows=False):
+                  return_rows=False, prior_index=None, kl="mc"):
     """reparam_gmm_kl_rows whose backward steps `optimizer` on the touched rows of mu and logvar
     (in place) instead of returning their gradients. The prior still gets ordinary gradients.
 
     return_rows: also return mu[idx] and logvar[idx] ([B, K] each) for other terms of the loss;
     their gradients join the KL's in the same step. Returns (z, kl) or (z, kl, mu_rows,
-    logvar_rows)."""
-    code, seed = rows_op_arguments(mu, logvar, idx, prior_logits, prior_means, prior_logvars,
-                                   eps, generator, reduction)
+    logvar_rows). prior_index, kl: as in reparam_gmm_kl_rows (a conditional prior [U, K, C] with
+    one group per gathered row; the Monte-Carlo KL or its closed-form bound)."""
+    code, seed, kl_code = rows_op_arguments(mu, logvar, idx, prior_logits, prior_means,
+                                            prior_logvars, eps, generator, reduction,
+                                            prior_index, kl)
     if not mu.requires_grad:
         raise ValueError("mu must require grad: its optimizer step runs in the backward")
     out = _FusedRowsKL.apply(mu, logvar, prior_logits, prior_means, prior_logvars, idx, eps, seed,
-                             code, optimizer, bool(return_rows))
+                             code, optimizer, bool(return_rows), prior_index, kl_code)
     if reduction == "sum":
         out = (out[0], out[1].sum(), *out[2:])
     return out

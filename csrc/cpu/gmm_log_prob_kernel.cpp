@@ -66,6 +66,7 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& z, const PriorTable
 }  // namespace
 
 void gmm_log_prob_forward(const at::Tensor& z, const PriorTables& prior, at::Tensor& out) {
+  TORCH_CHECK(!prior.conditional(), "TODO(issue 11): not implemented");
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "gmm_log_prob_cpu", [&] {
     dispatch_components(prior.C, [&]<int CT>() { forward_impl<scalar_t, CT>(z, prior, out); });
   });
@@ -73,6 +74,7 @@ void gmm_log_prob_forward(const at::Tensor& z, const PriorTables& prior, at::Ten
 
 void gmm_log_prob_backward(const at::Tensor& grad, const at::Tensor& z, const PriorTables& prior,
                            at::Tensor& grad_z, at::Tensor& prior_sums) {
+  TORCH_CHECK(!prior.conditional(), "TODO(issue 11): not implemented");
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "gmm_log_prob_backward_cpu", [&] {
     dispatch_components(prior.C, [&]<int CT>() {
       if (prior_sums.defined())

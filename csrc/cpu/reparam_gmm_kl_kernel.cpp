@@ -217,6 +217,7 @@ void backward_impl(const ReparamGmmKlProblem& p, const at::Tensor& grad_z,
 }  // namespace
 
 void reparam_gmm_kl_forward(const ReparamGmmKlProblem& p, at::Tensor& z, at::Tensor& kl) {
+  TORCH_CHECK(!p.prior.conditional() && !p.bound(), "TODO(issue 11): not implemented");
   AT_DISPATCH_FLOATING_TYPES(p.mu.scalar_type(), "reparam_gmm_kl_cpu", [&] {
     dispatch_components(p.C, [&]<int CT>() { forward_impl<scalar_t, CT>(p, z, kl); });
   });
@@ -225,6 +226,7 @@ void reparam_gmm_kl_forward(const ReparamGmmKlProblem& p, at::Tensor& z, at::Ten
 void reparam_gmm_kl_backward(const ReparamGmmKlProblem& p, const at::Tensor& grad_z,
                              const at::Tensor& grad_kl, at::Tensor& grad_mu,
                              at::Tensor& grad_logvar, at::Tensor& prior_sums) {
+  TORCH_CHECK(!p.prior.conditional() && !p.bound(), "TODO(issue 11): not implemented");
   AT_DISPATCH_FLOATING_TYPES(p.mu.scalar_type(), "reparam_gmm_kl_backward_cpu", [&] {
     dispatch_components(p.C, [&]<int CT>() {
       if (prior_sums.defined())

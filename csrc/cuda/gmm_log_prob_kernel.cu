@@ -63,6 +63,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
 }
 
 void forward(const at::Tensor& z, const PriorTables& prior, at::Tensor& out) {
+  TORCH_CHECK(!prior.conditional(), "TODO(issue 11): not implemented");
   const c10::cuda::CUDAGuard guard(z.device());
   const Launch launch = plan_launch(z.numel(), prior.K);
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -81,6 +82,7 @@ void forward(const at::Tensor& z, const PriorTables& prior, at::Tensor& out) {
 
 void backward(const at::Tensor& grad, const at::Tensor& z, const PriorTables& prior,
               at::Tensor& grad_z, at::Tensor& prior_sums) {
+  TORCH_CHECK(!prior.conditional(), "TODO(issue 11): not implemented");
   const c10::cuda::CUDAGuard guard(z.device());
   const Launch launch = plan_launch(z.numel(), prior.K);
   const bool prior_grads = prior_sums.defined();

@@ -151,6 +151,7 @@ void dispatch_flags(bool a, bool b, const F& f) {
 }
 
 void forward(const ReparamGmmKlProblem& p, at::Tensor& z, at::Tensor& kl) {
+  TORCH_CHECK(!p.prior.conditional() && !p.bound(), "TODO(issue 11): not implemented");
   const c10::cuda::CUDAGuard guard(p.mu.device());
   const int64_t numel = p.N * p.K;
   const Launch launch = plan_launch(numel, p.K);
@@ -185,6 +186,7 @@ void forward(const ReparamGmmKlProblem& p, at::Tensor& z, at::Tensor& kl) {
 
 void backward(const ReparamGmmKlProblem& p, const at::Tensor& grad_z, const at::Tensor& grad_kl,
               at::Tensor& grad_mu, at::Tensor& grad_logvar, at::Tensor& prior_sums) {
+  TORCH_CHECK(!p.prior.conditional() && !p.bound(), "TODO(issue 11): not implemented");
   const c10::cuda::CUDAGuard guard(p.mu.device());
   const int64_t numel = p.N * p.K;
   const Launch launch = plan_launch(numel, p.K);

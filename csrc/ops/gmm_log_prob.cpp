@@ -11,39 +11,43 @@ namespace halfvae {
 namespace {
 
 void check_arguments(const Kernels& kernels, const at::Tensor& z, const at::Tensor& prior_logits,
-                     const at::Tensor& prior_means, const at::Tensor& prior_logvars) {
+                     const at::Tensor& prior_means, const at::Tensor& prior_logvars,
+                     const c10::optional<at::Tensor>& prior_index) {
   check_prior(prior_logits, prior_means, prior_logvars);
   check_latent(z, "z", prior_logits);
   check_same(prior_logits, "prior_logits", z, "z");
   check_same(prior_means, "prior_means", z, "z");
   check_same(prior_logvars, "prior_logvars", z, "z");
   check_kernel_dtype(kernels, z.scalar_type(), "z has dtype");
+  check_prior_index(prior_index, z.size(0), prior_logits, z);
 }
 
 at::Tensor gmm_log_prob(const at::Tensor& z, const at::Tensor& prior_logits,
-                        const at::Tensor& prior_means, const at::Tensor& prior_logvars) {
+                        const at::Tensor& prior_means, const at::Tensor& prior_logvars,
+                        const c10::optional<at::Tensor>& prior_index) {
   const Kernels& kernels = kernels_for(z);
-  check_arguments(kernels, z, prior_logits, prior_means, prior_logvars);
+  check_arguments(kernels, z, prior_logits, prior_means, prior_logvars, prior_index);
   const auto zc = z.contiguous();
   auto out = kernels.empty(zc.sizes(), zc.options());
   if (zc.numel() > 0)
-    kernels.gmm_log_prob_forward(zc, make_prior_tables(prior_logits, prior_means, prior_logvars),
-                                 out);
+    kernels.gmm_log_prob_forward(
+        zc, make_prior_tables(prior_logits, prior_means, prior_logvars, prior_index), out);
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gmm_log_prob_backward(
     const at::Tensor& grad, const at::Tensor& z, const at::Tensor& prior_logits,
-    const at::Tensor& prior_means, const at::Tensor& prior_logvars, bool prior_grads) {
+    const at::Tensor& prior_means, const at::Tensor& prior_logvars, bool prior_grads,
+    const c10::optional<at::Tensor>& prior_index) {
   const Kernels& kernels = kernels_for(z);
-  check_arguments(kernels, z, prior_logits, prior_means, prior_logvars);
+  check_arguments(kernels, z, prior_logits, prior_means, prior_logvars, prior_index);
   TORCH_CHECK_VALUE(grad.sizes() == z.sizes(), "grad must have the shape of z ", z.sizes(),
                     ", got ", grad.sizes());
   TORCH_CHECK_VALUE(grad.device() == z.device(), "grad is on ", grad.device(), " but z is on ",
                     z.device());
   const auto zc = z.contiguous();
   const auto gc = grad.to(z.scalar_type()).contiguous();
-  const auto tables = make_prior_tables(prior_logits, prior_means, prior_logvars);
+  const auto tables = make_prior_tables(prior_logits, prior_means, prior_logvars, prior_index);
   auto grad_z = kernels.empty(zc.sizes(), zc.options());
   at::Tensor sums;
   if (prior_grads) sums = zero_prior_sums(tables, z);
@@ -63,11 +67,12 @@ void impls(torch::Library& m) {
 
 TORCH_LIBRARY_FRAGMENT(halfvae_ext, m) {
   m.def(
-      "gmm_log_prob(Tensor z, Tensor prior_logits, Tensor prior_means, Tensor prior_logvars) "
-      "-> Tensor");
+      "gmm_log_prob(Tensor z, Tensor prior_logits, Tensor prior_means, Tensor prior_logvars, "
+      "Tensor? prior_index=None) -> Tensor");
   m.def(
       "gmm_log_prob_backward(Tensor grad, Tensor z, Tensor prior_logits, Tensor prior_means, "
-      "Tensor prior_logvars, bool prior_grads) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor prior_logvars, bool prior_grads, Tensor? prior_index=None) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(halfvae_ext, CPU, m) { halfvae::impls(m); }

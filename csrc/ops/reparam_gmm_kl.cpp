@@ -18,7 +18,9 @@ ReparamGmmKlProblem prepare_reparam_gmm_kl(const Kernels& kernels, const at::Ten
                                            const c10::optional<at::Tensor>& eps,
                                            const c10::optional<at::Tensor>& seed,
                                            int64_t reduction,
-                                           const c10::optional<at::Tensor>& idx) {
+                                           const c10::optional<at::Tensor>& idx,
+                                           const c10::optional<at::Tensor>& prior_index,
+                                           int64_t kl_kind) {
   check_prior(prior_logits, prior_means, prior_logvars);
   check_latent(mu, "mu", prior_logits);
   check_latent(logvar, "logvar", prior_logits);
@@ -26,6 +28,7 @@ ReparamGmmKlProblem prepare_reparam_gmm_kl(const Kernels& kernels, const at::Ten
                     ", got ", logvar.sizes());
   TORCH_CHECK_VALUE(reduction == kReductionNone || reduction == kReductionRow,
                     "reduction code must be 0 (none) or 1 (row), got ", reduction);
+  check_kl_kind(kl_kind);
   ReparamGmmKlProblem p;
   p.N = mu.size(0);
   if (idx.has_value()) {
@@ -55,6 +58,7 @@ ReparamGmmKlProblem prepare_reparam_gmm_kl(const Kernels& kernels, const at::Ten
   check_same(prior_logvars, "prior_logvars", mu, "mu");
   if (eps.has_value()) check_same(*eps, "eps", mu, "mu");
   check_kernel_dtype(kernels, mu.scalar_type(), "mu has dtype");
+  check_prior_index(prior_index, p.N, prior_logits, mu);
   if (idx.has_value()) {
     p.idx = idx->to(at::kLong).contiguous();
     check_idx_range(p.idx, mu.size(0));
@@ -69,10 +73,11 @@ ReparamGmmKlProblem prepare_reparam_gmm_kl(const Kernels& kernels, const at::Ten
   p.mu = strided_ok ? mu : mu.contiguous();
   p.logvar = strided_ok ? logvar : logvar.contiguous();
   p.row_stride = strided_ok ? mu.stride(0) : mu.size(1);
-  p.prior = make_prior_tables(prior_logits, prior_means, prior_logvars);
+  p.prior = make_prior_tables(prior_logits, prior_means, prior_logvars, prior_index);
   p.K = mu.size(1);
-  p.C = prior_logits.size(1);
+  p.C = p.prior.C;
   p.reduction = reduction;
+  p.kl_kind = kl_kind;
   return p;
 }
 
@@ -111,10 +116,12 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& mu, const at::Tenso
                                            const at::Tensor& prior_means,
                                            const at::Tensor& prior_logvars, const OptTensor& eps,
                                            const OptTensor& seed, int64_t reduction,
-                                           const OptTensor& idx) {
+                                           const OptTensor& idx, const OptTensor& prior_index,
+                                           int64_t kl_kind) {
   const Kernels& kernels = kernels_for(mu);
   const auto p = prepare_reparam_gmm_kl(kernels, mu, logvar, prior_logits, prior_means,
-                                        prior_logvars, eps, seed, reduction, idx);
+                                        prior_logvars, eps, seed, reduction, idx, prior_index,
+                                        kl_kind);
   auto z = kernels.empty(p.latent_shape(), p.options());
   auto kl = kernels.empty(p.reduction == kReductionRow ? std::vector<int64_t>{p.N}
                                                        : p.latent_shape(),
@@ -131,10 +138,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_z, const at::Tensor& grad_kl, const at::Tensor& mu,
     const at::Tensor& logvar, const at::Tensor& prior_logits, const at::Tensor& prior_means,
     const at::Tensor& prior_logvars, const OptTensor& eps, const OptTensor& seed,
-    int64_t reduction, bool prior_grads, const OptTensor& idx) {
+    int64_t reduction, bool prior_grads, const OptTensor& idx, const OptTensor& prior_index,
+    int64_t kl_kind) {
   const Kernels& kernels = kernels_for(mu);
   const auto p = prepare_reparam_gmm_kl(kernels, mu, logvar, prior_logits, prior_means,
-                                        prior_logvars, eps, seed, reduction, idx);
+                                        prior_logvars, eps, seed, reduction, idx, prior_index,
+                                        kl_kind);
   const auto g = reparam_gmm_kl_backward_of(kernels, p, grad_z, grad_kl, prior_grads);
   auto [gl, gm, gv] =
       prior_grads_or_zeros(g.prior_sums, p.prior, -1.0, prior_logits, prior_means, prior_logvars);
@@ -146,26 +155,29 @@ std::tuple<at::Tensor, at::Tensor> reparam_gmm_kl(const at::Tensor& mu, const at
                                                   const at::Tensor& prior_means,
                                                   const at::Tensor& prior_logvars,
                                                   const OptTensor& eps, const OptTensor& seed,
-                                                  int64_t reduction) {
+                                                  int64_t reduction, const OptTensor& prior_index,
+                                                  int64_t kl_kind) {
   return forward(mu, logvar, prior_logits, prior_means, prior_logvars, eps, seed, reduction,
-                 c10::nullopt);
+                 c10::nullopt, prior_index, kl_kind);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> reparam_gmm_kl_backward(
     const at::Tensor& grad_z, const at::Tensor& grad_kl, const at::Tensor& mu,
     const at::Tensor& logvar, const at::Tensor& prior_logits, const at::Tensor& prior_means,
     const at::Tensor& prior_logvars, const OptTensor& eps, const OptTensor& seed,
-    int64_t reduction, bool prior_grads) {
+    int64_t reduction, bool prior_grads, const OptTensor& prior_index, int64_t kl_kind) {
   return backward(grad_z, grad_kl, mu, logvar, prior_logits, prior_means, prior_logvars, eps,
-                  seed, reduction, prior_grads, c10::nullopt);
+                  seed, reduction, prior_grads, c10::nullopt, prior_index, kl_kind);
 }
 
 std::tuple<at::Tensor, at::Tensor> reparam_gmm_kl_rows(
     const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& idx,
     const at::Tensor& prior_logits, const at::Tensor& prior_means,
     const at::Tensor& prior_logvars, const OptTensor& eps, const OptTensor& seed,
-    int64_t reduction, int64_t /*table_grad: for the autograd formula only*/) {
-  return forward(mu, logvar, prior_logits, prior_means, prior_logvars, eps, seed, reduction, idx);
+    int64_t reduction, int64_t /*table_grad: for the autograd formula only*/,
+    const OptTensor& prior_index, int64_t kl_kind) {
+  return forward(mu, logvar, prior_logits, prior_means, prior_logvars, eps, seed, reduction, idx,
+                 prior_index, kl_kind);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -174,9 +186,9 @@ reparam_gmm_kl_rows_backward(const at::Tensor& grad_z, const at::Tensor& grad_kl
                              const at::Tensor& idx, const at::Tensor& prior_logits,
                              const at::Tensor& prior_means, const at::Tensor& prior_logvars,
                              const OptTensor& eps, const OptTensor& seed, int64_t reduction,
-                             bool prior_grads) {
+                             bool prior_grads, const OptTensor& prior_index, int64_t kl_kind) {
   return backward(grad_z, grad_kl, mu, logvar, prior_logits, prior_means, prior_logvars, eps,
-                  seed, reduction, prior_grads, idx);
+                  seed, reduction, prior_grads, idx, prior_index, kl_kind);
 }
 
 void impls(torch::Library& m) {
@@ -190,24 +202,30 @@ void impls(torch::Library& m) {
 }  // namespace halfvae
 
 TORCH_LIBRARY_FRAGMENT(halfvae_ext, m) {
+  // Prior tensors [K, C], or [U, K, C] with prior_index [N] choosing each row's group. kl: 0
+  // Monte-Carlo estimate, 1 closed-form upper bound (prior_tables.h).
   m.def(
       "reparam_gmm_kl(Tensor mu, Tensor logvar, Tensor prior_logits, Tensor prior_means, "
-      "Tensor prior_logvars, Tensor? eps, Tensor? seed, int reduction) -> (Tensor, Tensor)");
+      "Tensor prior_logvars, Tensor? eps, Tensor? seed, int reduction, Tensor? prior_index=None, "
+      "int kl=0) -> (Tensor, Tensor)");
   m.def(
       "reparam_gmm_kl_backward(Tensor grad_z, Tensor grad_kl, Tensor mu, Tensor logvar, "
       "Tensor prior_logits, Tensor prior_means, Tensor prior_logvars, Tensor? eps, Tensor? seed, "
-      "int reduction, bool prior_grads) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int reduction, bool prior_grads, Tensor? prior_index=None, int kl=0) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The same on rows idx of latent tables mu, logvar [rows, K], gathered inside the kernel.
-  // table_grad (0 dense, 1 sparse) only tells the autograd formula what to build.
+  // table_grad (0 dense, 1 sparse) only tells the autograd formula what to build. prior_index:
+  // one group per gathered row, [len(idx)].
   m.def(
       "reparam_gmm_kl_rows(Tensor mu, Tensor logvar, Tensor idx, Tensor prior_logits, "
       "Tensor prior_means, Tensor prior_logvars, Tensor? eps, Tensor? seed, int reduction, "
-      "int table_grad) -> (Tensor, Tensor)");
+      "int table_grad, Tensor? prior_index=None, int kl=0) -> (Tensor, Tensor)");
   // Gradients with respect to the gathered rows ([B, K], one per index, duplicates not summed).
   m.def(
       "reparam_gmm_kl_rows_backward(Tensor grad_z, Tensor grad_kl, Tensor mu, Tensor logvar, "
       "Tensor idx, Tensor prior_logits, Tensor prior_means, Tensor prior_logvars, Tensor? eps, "
-      "Tensor? seed, int reduction, bool prior_grads) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? seed, int reduction, bool prior_grads, Tensor? prior_index=None, int kl=0) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(halfvae_ext, CPU, m) { halfvae::impls(m); }

@@ -1,5 +1,6 @@
 // reparam_gmm_kl: z = mu + exp(logvar/2)*eps and the Monte-Carlo KL log N(z; mu, sigma^2) - log p_k(z)
-// against a per-dimension Gaussian mixture, fused. eps is given, or drawn in the kernel by Philox from
+// (or its closed-form upper bound, kl_kind) against a per-dimension Gaussian mixture, one per row
+// group with a conditional prior (PriorTables::index), fused. eps is given, or drawn in the kernel by Philox from
 // a (seed, offset) tensor; the backward regenerates it from the same seed. The _rows variants
 // gather rows idx of latent tables inside the kernel.
 #pragma once
@@ -31,9 +32,11 @@ struct ReparamGmmKlProblem {
   // Backward with idx only, optional: the optimizer step to apply to rows idx of mu and logvar from
   // the gradients being computed.
   const RowUpdate* row_step = nullptr;
-  PriorTables prior;
+  PriorTables prior;  // prior.index (conditional prior): one entry per gathered row
   int64_t N = 0, K = 0, C = 0;
   int64_t reduction = kReductionRow;
+  int64_t kl_kind = kKlMonteCarlo;
+  bool bound() const { return kl_kind == kKlBound; }
   bool sampled() const { return !eps.defined(); }
   at::TensorOptions options() const { return mu.options(); }
   bool gathered() const { return idx.defined(); }
@@ -49,10 +52,12 @@ ReparamGmmKlProblem prepare_reparam_gmm_kl(const Kernels& kernels, const at::Ten
                                            const c10::optional<at::Tensor>& eps,
                                            const c10::optional<at::Tensor>& seed,
                                            int64_t reduction,
-                                           const c10::optional<at::Tensor>& idx = c10::nullopt);
+                                           const c10::optional<at::Tensor>& idx,
+                                           const c10::optional<at::Tensor>& prior_index,
+                                           int64_t kl_kind);
 
 // The backward of a prepared problem: gradients of the (gathered) rows [N, K] and, when
-// prior_grads, the prior sums [K, 3C+1] (else undefined).
+// prior_grads, the prior sums [U*K, 3C+1] (else undefined).
 struct ReparamGmmKlGrads {
   at::Tensor grad_mu, grad_logvar;
   at::Tensor prior_sums;

@@ -31,14 +31,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reparam_gmm_kl_rows_backward_step
     const at::Tensor& prior_logits, const at::Tensor& prior_means, const at::Tensor& prior_logvars,
     const OptTensor& eps, const OptTensor& seed, int64_t reduction, bool prior_grads,
     c10::string_view optimizer, double lr, double beta1, double beta2, double adam_eps,
-    int64_t step) {
+    int64_t step, const OptTensor& prior_index, int64_t kl_kind) {
   const Kernels& kernels = kernels_for(mu);
   // Every check (the optimizer's, then the problem's, idx's range last) comes before anything is
   // written.
   RowUpdate u =
       make_row_update(kernels, mu, logvar, state, optimizer, lr, beta1, beta2, adam_eps, step);
   auto p = prepare_reparam_gmm_kl(kernels, mu, logvar, prior_logits, prior_means, prior_logvars,
-                                  eps, seed, reduction, idx);
+                                  eps, seed, reduction, idx, prior_index, kl_kind);
   p.extra_grad_mu = extra_row_gradient(grad_mu_rows, "grad_mu_rows", p, mu);
   p.extra_grad_logvar = extra_row_gradient(grad_logvar_rows, "grad_logvar_rows", p, mu);
   u.idx = p.idx;
@@ -67,7 +67,7 @@ TORCH_LIBRARY_FRAGMENT(halfvae_ext, m) {
       "Tensor? grad_logvar_rows, Tensor(a!) mu, Tensor(b!) logvar, Tensor(c!) state, Tensor idx, "
       "Tensor prior_logits, Tensor prior_means, Tensor prior_logvars, Tensor? eps, Tensor? seed, "
       "int reduction, bool prior_grads, str optimizer, float lr, float beta1, float beta2, "
-      "float adam_eps, int step) -> (Tensor, Tensor, Tensor)");
+      "float adam_eps, int step, Tensor? prior_index=None, int kl=0) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(halfvae_ext, CPU, m) { halfvae::impls(m); }
