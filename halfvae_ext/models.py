@@ -1,14 +1,18 @@
 """Half-VAE modules (arXiv 2409.04140): a VAE with no encoder, and the VAE baseline with one.
 
-- :class:`GMMPrior`: one trainable 1-D Gaussian mixture per latent dimension, p(z) = prod_k p_k(z_k).
+- :class:`GMMPrior`: one trainable 1-D Gaussian mixture per latent dimension, p(z) = prod_k p_k(z_k);
+  with ``num_groups`` U > 1 one mixture per group and dimension, p(z | u) = prod_k p_uk(z_k)
+  (a conditional prior: the group u of a data point is a segment, a batch, a class).
 - :class:`LatentTable`: the amortization-free posterior q(z_n) = N(mu[n], diag(exp(logvar[n]))),
   one trainable row per data point.
 - :class:`HalfVAE`: latent table + prior + decoder + Gaussian likelihood; per-sample negative ELBO
-  with the fused op ``halfvae_ext.reparam_gmm_kl`` (reparameterized z and Monte-Carlo KL).
+  with the fused op ``halfvae_ext.reparam_gmm_kl`` (reparameterized z and the Monte-Carlo KL, or
+  its closed-form upper bound with ``kl="bound"``).
 - :class:`VAE`: the same prior, decoder and likelihood with an MLP encoder x -> (mu, logvar).
 
 All the negative ELBOs are per sample ([B]) and include every constant, so ``-negative_elbo`` is a
-genuine lower bound of log p(x) (in nats, for the Gaussian likelihood, a density).
+genuine lower bound of log p(x) (in nats, for the Gaussian likelihood, a density); with
+``kl="bound"`` too, since the bound is above the KL.
 """
 from __future__ import annotations
 
@@ -25,9 +29,10 @@ from .table_memory import empty_table
 from .table_optim import FusedRowOptimizer, fused_rows_kl
 
 __all__ = ["GMMPrior", "LatentTable", "HalfVAE", "VAE", "ResidualDecoder", "make_mlp",
-           "elbo_terms", "ACTIVATIONS", "DECODERS", "RECON_ESTIMATORS"]
+           "elbo_terms", "ACTIVATIONS", "DECODERS", "RECON_ESTIMATORS", "KL_ESTIMATORS"]
 
 LOG_2PI = math.log(2.0 * math.pi)
+KL_ESTIMATORS = ("mc", "bound")
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -45,6 +50,13 @@ def _check_pos_int(name, value, minimum=1):
     if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def _check_kl(kl) -> str:
+    if kl not in KL_ESTIMATORS:
+        raise ValueError(f"kl must be 'mc' (one-draw Monte-Carlo estimate) or 'bound' (closed-form "
+                         f"upper bound), got {kl!r}")
+    return kl
 
 
 def _check_hidden(hidden) -> tuple:
@@ -160,7 +172,10 @@ class _GaussianLikelihood(nn.Module):
 class GMMPrior(nn.Module):
     """Factorized prior p(z) = prod_k sum_c pi_kc N(z_k; m_kc, exp(v_kc)).
 
-    Parameters ``logits`` (pi = softmax over c), ``means`` and ``logvars``, each [K, C].
+    Parameters ``logits`` (pi = softmax over c), ``means`` and ``logvars``, each [K, C]; with
+    ``num_groups`` U > 1, each [U, K, C]: a conditional prior p(z | u) with its own mixture per
+    group u and dimension k, and every method that evaluates it takes ``u``, the group (int in
+    [0, U)) of each row. All groups start from the same initialization (plus ``jitter``).
 
     Initialization: equal weights, means spread evenly over ``[-spread, spread]`` and a common
     component variance chosen so that each p_k has unit variance (for C >= 2 this needs
@@ -173,12 +188,14 @@ class GMMPrior(nn.Module):
     identical.
     """
 
-    def __init__(self, num_latents: int, num_components: int = 3, *, spread: float | None = None,
-                 jitter: float = 0.0, generator: torch.Generator | None = None,
-                 dtype: torch.dtype | None = None):
+    def __init__(self, num_latents: int, num_components: int = 3, *, num_groups: int = 1,
+                 spread: float | None = None, jitter: float = 0.0,
+                 generator: torch.Generator | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         K = _check_pos_int("num_latents", num_latents)
         C = _check_pos_int("num_components", num_components)
+        U = _check_pos_int("num_groups", num_groups)
+        shape = (K, C) if U == 1 else (U, K, C)
         if C > 64:
             raise ValueError(f"num_components must be at most 64, got {C}")
         dtype = dtype or torch.get_default_dtype()
@@ -196,56 +213,98 @@ class GMMPrior(nn.Module):
                 raise ValueError(f"spread={spread} is too large for {C} components: the means "
                                  "alone would exceed unit variance")
             means = m.expand(K, C).clone()
+        means = means.expand(shape).clone()
         if jitter:
-            means = means + float(jitter) * torch.randn(K, C, generator=generator,
+            means = means + float(jitter) * torch.randn(shape, generator=generator,
                                                         dtype=torch.float64)
-        self.logits = nn.Parameter(torch.zeros(K, C, dtype=dtype))
+        self.logits = nn.Parameter(torch.zeros(shape, dtype=dtype))
         self.means = nn.Parameter(means.to(dtype))
-        self.logvars = nn.Parameter(torch.full((K, C), math.log(comp_var), dtype=dtype))
+        self.logvars = nn.Parameter(torch.full(shape, math.log(comp_var), dtype=dtype))
 
     @property
     def num_latents(self) -> int:
-        return self.logits.shape[0]
+        return self.logits.shape[-2]
 
     @property
     def num_components(self) -> int:
-        return self.logits.shape[1]
+        return self.logits.shape[-1]
 
-    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        """log p_k(z[n, k]): [N, K] (the fused kernel ``halfvae_ext.gmm_log_prob``)."""
-        return gmm_log_prob(z, self.logits, self.means, self.logvars)
+    @property
+    def num_groups(self) -> int:
+        """U: the number of groups of a conditional prior, 1 for an unconditional one."""
+        return self.logits.shape[0] if self.logits.dim() == 3 else 1
+
+    @property
+    def conditional(self) -> bool:
+        """True when the parameters are [U, K, C] and evaluating the prior needs u."""
+        return self.logits.dim() == 3
+
+    def group_index(self, u, num_rows: int) -> torch.Tensor | None:
+        """The ops' prior_index for ``num_rows`` rows of groups ``u`` (None for an unconditional
+        prior, which takes no u). Raises ValueError naming u when it does not fit."""
+        if not self.conditional:
+            if u is not None:
+                raise ValueError("u: this prior has no groups (num_groups=1); build it with "
+                                 "GMMPrior(..., num_groups=U) to condition on u")
+            return None
+        if u is None:
+            raise ValueError(f"u is required: the prior is conditional (num_groups="
+                             f"{self.num_groups}); pass the group of every row")
+        u = torch.as_tensor(u, device=self.logits.device)
+        if u.dtype not in (torch.int64, torch.int32) or u.dim() != 1 or u.shape[0] != num_rows:
+            raise ValueError(f"u must be a 1-D integer tensor with one group per row "
+                             f"({num_rows}), got dtype {u.dtype} and shape {tuple(u.shape)}")
+        if u.numel() and not (0 <= int(u.min()) and int(u.max()) < self.num_groups):
+            raise ValueError(f"u values must be in [0, {self.num_groups}) (num_groups), got "
+                             f"min {int(u.min())} and max {int(u.max())}")
+        return u
+
+    def log_prob(self, z: torch.Tensor, u=None) -> torch.Tensor:
+        """log p_k(z[n, k]) (log p_{u[n], k} for a conditional prior): [N, K] (the fused kernel
+        ``halfvae_ext.gmm_log_prob``)."""
+        return gmm_log_prob(z, self.logits, self.means, self.logvars,
+                            prior_index=self.group_index(u, z.shape[0] if z.dim() else 0))
 
     def weights(self) -> torch.Tensor:
-        """Mixture weights pi, [K, C]."""
+        """Mixture weights pi, [K, C] ([U, K, C] for a conditional prior)."""
         return torch.softmax(self.logits, dim=-1)
 
     def mean(self) -> torch.Tensor:
-        """E[z_k], [K]."""
+        """E[z_k], [K] ([U, K])."""
         return (self.weights() * self.means).sum(-1)
 
     def variance(self) -> torch.Tensor:
-        """Var[z_k], [K]."""
+        """Var[z_k], [K] ([U, K])."""
         w = self.weights()
         m = (w * self.means).sum(-1, keepdim=True)
         return (w * (torch.exp(self.logvars) + (self.means - m) ** 2)).sum(-1)
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n draws from p: [n, K]."""
+    def sample(self, n: int, generator: torch.Generator | None = None, u=None) -> torch.Tensor:
+        """n draws from p (row i from p(. | u[i]) for a conditional prior): [n, K]."""
         n = _check_pos_int("n", n, minimum=0)
-        K, C = self.logits.shape
+        index = self.group_index(u, n)
+        K, C = self.num_latents, self.num_components
         if n == 0:
             return self.means.new_empty((0, K))
         w = self.weights().detach()
-        comp = torch.multinomial(w, n, replacement=True, generator=generator).T  # [n, K]
-        k = torch.arange(K, device=w.device).expand(n, K)
-        m = self.means.detach()[k, comp]
-        s = torch.exp(0.5 * self.logvars.detach()[k, comp])
+        m, lv = self.means.detach(), self.logvars.detach()
+        if index is not None:  # each row's own [K, C] tables
+            w, m, lv = w[index].reshape(n * K, C), m[index], lv[index]
+            comp = torch.multinomial(w, 1, generator=generator).view(n, K)
+            rows = torch.arange(n, device=w.device).unsqueeze(1).expand(n, K)
+            k = torch.arange(K, device=w.device).expand(n, K)
+            m, s = m[rows, k, comp], torch.exp(0.5 * lv[rows, k, comp])
+        else:
+            comp = torch.multinomial(w, n, replacement=True, generator=generator).T  # [n, K]
+            k = torch.arange(K, device=w.device).expand(n, K)
+            m, s = m[k, comp], torch.exp(0.5 * lv[k, comp])
         eps = torch.randn(n, K, generator=generator, dtype=m.dtype, device=m.device)
         return m + s * eps
 
     def extra_repr(self) -> str:
-        return f"num_latents={self.num_latents}, num_components={self.num_components}"
+        groups = f", num_groups={self.num_groups}" if self.conditional else ""
+        return f"num_latents={self.num_latents}, num_components={self.num_components}{groups}"
 
 
 # ----------------------------------------------------------------------------- latent table
@@ -255,7 +314,8 @@ class LatentTable(nn.Module):
     ``forward(idx, prior)`` returns the fused op's reparameterized sample z [B, K] and Monte-Carlo
     KL [B] (``reduction="row"``) for rows ``idx`` (all rows for None); the rows are gathered inside
     the kernel (``reparam_gmm_kl_rows``), no [B, K] copy is made first. ``sample(idx, prior)``
-    also returns the rows (mu[idx], logvar[idx]) for a likelihood that reads them.
+    also returns the rows (mu[idx], logvar[idx]) for a likelihood that reads them. Both take
+    ``u`` (the group of each row in idx, for a conditional prior) and ``kl`` ("mc" or "bound").
 
     Table gradients: dense [N, K] by default; ``sparse=True`` gives coalesced sparse COO gradients
     (for ``torch.optim.SparseAdam``/``SGD``: mini-batches leave other rows' optimizer state alone);
@@ -315,43 +375,50 @@ class LatentTable(nn.Module):
         return self.mu.shape[1]
 
     def forward(self, idx: torch.Tensor | None, prior: GMMPrior,
-                generator: torch.Generator | None = None, eps: torch.Tensor | None = None):
-        """(z [B, K], KL [B]) for rows idx (all rows for None)."""
+                generator: torch.Generator | None = None, eps: torch.Tensor | None = None,
+                u=None, kl: str = "mc"):
+        """(z [B, K], KL [B]) for rows idx (all rows for None); u: the group of each of those rows
+        (a conditional prior only); kl: "mc" or "bound"."""
         prior_params = (prior.logits, prior.means, prior.logvars)
+        idx = None if idx is None else self._check_idx(idx)
+        options = dict(eps=eps, generator=generator, reduction="row", kl=_check_kl(kl),
+                       prior_index=prior.group_index(u, self._batch_rows(idx)))
         if self.table_optimizer is not None:
             return fused_rows_kl(self.mu, self.logvar, self._rows_idx(idx), *prior_params,
-                                 self.table_optimizer, eps=eps, generator=generator,
-                                 reduction="row")
+                                 self.table_optimizer, **options)
         if idx is None:
-            return reparam_gmm_kl(self.mu, self.logvar, *prior_params, eps=eps,
-                                  generator=generator, reduction="row")
-        return reparam_gmm_kl_rows(self.mu, self.logvar, self._check_idx(idx), *prior_params,
-                                   eps=eps, generator=generator, reduction="row",
-                                   table_grad="sparse" if self.sparse else "dense")
+            return reparam_gmm_kl(self.mu, self.logvar, *prior_params, **options)
+        return reparam_gmm_kl_rows(self.mu, self.logvar, idx, *prior_params,
+                                   table_grad="sparse" if self.sparse else "dense", **options)
 
     def sample(self, idx: torch.Tensor | None, prior: GMMPrior,
-               generator: torch.Generator | None = None, eps: torch.Tensor | None = None):
+               generator: torch.Generator | None = None, eps: torch.Tensor | None = None,
+               u=None, kl: str = "mc"):
         """(z [B, K], KL [B], mu_rows [B, K], logvar_rows [B, K]) for rows idx (all rows for None):
         forward's sample and KL, and the rows themselves, for terms of the loss that read them (a
         likelihood). Gradients reach the table through all four, in every mode; with a fused
-        optimizer the rows' gradients join the KL's in the one op that steps the table."""
+        optimizer the rows' gradients join the KL's in the one op that steps the table. u, kl: as
+        in forward."""
         prior_params = (prior.logits, prior.means, prior.logvars)
+        idx = None if idx is None else self._check_idx(idx)
+        options = dict(eps=eps, generator=generator, reduction="row", kl=_check_kl(kl),
+                       prior_index=prior.group_index(u, self._batch_rows(idx)))
         if self.table_optimizer is not None:
             return fused_rows_kl(self.mu, self.logvar, self._rows_idx(idx), *prior_params,
-                                 self.table_optimizer, eps=eps, generator=generator,
-                                 reduction="row", return_rows=True)
+                                 self.table_optimizer, return_rows=True, **options)
         if idx is None:
             mu, logvar = self.mu, self.logvar
         else:
-            idx = self._check_idx(idx)
             if self.sparse:
                 mu = F.embedding(idx, self.mu, sparse=True)
                 logvar = F.embedding(idx, self.logvar, sparse=True)
             else:
                 mu, logvar = self.mu.index_select(0, idx), self.logvar.index_select(0, idx)
-        z, kl = reparam_gmm_kl(mu, logvar, *prior_params, eps=eps, generator=generator,
-                               reduction="row")
-        return z, kl, mu, logvar
+        z, kl_value = reparam_gmm_kl(mu, logvar, *prior_params, **options)
+        return z, kl_value, mu, logvar
+
+    def _batch_rows(self, idx) -> int:
+        return self.num_rows if idx is None else idx.shape[0]
 
     def _rows_idx(self, idx):
         if idx is None:
@@ -373,12 +440,15 @@ class LatentTable(nn.Module):
 RECON_ESTIMATORS = ("auto", "exact", "antithetic", "sample")
 
 
-def elbo_terms(model, x, mu, logvar, *, generator=None, eps=None, recon="auto"):
-    """(E_q log p(x | z) estimate [B], one-draw Monte-Carlo KL [B]) for q = N(mu, diag(exp(logvar))).
+def elbo_terms(model, x, mu, logvar, *, generator=None, eps=None, recon="auto", u=None,
+               kl="mc"):
+    """(E_q log p(x | z) estimate [B], KL [B]) for q = N(mu, diag(exp(logvar))).
 
     ``model`` has ``prior`` (a :class:`GMMPrior`), ``decoder`` and ``likelihood``. The KL term uses
     one reparameterized draw z = mu + sigma * eps from the fused kernel (eps drawn in-kernel from
-    ``generator`` unless given). The likelihood term, by ``recon``:
+    ``generator`` unless given): kl="mc" its Monte-Carlo estimate, kl="bound" the closed-form upper
+    bound (no sampling noise). u: the group of each row for a conditional prior. The likelihood
+    term, by ``recon``:
 
     - "sample": log p(x | z) at that z;
     - "antithetic": the mean over z and its mirror image 2 mu - z = mu - sigma * eps; the terms odd
@@ -391,9 +461,10 @@ def elbo_terms(model, x, mu, logvar, *, generator=None, eps=None, recon="auto"):
     """
     recon = _resolve_recon(model, recon)
     p = model.prior
-    z, kl = reparam_gmm_kl(mu, logvar, p.logits, p.means, p.logvars, eps=eps,
-                           generator=generator, reduction="row")
-    return _log_likelihood(model, x, z, mu, logvar, recon), kl
+    z, kl_value = reparam_gmm_kl(mu, logvar, p.logits, p.means, p.logvars, eps=eps,
+                                 generator=generator, reduction="row", kl=_check_kl(kl),
+                                 prior_index=p.group_index(u, mu.shape[0]))
+    return _log_likelihood(model, x, z, mu, logvar, recon), kl_value
 
 
 def _resolve_recon(model, recon) -> str:
@@ -419,10 +490,11 @@ def _log_likelihood(model, x, z, mu, logvar, recon: str) -> torch.Tensor:
     return model.likelihood.log_prob(x, model.decoder(z))
 
 
-def _resolve_prior(prior, latent_dim: int, num_components: int) -> "GMMPrior":
+def _resolve_prior(prior, latent_dim: int, num_components: int,
+                   num_groups: int = 1) -> "GMMPrior":
     """The given GMMPrior (checked against latent_dim), or a new one."""
     if prior is None:
-        return GMMPrior(latent_dim, num_components)
+        return GMMPrior(latent_dim, num_components, num_groups=num_groups)
     if not isinstance(prior, GMMPrior):
         raise TypeError(f"prior must be a GMMPrior or None, got {type(prior).__name__}")
     if prior.num_latents != latent_dim:
@@ -439,7 +511,10 @@ class HalfVAE(nn.Module):
     decoder: "linear" (x = W z, no bias), "mlp" (``hidden`` widths, ``activation``), "residual"
     (x = W z + mlp(z), see :class:`ResidualDecoder`) or any nn.Module mapping [B, latent_dim] to
     [B, data_dim]. prior: a :class:`GMMPrior` or None (a new
-    one with ``num_components`` components). noise: "learned" (a per-feature log-variance
+    one with ``num_components`` components and ``num_groups`` groups: > 1 makes it conditional,
+    and the ELBO then takes u, the group of every row). kl: "mc" (the one-draw Monte-Carlo KL) or
+    "bound" (its closed-form upper bound: no sampling noise in the KL, the ELBO stays a lower
+    bound of log p(x)). noise: "learned" (a per-feature log-variance
     parameter ``likelihood.logvar``, initialized to ``init_noise_std``) or a float, the fixed noise
     standard deviation. sparse / table_optimizer ("adam" | "sgd", with table_lr): how the latent
     table is trained, see :class:`LatentTable` (fused_optimizer).
@@ -450,12 +525,14 @@ class HalfVAE(nn.Module):
                  noise="learned", *, num_components: int = 3, init_mu: torch.Tensor | None = None,
                  init_logvar: float = -2.0, init_noise_std: float = 1.0,
                  generator: torch.Generator | None = None, sparse: bool = False,
-                 table_optimizer: str | None = None, table_lr: float = 1e-2):
+                 table_optimizer: str | None = None, table_lr: float = 1e-2,
+                 num_groups: int = 1, kl: str = "mc"):
         super().__init__()
         self.num_samples = _check_pos_int("num_samples", num_samples)
         self.data_dim = _check_pos_int("data_dim", data_dim)
         self.latent_dim = _check_pos_int("latent_dim", latent_dim)
-        self.prior = _resolve_prior(prior, latent_dim, num_components)
+        self.kl = _check_kl(kl)
+        self.prior = _resolve_prior(prior, latent_dim, num_components, num_groups)
         self.latents = LatentTable(num_samples, latent_dim, init_mu=init_mu,
                                    init_logvar=init_logvar, generator=generator, sparse=sparse,
                                    fused_optimizer=table_optimizer, lr=table_lr)
@@ -468,28 +545,38 @@ class HalfVAE(nn.Module):
 
     def elbo_terms(self, x: torch.Tensor, idx: torch.Tensor | None = None,
                    generator: torch.Generator | None = None, eps: torch.Tensor | None = None,
-                   recon: str = "auto"):
-        """(expected log-likelihood [B], Monte-Carlo KL [B]) for the data rows ``idx``.
+                   recon: str = "auto", u=None):
+        """(expected log-likelihood [B], KL [B]) for the data rows ``idx``.
 
         x: [B, data_dim], the data of the table rows ``idx`` ([B] row indices; None: all rows in
-        order, B = num_samples). See :func:`elbo_terms` for the estimators (``recon``).
+        order, B = num_samples); u: [B] the group of each row, for a conditional prior. See
+        :func:`elbo_terms` for the estimators (``recon``; the KL is the model's ``kl``).
         """
         recon = _resolve_recon(self, recon)
         # One gather and one draw of the rows serve the KL and the likelihood; with a fused table
         # optimizer the rows' gradients from both step the table in one op.
-        z, kl, mu, logvar = self.latents.sample(idx, self.prior, generator=generator, eps=eps)
-        if x.dim() != 2 or x.shape != (mu.shape[0], self.data_dim):
-            raise ValueError(f"x must have shape {(mu.shape[0], self.data_dim)}, got "
-                             f"{tuple(x.shape)}")
+        if x.dim() != 2 or x.shape[1:] != (self.data_dim,):
+            raise ValueError(f"x must have shape [B, {self.data_dim}], got {tuple(x.shape)}")
+        z, kl, mu, logvar = self.latents.sample(idx, self.prior, generator=generator, eps=eps,
+                                                u=u, kl=self.kl)
+        if x.shape[0] != mu.shape[0]:
+            raise ValueError(f"x must have shape {(mu.shape[0], self.data_dim)} (one row per "
+                             f"index), got {tuple(x.shape)}")
         return _log_likelihood(self, x, z, mu, logvar, recon), kl
 
     def negative_elbo(self, x: torch.Tensor, idx: torch.Tensor | None = None,
                       generator: torch.Generator | None = None, kl_weight: float = 1.0,
-                      eps: torch.Tensor | None = None, recon: str = "auto") -> torch.Tensor:
-        """-ELBO per sample, [B]: -E_q log p(x | z) + kl_weight * KL(q(z_n) || p); see
+                      eps: torch.Tensor | None = None, recon: str = "auto",
+                      u=None) -> torch.Tensor:
+        """-ELBO per sample, [B]: -E_q log p(x | z) + kl_weight * KL(q(z_n) || p(. | u_n)); see
         :func:`elbo_terms` for the arguments and the estimators."""
-        ll, kl = self.elbo_terms(x, idx, generator=generator, eps=eps, recon=recon)
+        ll, kl = self.elbo_terms(x, idx, generator=generator, eps=eps, recon=recon, u=u)
         return kl_weight * kl - ll
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor | None = None, u=None,
+                **kwargs) -> torch.Tensor:
+        """The per-sample negative ELBO [B] (:meth:`negative_elbo`)."""
+        return self.negative_elbo(x, idx, u=u, **kwargs)
 
     @property
     def mu(self) -> torch.Tensor:
@@ -503,11 +590,12 @@ class VAE(nn.Module):
     def __init__(self, data_dim: int, latent_dim: int, encoder_hidden=(64, 64), decoder="linear",
                  prior: GMMPrior | None = None, hidden=(64, 64), activation: str = "relu",
                  noise="learned", *, num_components: int = 3, init_logvar: float = -2.0,
-                 init_noise_std: float = 1.0):
+                 init_noise_std: float = 1.0, num_groups: int = 1, kl: str = "mc"):
         super().__init__()
         self.data_dim = _check_pos_int("data_dim", data_dim)
         self.latent_dim = _check_pos_int("latent_dim", latent_dim)
-        self.prior = _resolve_prior(prior, latent_dim, num_components)
+        self.kl = _check_kl(kl)
+        self.prior = _resolve_prior(prior, latent_dim, num_components, num_groups)
         self.encoder = make_mlp(data_dim, 2 * latent_dim, encoder_hidden, activation)
         with torch.no_grad():  # start with a small posterior variance, as the latent table does
             last = self.encoder[-1]
@@ -524,18 +612,22 @@ class VAE(nn.Module):
         return self.decoder(z)
 
     def elbo_terms(self, x: torch.Tensor, generator: torch.Generator | None = None,
-                   eps: torch.Tensor | None = None, recon: str = "auto"):
-        """(expected log-likelihood [B], Monte-Carlo KL [B]) with q(z | x) from the encoder; see
-        :func:`elbo_terms` for the estimators."""
+                   eps: torch.Tensor | None = None, recon: str = "auto", u=None):
+        """(expected log-likelihood [B], KL [B]) with q(z | x) from the encoder; u: the group of
+        each row for a conditional prior (the encoder does not see it); see :func:`elbo_terms`."""
         if x.dim() != 2 or x.shape[1] != self.data_dim:
             raise ValueError(f"x must have shape [B, {self.data_dim}], got {tuple(x.shape)}")
         mu, logvar = self.encode(x)
         return elbo_terms(self, x, mu.contiguous(), logvar.contiguous(), generator=generator,
-                          eps=eps, recon=recon)
+                          eps=eps, recon=recon, u=u, kl=self.kl)
 
     def negative_elbo(self, x: torch.Tensor, generator: torch.Generator | None = None,
                       kl_weight: float = 1.0, eps: torch.Tensor | None = None,
-                      recon: str = "auto") -> torch.Tensor:
+                      recon: str = "auto", u=None) -> torch.Tensor:
         """-ELBO per sample, [B]; see :func:`elbo_terms`."""
-        ll, kl = self.elbo_terms(x, generator=generator, eps=eps, recon=recon)
+        ll, kl = self.elbo_terms(x, generator=generator, eps=eps, recon=recon, u=u)
         return kl_weight * kl - ll
+
+    def forward(self, x: torch.Tensor, u=None, **kwargs) -> torch.Tensor:
+        """The per-sample negative ELBO [B] (:meth:`negative_elbo`)."""
+        return self.negative_elbo(x, u=u, **kwargs)

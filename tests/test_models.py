@@ -53,6 +53,106 @@ def test_gmm_prior_sample_moments_and_generator():
     assert p.sample(0).shape == (0, 2)
 
 
+def test_conditional_gmm_prior_shapes_log_prob_and_sample():
+    """num_groups = U: [U, K, C] parameters; log_prob(z, u) is each row's own group's density
+    (the reference's); sample(n, u) draws row i from group u[i]."""
+    g = torch.Generator().manual_seed(0)
+    p = GMMPrior(3, 2, num_groups=4, jitter=0.2, generator=g).double()
+    assert p.conditional and p.num_groups == 4 and p.num_latents == 3 and p.num_components == 2
+    assert p.logits.shape == p.means.shape == p.logvars.shape == (4, 3, 2)
+    assert p.variance().shape == p.mean().shape == (4, 3)
+    with torch.no_grad():
+        p.means.add_(3.0 * torch.arange(4, dtype=torch.float64).view(4, 1, 1))
+        p.logits.normal_(generator=g)
+    z = torch.randn(30, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    u = torch.randint(0, 4, (30,), generator=g)
+    lp = p.log_prob(z, u)
+    ref = reference.gmm_log_prob(z, p.logits, p.means, p.logvars, prior_index=u)
+    torch.testing.assert_close(lp, ref)
+    for a, b in zip(torch.autograd.grad(lp.sum(), [z, p.logits, p.means, p.logvars]),
+                    torch.autograd.grad(ref.sum(), [z, p.logits, p.means, p.logvars])):
+        torch.testing.assert_close(a, b)
+    # every row evaluated under its own group: the same as the unconditional prior of that group
+    one = GMMPrior(3, 2).double()
+    with torch.no_grad():
+        for t, src in zip((one.logits, one.means, one.logvars), (p.logits, p.means, p.logvars)):
+            t.copy_(src[2])
+    torch.testing.assert_close(p.log_prob(z, torch.full((30,), 2)), one.log_prob(z))
+    groups = torch.arange(4).repeat_interleave(20000)
+    s = p.sample(80000, generator=torch.Generator().manual_seed(1), u=groups)
+    for k in range(4):
+        torch.testing.assert_close(s[groups == k].mean(0), p.mean()[k].detach(), atol=0.04,
+                                   rtol=0)
+        torch.testing.assert_close(s[groups == k].var(0), p.variance()[k].detach(), atol=0.08,
+                                   rtol=0.02)
+
+
+def test_conditional_prior_u_is_checked():
+    cond, plain = GMMPrior(2, 3, num_groups=3), GMMPrior(2, 3)
+    z = torch.randn(4, 2)
+    with pytest.raises(ValueError, match="u is required"):
+        cond.log_prob(z)
+    with pytest.raises(ValueError, match="u: this prior has no groups"):
+        plain.log_prob(z, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="u must be a 1-D integer tensor"):
+        cond.log_prob(z, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="u must be a 1-D integer tensor"):
+        cond.log_prob(z, torch.zeros(4))
+    with pytest.raises(ValueError, match=r"u values must be in \[0, 3\)"):
+        cond.log_prob(z, torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="num_groups"):
+        GMMPrior(2, 3, num_groups=0)
+    model = HalfVAE(10, 3, 2, num_groups=3)
+    with pytest.raises(ValueError, match="u is required"):
+        model.negative_elbo(torch.randn(4, 3), torch.arange(4))
+    with pytest.raises(ValueError, match="kl must be"):
+        HalfVAE(10, 3, 2, kl="exact")
+
+
+@pytest.mark.parametrize("table_optimizer", [None, "adam"])
+def test_halfvae_conditional_bound_elbo_matches_hand_computation(table_optimizer):
+    """HalfVAE(num_groups, kl="bound"): -ELBO = -E log p(x|z) (closed form, linear decoder) + the
+    reference's KL bound under each row's group; forward(x, idx, u) is negative_elbo."""
+    torch.manual_seed(0)
+    m = HalfVAE(12, 4, 3, num_groups=5, kl="bound", table_optimizer=table_optimizer).double()
+    with torch.no_grad():
+        m.prior.means.add_(torch.randn(5, 3, 1, dtype=torch.float64))
+    x = torch.randn(6, 4, dtype=torch.float64)
+    idx = torch.tensor([0, 3, 3, 7, 11, 2])
+    u = torch.tensor([4, 0, 0, 2, 1, 4])
+    eps = torch.randn(6, 3, dtype=torch.float64)
+    nelbo = m(x, idx, u, eps=eps, recon="exact")
+    mu, lv = m.latents.mu[idx].detach(), m.latents.logvar[idx].detach()
+    p = m.prior
+    kl = reference.kl_bound(mu, lv, p.logits, p.means, p.logvars, prior_index=u).sum(1)
+    ll = m.likelihood.expected_log_prob_linear(x, m.decoder, mu, lv)
+    torch.testing.assert_close(nelbo, kl - ll)
+    # the bound is above the Monte-Carlo estimate's expectation: check against the MC model
+    mc = HalfVAE(12, 4, 3, num_groups=5).double()
+    mc.load_state_dict(m.state_dict(), strict=False)
+    many = torch.randn(4000, 3, dtype=torch.float64)
+    kl_mc = reference.reparam_gmm_kl(mu[:1].expand(4000, 3), lv[:1].expand(4000, 3),
+                                     p.logits, p.means, p.logvars, eps=many,
+                                     prior_index=u[:1].expand(4000))[1]
+    assert float(kl_mc.mean() + 4 * kl_mc.std() / 4000 ** 0.5) <= float(kl[0])
+
+
+def test_vae_with_conditional_prior_and_bound():
+    torch.manual_seed(0)
+    m = VAE(4, 2, num_groups=3, kl="bound").double()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    u = torch.randint(0, 3, (8,))
+    loss = m(x, u).sum()
+    loss.backward()
+    assert m.prior.means.grad.shape == (3, 2, 3) and m.prior.means.grad.abs().sum() > 0
+    mu, lv = m.encode(x)
+    p = m.prior
+    kl = reference.kl_bound(mu, lv, p.logits, p.means, p.logvars, prior_index=u).sum(1)
+    ll, kl_model = m.elbo_terms(x, u=u, eps=torch.zeros(8, 2, dtype=torch.float64),
+                                recon="exact")
+    torch.testing.assert_close(kl_model, kl)
+
+
 def test_gmm_prior_bad_arguments():
     with pytest.raises(ValueError, match="num_latents"):
         GMMPrior(0)
@@ -237,28 +337,38 @@ def test_make_mlp():
         make_mlp(3, 4, (0,))
 
 
-@pytest.mark.parametrize("draw", ["eps", "generator"])
-def test_halfvae_fused_adam_table_steps_exactly_like_sparse_adam(draw):
+@pytest.mark.parametrize("draw,num_groups,kl", [("eps", 1, "mc"), ("generator", 1, "mc"),
+                                                ("eps", 6, "mc"), ("generator", 6, "bound"),
+                                                ("eps", 1, "bound")])
+def test_halfvae_fused_adam_table_steps_exactly_like_sparse_adam(draw, num_groups, kl):
     """HalfVAE(table_optimizer="adam") with the closed-form linear likelihood (which reads the
     rows' mu and logvar) steps its table like sparse table gradients + torch.optim.SparseAdam, in
     float64: the same sample, KL and gradients of the other parameters, and tables equal to the
-    last bits Adam's two formulations round differently."""
+    last bits Adam's two formulations round differently. Also with a conditional prior (u) and
+    the KL bound."""
     torch.manual_seed(0)
-    models = [HalfVAE(400, 5, 3, table_optimizer="adam", table_lr=0.05).double(),
-              HalfVAE(400, 5, 3, sparse=True).double()]
+    opts = dict(num_groups=num_groups, kl=kl)
+    models = [HalfVAE(400, 5, 3, table_optimizer="adam", table_lr=0.05, **opts).double(),
+              HalfVAE(400, 5, 3, sparse=True, **opts).double()]
+    if num_groups > 1:  # groups that differ, so that a wrong group would show
+        with torch.no_grad():
+            models[0].prior.means.add_(torch.randn(num_groups, 3, 1, dtype=torch.float64))
     models[1].load_state_dict(models[0].state_dict(), strict=False)
     mu0 = models[0].latents.mu.detach().clone()
     table_opt = torch.optim.SparseAdam([models[1].latents.mu, models[1].latents.logvar], lr=0.05)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(400, 5, generator=g, dtype=torch.float64)
+    groups = torch.randint(0, num_groups, (400,), generator=g)
     for step in range(5):
         idx = torch.randint(0, 150, (256,), generator=g)  # duplicates in every batch
         eps = torch.randn(256, 3, generator=g, dtype=torch.float64) if draw == "eps" else None
         seed = int(torch.randint(0, 2**31, (1,), generator=g))
+        u = groups[idx] if num_groups > 1 else None
         losses = []
         for m in models:
             draws = torch.Generator().manual_seed(seed) if draw == "generator" else None
-            loss = m.negative_elbo(x[idx], idx, generator=draws, eps=eps, recon="exact").sum()
+            loss = m.negative_elbo(x[idx], idx, generator=draws, eps=eps, recon="exact",
+                                   u=u).sum()
             loss.backward()
             losses.append(loss.detach())
         table_opt.step()
