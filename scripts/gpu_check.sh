@@ -40,6 +40,37 @@ if "$PY" -c "import torch; raise SystemExit(0 if torch.cuda.is_available() else 
   # The suite: ratios against eager / distributions / torch.compile and the copy floor.
   "$PY" -m halfvae_ext.bench_ops --device cuda --sizes 20,24,26,27 --components 3 --budget 0.5 \
     --out "$OUT" 2>&1 | grep -v "^USDT\|^ERROR"
+  # The general kernels (kl="bound", priors chosen per row) against the specialized Monte-Carlo
+  # one, forward+backward with prior gradients (each op call also syncs once to check
+  # prior_index's range).
+  if "$PY" - <<'PY'
+import statistics
+import torch
+import halfvae_ext as hv
+N, K, C, U = 2**23, 8, 3, 40
+mu = torch.randn(N, K, device="cuda", requires_grad=True)
+logvar = (0.1 * torch.randn(N, K, device="cuda")).requires_grad_()
+prior = lambda *shape: [torch.randn(*shape, device="cuda", requires_grad=True) for _ in range(3)]
+index = torch.randint(0, U, (N,), device="cuda")
+cases = [("mc, one prior", prior(K, C), None, "mc"),
+         ("bound, one prior", prior(K, C), None, "bound"),
+         ("mc, U=40", prior(U, K, C), index, "mc"),
+         ("bound, U=40", prior(U, K, C), index, "bound"),
+         ("mc, U=40 sorted", prior(U, K, C), index.sort().values, "mc")]
+gen = torch.Generator(device="cuda").manual_seed(0)
+for name, p, pi, kl in cases:
+    def step():
+        z, k = hv.reparam_gmm_kl(mu, logvar, *p, generator=gen, prior_index=pi, kl=kl)
+        torch.autograd.grad(k.sum() + z.sum(), [mu, logvar, *p])
+    step()
+    times = []
+    for _ in range(20):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(); s.record(); step(); e.record(); torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    print(f"reparam_gmm_kl fwd+bwd N*K=2^26 {name:18s} {statistics.median(times):8.3f} ms")
+PY
+  then :; else echo "GENERAL KERNEL TIMING FAILED"; fi
   "$PY" - <<'PY'
 import torch
 x = torch.empty(2**28, device="cuda"); y = torch.empty_like(x)

@@ -69,6 +69,15 @@ struct LanePrior {
       p_[c] = prec[k * CT + c];
     }
   }
+  // The same through the read-only cache (the general kernels reload lanes while they run).
+  __device__ void load_ldg(const T* w, const T* m, const T* prec, int64_t k, int C) {
+#pragma unroll
+    for (int c = 0; c < CT; ++c) {
+      w_[c] = __ldg(w + k * CT + c);
+      m_[c] = __ldg(m + k * CT + c);
+      p_[c] = __ldg(prec + k * CT + c);
+    }
+  }
   __device__ T w(int c) const { return w_[c]; }
   __device__ T m(int c) const { return m_[c]; }
   __device__ T prec(int c) const { return p_[c]; }
@@ -81,6 +90,10 @@ struct LanePrior<T, 0> {
     w_ = w + k * C;
     m_ = m + k * C;
     p_ = prec + k * C;
+  }
+  // Already read through the read-only cache (the accessors below).
+  __device__ void load_ldg(const T* w, const T* m, const T* prec, int64_t k, int C) {
+    load(w, m, prec, k, C);
   }
   __device__ T w(int c) const { return __ldg(w_ + c); }
   __device__ T m(int c) const { return __ldg(m_ + c); }
@@ -140,10 +153,104 @@ __device__ __forceinline__ void init_lanes(LanePrior<T, CT> (&prior)[4], LaneSum
   }
 }
 
-// Shared-memory staging of the [K, 3C+1] sums table when it fits; `global` otherwise.
+// The general kernels (the KL bound, and priors chosen per row by a group index, tables [U*K, C])
+// keep this layout with one difference: a lane's latent dimension k is fixed, but its table row
+// u*K + k follows the group u of the row it is at. GroupLane reloads the lane's prior, through
+// the read-only cache (the tables are small and hot: no shared-memory copy per block, whatever U),
+// and moves its sums to the new row only when the group changes, so a run of rows of one group
+// costs what one prior costs. Without a group index, lanes never move: the layout above.
+
+// Prior-gradient sums of one lane for its current table row. CT > 0: registers, flushed when the
+// row changes and at the end; CT == 0: each element adds straight into the table. No table
+// (nullptr): prior gradients are not wanted, nothing is written.
+template <typename T, int CT>
+struct GroupSums {
+  T s_[3 * CT + 1];
+  double* row_;
+  __device__ void init(double* table, int64_t row, int C) {
+    row_ = table == nullptr ? nullptr : table + row * (3 * CT + 1);
+#pragma unroll
+    for (int q = 0; q < 3 * CT + 1; ++q) s_[q] = T(0);
+  }
+  __device__ void operator()(int c, T r, T r_dprec, T r_lv) {
+    s_[c] += r;
+    s_[CT + c] += r_dprec;
+    s_[2 * CT + c] += r_lv;
+  }
+  __device__ void add_weight(T g) { s_[3 * CT] += g; }
+  __device__ void flush() {
+    if (row_ == nullptr) return;
+#pragma unroll
+    for (int q = 0; q < 3 * CT + 1; ++q)
+      if (s_[q] != T(0)) atomicAdd(row_ + q, static_cast<double>(s_[q]));
+  }
+};
+template <typename T>
+struct GroupSums<T, 0> {
+  double* row_;
+  int C_;
+  __device__ void init(double* table, int64_t row, int C) {
+    row_ = table == nullptr ? nullptr : table + row * (3 * C + 1);
+    C_ = C;
+  }
+  __device__ void operator()(int c, T r, T r_dprec, T r_lv) {
+    if (row_ == nullptr) return;
+    atomicAdd(row_ + c, static_cast<double>(r));
+    atomicAdd(row_ + C_ + c, static_cast<double>(r_dprec));
+    atomicAdd(row_ + 2 * C_ + c, static_cast<double>(r_lv));
+  }
+  __device__ void add_weight(T g) {
+    if (row_ != nullptr) atomicAdd(row_ + 3 * C_, static_cast<double>(g));
+  }
+  __device__ void flush() {}
+};
+
+// The prior tables of the general kernels: [U*K, C] each, and the group of every row (nullptr:
+// one prior, U = 1).
+template <typename T>
+struct GroupTables {
+  const T* w;
+  const T* m;
+  const T* prec;
+  const int64_t* index;
+  int64_t K;
+  int C;
+};
+
+// One lane of a general kernel: its prior (and, with kSums, its sums) for table row `row`.
+template <typename T, int CT, bool kSums>
+struct GroupLane {
+  LanePrior<T, CT> prior;
+  GroupSums<T, CT> sums;
+  int64_t row;  // the table row its prior and sums are for; -1 before the first row's group
+  __device__ void start(int64_t first, int q, const GroupTables<T>& t, double* table) {
+    // One prior: the lane's row (its latent dimension) never changes, load it once. A group
+    // index: load at the first element (follow), not here.
+    row = t.index == nullptr ? (first + q) % t.K : -1;
+    if (row >= 0) prior.load_ldg(t.w, t.m, t.prec, row, t.C);
+    if constexpr (kSums) sums.init(row >= 0 ? table : nullptr, row >= 0 ? row : 0, t.C);
+  }
+  // Before element i, of latent row n = i / K.
+  __device__ void follow(int64_t i, int64_t n, const GroupTables<T>& t, double* table) {
+    if (t.index == nullptr) return;
+    const int64_t r = __ldg(t.index + n) * t.K + (i - n * t.K);
+    if (r == row) return;
+    row = r;
+    prior.load_ldg(t.w, t.m, t.prec, r, t.C);
+    if constexpr (kSums) {
+      sums.flush();
+      sums.init(table, r, t.C);
+    }
+  }
+  __device__ void finish() {
+    if constexpr (kSums) sums.flush();
+  }
+};
+
+// Shared-memory staging of the [U*K, 3C+1] sums table when it fits; `global` otherwise.
 struct SumsTable {
   double* global;
-  int64_t size;    // K * (3C + 1)
+  int64_t size;    // U * K * (3C + 1)
   bool in_shared;  // staged in dynamic shared memory
 };
 constexpr int64_t kMaxSharedSums = 6144;  // doubles: 48 KB

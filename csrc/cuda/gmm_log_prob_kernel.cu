@@ -1,4 +1,5 @@
-// CUDA kernel of gmm_log_prob, forward and backward (thread layout: see common.cuh).
+// CUDA kernels of gmm_log_prob, forward and backward (thread layout: see common.cuh), for one
+// prior and for priors chosen per row by prior_index.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
@@ -62,8 +63,68 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
   if constexpr (kPriorGrads) end_sums(sums_table, smem);
 }
 
+// A prior chosen per row (prior_index, tables [U*K, C]): lanes follow their rows' groups
+// (GroupLane in common.cuh). The prior gradients are a runtime choice (sums_table.global !=
+// nullptr), so this case adds one kernel per dtype and CT for each direction.
+template <typename scalar_t, typename acc_t, int CT>
+__global__ void __launch_bounds__(kThreads) grouped_forward_kernel(
+    const scalar_t* __restrict__ z, const int64_t* __restrict__ prior_index,
+    const acc_t* __restrict__ w, const acc_t* __restrict__ m, const acc_t* __restrict__ prec,
+    int64_t numel, int64_t K, int C, int64_t stride, scalar_t* __restrict__ out) {
+  const int64_t first = 4 * (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x);
+  if (first >= numel) return;
+  const GroupTables<acc_t> tables{w, m, prec, prior_index, K, C};
+  GroupLane<acc_t, CT, false> lane[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) lane[q].start(first, q, tables, nullptr);
+  for (int64_t base = first; base < numel; base += stride) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int64_t i = base + q;
+      if (i >= numel) break;
+      lane[q].follow(i, i / K, tables, nullptr);
+      out[i] = static_cast<scalar_t>(
+          gmm_log_density<DevMath<acc_t>, CT>(static_cast<acc_t>(z[i]), C, lane[q].prior));
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, int CT>
+__global__ void __launch_bounds__(kThreads) grouped_backward_kernel(
+    const scalar_t* __restrict__ grad, const scalar_t* __restrict__ z,
+    const int64_t* __restrict__ prior_index, const acc_t* __restrict__ w,
+    const acc_t* __restrict__ m, const acc_t* __restrict__ prec, int64_t numel, int64_t K, int C,
+    int64_t stride, SumsTable sums_table, scalar_t* __restrict__ grad_z) {
+  extern __shared__ double smem[];
+  const bool prior_grads = sums_table.global != nullptr;  // uniform: the syncs below are safe
+  double* table = prior_grads ? begin_sums(sums_table, smem) : nullptr;
+  const int64_t first = 4 * (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x);
+  if (first < numel) {
+    const GroupTables<acc_t> tables{w, m, prec, prior_index, K, C};
+    GroupLane<acc_t, CT, true> lane[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) lane[q].start(first, q, tables, table);
+    for (int64_t base = first; base < numel; base += stride) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int64_t i = base + q;
+        if (i >= numel) break;
+        lane[q].follow(i, i / K, tables, table);
+        const acc_t g = static_cast<acc_t>(grad[i]);
+        // Responsibility terms computed either way (GroupSums drops them without a table).
+        const acc_t score = gmm_score<DevMath<acc_t>, CT, true>(static_cast<acc_t>(z[i]), g, C,
+                                                                lane[q].prior, lane[q].sums);
+        lane[q].sums.add_weight(g);
+        grad_z[i] = static_cast<scalar_t>(g * score);
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q) lane[q].finish();
+  }
+  if (prior_grads) end_sums(sums_table, smem);
+}
+
 void forward(const at::Tensor& z, const PriorTables& prior, at::Tensor& out) {
-  TORCH_CHECK(!prior.conditional(), "TODO(issue 11): not implemented");
   const c10::cuda::CUDAGuard guard(z.device());
   const Launch launch = plan_launch(z.numel(), prior.K);
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -71,6 +132,14 @@ void forward(const at::Tensor& z, const PriorTables& prior, at::Tensor& out) {
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_components(prior.C, [&]<int CT>() {
+      if (prior.conditional()) {
+        grouped_forward_kernel<scalar_t, acc_t, CT><<<launch.blocks, kThreads, 0, stream>>>(
+            z.data_ptr<scalar_t>(), prior.index.data_ptr<int64_t>(), prior.w.data_ptr<acc_t>(),
+            prior.m.data_ptr<acc_t>(), prior.prec.data_ptr<acc_t>(), z.numel(), prior.K,
+            static_cast<int>(prior.C), launch.stride, out.data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
       forward_kernel<scalar_t, acc_t, CT><<<launch.blocks, kThreads, 0, stream>>>(
           z.data_ptr<scalar_t>(), prior.w.data_ptr<acc_t>(), prior.m.data_ptr<acc_t>(),
           prior.prec.data_ptr<acc_t>(), z.numel(), prior.K, static_cast<int>(prior.C),
@@ -82,11 +151,11 @@ void forward(const at::Tensor& z, const PriorTables& prior, at::Tensor& out) {
 
 void backward(const at::Tensor& grad, const at::Tensor& z, const PriorTables& prior,
               at::Tensor& grad_z, at::Tensor& prior_sums) {
-  TORCH_CHECK(!prior.conditional(), "TODO(issue 11): not implemented");
   const c10::cuda::CUDAGuard guard(z.device());
   const Launch launch = plan_launch(z.numel(), prior.K);
   const bool prior_grads = prior_sums.defined();
-  const int64_t table_size = prior.K * num_prior_sums(static_cast<int>(prior.C));
+  // [U*K, 3C+1]: one row of sums per (group, latent dimension); U = 1 for one prior.
+  const int64_t table_size = prior.U * prior.K * num_prior_sums(static_cast<int>(prior.C));
   const SumsTable table{prior_grads ? prior_sums.data_ptr<double>() : nullptr, table_size,
                         prior_grads && table_size <= kMaxSharedSums};
   const size_t smem = table.in_shared ? table_size * sizeof(double) : 0;
@@ -95,6 +164,15 @@ void backward(const at::Tensor& grad, const at::Tensor& z, const PriorTables& pr
                                   "gmm_log_prob_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_components(prior.C, [&]<int CT>() {
+      if (prior.conditional()) {
+        grouped_backward_kernel<scalar_t, acc_t, CT><<<launch.blocks, kThreads, smem, stream>>>(
+            grad.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), prior.index.data_ptr<int64_t>(),
+            prior.w.data_ptr<acc_t>(), prior.m.data_ptr<acc_t>(), prior.prec.data_ptr<acc_t>(),
+            z.numel(), prior.K, static_cast<int>(prior.C), launch.stride, table,
+            grad_z.data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
       auto launch_with = [&](auto kernel) {
         kernel<<<launch.blocks, kThreads, smem, stream>>>(
             grad.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), prior.w.data_ptr<acc_t>(),

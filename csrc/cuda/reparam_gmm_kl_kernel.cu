@@ -1,5 +1,7 @@
-// CUDA kernel of reparam_gmm_kl, forward and backward. float32/float64, and float16/bfloat16
-// inputs computed in float32; in-kernel Philox; 64-bit indexing; the current stream.
+// CUDA kernels of reparam_gmm_kl, forward and backward. float32/float64, and float16/bfloat16
+// inputs computed in float32; in-kernel Philox; 64-bit indexing; the current stream. The
+// Monte-Carlo KL against one prior has kernels specialized on every flag; the KL bound and priors
+// chosen per row (prior_index) share general kernels with runtime flags (see there).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
@@ -34,6 +36,26 @@ __device__ EpsSource<scalar_t, acc_t, kSampled> make_eps(const scalar_t* eps, co
   }
   return e;
 }
+
+// EpsSource with the choice made at run time (the general kernels): eps == nullptr draws.
+template <typename scalar_t, typename acc_t>
+struct RuntimeEpsSource {
+  const scalar_t* eps;
+  uint64_t seed, offset;
+  acc_t normals[4];
+  __device__ RuntimeEpsSource(const scalar_t* eps_, const int64_t* seed_) : eps(eps_) {
+    if (eps == nullptr) {
+      seed = static_cast<uint64_t>(seed_[0]);
+      offset = static_cast<uint64_t>(seed_[1]);
+    }
+  }
+  __device__ void begin_group(int64_t base) {
+    if (eps == nullptr) philox_normals<acc_t>(seed, offset, static_cast<uint64_t>(base / 4), normals);
+  }
+  __device__ acc_t at(int64_t i, int q) const {
+    return eps == nullptr ? normals[q] : static_cast<acc_t>(eps[i]);
+  }
+};
 
 // Offset of element i's mu/logvar: i itself, or through the row index when gathering (table rows
 // row_stride elements apart).
@@ -141,6 +163,132 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
   if constexpr (kPriorGrads) end_sums(sums_table, smem);
 }
 
+// The KL of one element, Monte-Carlo or the bound (gmm_math.h).
+template <bool kBound, int CT, typename acc_t, class Prior>
+__device__ __forceinline__ void element_forward(acc_t mu, acc_t logvar, acc_t eps, int C,
+                                                const Prior& prior, acc_t& z, acc_t& kl) {
+  if constexpr (kBound)
+    reparam_kl_bound_forward<DevMath<acc_t>, CT>(mu, logvar, eps, C, prior, z, kl);
+  else
+    reparam_kl_forward<DevMath<acc_t>, CT>(mu, logvar, eps, C, prior, z, kl);
+}
+template <bool kBound, int CT, typename acc_t, class Prior, class Acc>
+__device__ __forceinline__ void element_backward(acc_t mu, acc_t logvar, acc_t eps, acc_t gz,
+                                                 acc_t gk, int C, const Prior& prior, Acc& acc,
+                                                 acc_t& gmu, acc_t& glv) {
+  if constexpr (kBound)
+    reparam_kl_bound_backward<DevMath<acc_t>, CT, true>(mu, logvar, eps, gz, gk, C, prior, acc,
+                                                        gmu, glv);
+  else
+    reparam_kl_backward<DevMath<acc_t>, CT, true>(mu, logvar, eps, gz, gk, C, prior, acc, gmu,
+                                                  glv);
+}
+
+// The general kernels: the KL bound (kBound) and/or a prior chosen per row by prior_index (tables
+// [U*K, C]; prior_index == nullptr: one prior). Only kBound and the dtypes are compile-time: eps
+// given or drawn (eps == nullptr), the row reduction (kl_row != nullptr) and the prior gradients
+// (sums_table.global != nullptr) are uniform branches, so these cases add 16 instantiations per
+// kernel instead of multiplying the specialized ones above, which the Monte-Carlo KL against one
+// prior keeps.
+template <typename scalar_t, typename acc_t, int CT, bool kBound>
+__global__ void __launch_bounds__(kThreads) general_forward_kernel(
+    const scalar_t* __restrict__ mu, const scalar_t* __restrict__ logvar,
+    const int64_t* __restrict__ idx, const scalar_t* __restrict__ eps,
+    const int64_t* __restrict__ seed, const int64_t* __restrict__ prior_index,
+    const acc_t* __restrict__ w, const acc_t* __restrict__ m, const acc_t* __restrict__ prec,
+    int64_t numel, int64_t K, int64_t row_stride, int C, int64_t stride,
+    scalar_t* __restrict__ z, scalar_t* __restrict__ kl, acc_t* __restrict__ kl_row) {
+  const int64_t first = 4 * (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x);
+  if (first >= numel) return;
+  const GroupTables<acc_t> tables{w, m, prec, prior_index, K, C};
+  GroupLane<acc_t, CT, false> lane[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) lane[q].start(first, q, tables, nullptr);
+  RuntimeEpsSource<scalar_t, acc_t> e(eps, seed);
+  for (int64_t base = first; base < numel; base += stride) {
+    e.begin_group(base);
+    acc_t row_sum = 0;
+    int64_t row = base / K;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int64_t i = base + q;
+      if (i >= numel) break;
+      const int64_t n = i / K;
+      lane[q].follow(i, n, tables, nullptr);
+      acc_t zv, klv;
+      const int64_t li = latent_offset(idx, i, K, row_stride);
+      element_forward<kBound, CT>(static_cast<acc_t>(mu[li]), static_cast<acc_t>(logvar[li]),
+                                  e.at(i, q), C, lane[q].prior, zv, klv);
+      z[i] = static_cast<scalar_t>(zv);
+      if (kl_row != nullptr) {
+        if (n != row) {
+          atomicAdd(kl_row + row, row_sum);
+          row = n;
+          row_sum = 0;
+        }
+        row_sum += klv;
+      } else {
+        kl[i] = static_cast<scalar_t>(klv);
+      }
+    }
+    if (kl_row != nullptr) atomicAdd(kl_row + row, row_sum);
+  }
+}
+
+template <typename scalar_t, typename acc_t, int CT, bool kBound>
+__global__ void __launch_bounds__(kThreads) general_backward_kernel(
+    const scalar_t* __restrict__ grad_z, const scalar_t* __restrict__ grad_kl,
+    const scalar_t* __restrict__ mu, const scalar_t* __restrict__ logvar,
+    const int64_t* __restrict__ idx, const scalar_t* __restrict__ eps,
+    const int64_t* __restrict__ seed, const int64_t* __restrict__ prior_index,
+    const acc_t* __restrict__ w, const acc_t* __restrict__ m, const acc_t* __restrict__ prec,
+    int64_t numel, int64_t K, int64_t row_stride, int C, int64_t stride, bool row_reduction,
+    SumsTable sums_table, const scalar_t* __restrict__ extra_grad_mu,
+    const scalar_t* __restrict__ extra_grad_logvar,
+    scalar_t* __restrict__ grad_mu, scalar_t* __restrict__ grad_logvar) {
+  extern __shared__ double smem[];
+  const bool prior_grads = sums_table.global != nullptr;  // uniform: the syncs below are safe
+  double* table = prior_grads ? begin_sums(sums_table, smem) : nullptr;
+  const int64_t first = 4 * (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x);
+  if (first < numel) {
+    const GroupTables<acc_t> tables{w, m, prec, prior_index, K, C};
+    GroupLane<acc_t, CT, true> lane[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) lane[q].start(first, q, tables, table);
+    RuntimeEpsSource<scalar_t, acc_t> e(eps, seed);
+    for (int64_t base = first; base < numel; base += stride) {
+      e.begin_group(base);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int64_t i = base + q;
+        if (i >= numel) break;
+        const int64_t n = i / K;
+        lane[q].follow(i, n, tables, table);
+        const acc_t gk = static_cast<acc_t>(row_reduction ? grad_kl[n] : grad_kl[i]);
+        acc_t gmu, glv;
+        const int64_t li = latent_offset(idx, i, K, row_stride);
+        // The responsibility terms are computed whether or not prior gradients are wanted (a
+        // few multiplies; GroupSums writes nothing without a table): one inlined copy of the math.
+        element_backward<kBound, CT>(static_cast<acc_t>(mu[li]), static_cast<acc_t>(logvar[li]),
+                                     e.at(i, q), static_cast<acc_t>(grad_z[i]), gk, C,
+                                     lane[q].prior, lane[q].sums, gmu, glv);
+        lane[q].sums.add_weight(gk);
+        grad_mu[i] = plus_extra(gmu, extra_grad_mu, i);
+        grad_logvar[i] = plus_extra(glv, extra_grad_logvar, i);
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q) lane[q].finish();
+  }
+  if (prior_grads) end_sums(sums_table, smem);
+}
+
+template <typename F>
+void dispatch_bound(bool bound, const F& f) {
+  if (bound) f.template operator()<true>();
+  else f.template operator()<false>();
+}
+
 template <typename F>
 void dispatch_flags(bool a, bool b, const F& f) {
   if (a) {
@@ -150,12 +298,17 @@ void dispatch_flags(bool a, bool b, const F& f) {
   }
 }
 
+// The Monte-Carlo KL against one prior runs the specialized kernels, everything else the general.
+bool needs_general_kernels(const ReparamGmmKlProblem& p) {
+  return p.bound() || p.prior.conditional();
+}
+
 void forward(const ReparamGmmKlProblem& p, at::Tensor& z, at::Tensor& kl) {
-  TORCH_CHECK(!p.prior.conditional() && !p.bound(), "TODO(issue 11): not implemented");
   const c10::cuda::CUDAGuard guard(p.mu.device());
   const int64_t numel = p.N * p.K;
   const Launch launch = plan_launch(numel, p.K);
   const bool row = p.reduction == kReductionRow;
+  const bool general = needs_general_kernels(p);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.mu.scalar_type(),
                                   "reparam_gmm_kl_cuda", [&] {
@@ -166,6 +319,24 @@ void forward(const ReparamGmmKlProblem& p, at::Tensor& z, at::Tensor& kl) {
     if (row) kl_row = kSameType ? kl.zero_() : at::zeros({p.N}, kl.options().dtype(
                                                    c10::CppTypeToScalarType<acc_t>::value));
     dispatch_components(p.C, [&]<int CT>() {
+      if (general) {
+        dispatch_bound(p.bound(), [&]<bool kBound>() {
+          general_forward_kernel<scalar_t, acc_t, CT, kBound>
+              <<<launch.blocks, kThreads, 0, stream>>>(
+                  p.mu.data_ptr<scalar_t>(), p.logvar.data_ptr<scalar_t>(),
+                  p.gathered() ? p.idx.data_ptr<int64_t>() : nullptr,
+                  p.sampled() ? nullptr : p.eps.data_ptr<scalar_t>(),
+                  p.sampled() ? p.seed.data_ptr<int64_t>() : nullptr,
+                  p.prior.conditional() ? p.prior.index.data_ptr<int64_t>() : nullptr,
+                  p.prior.w.data_ptr<acc_t>(), p.prior.m.data_ptr<acc_t>(),
+                  p.prior.prec.data_ptr<acc_t>(), numel, p.K, p.row_stride,
+                  static_cast<int>(p.C), launch.stride, z.data_ptr<scalar_t>(),
+                  row ? nullptr : kl.data_ptr<scalar_t>(),
+                  row ? kl_row.data_ptr<acc_t>() : nullptr);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+        return;
+      }
       dispatch_flags(p.sampled(), row, [&]<bool kSampled, bool kRow>() {
         forward_kernel<scalar_t, acc_t, CT, kSampled, kRow>
             <<<launch.blocks, kThreads, 0, stream>>>(
@@ -186,13 +357,13 @@ void forward(const ReparamGmmKlProblem& p, at::Tensor& z, at::Tensor& kl) {
 
 void backward(const ReparamGmmKlProblem& p, const at::Tensor& grad_z, const at::Tensor& grad_kl,
               at::Tensor& grad_mu, at::Tensor& grad_logvar, at::Tensor& prior_sums) {
-  TORCH_CHECK(!p.prior.conditional() && !p.bound(), "TODO(issue 11): not implemented");
   const c10::cuda::CUDAGuard guard(p.mu.device());
   const int64_t numel = p.N * p.K;
   const Launch launch = plan_launch(numel, p.K);
   const bool row = p.reduction == kReductionRow;
   const bool prior_grads = prior_sums.defined();
-  const int64_t table_size = p.K * num_prior_sums(static_cast<int>(p.C));
+  // [U*K, 3C+1]: one row of sums per (group, latent dimension); U = 1 for one prior.
+  const int64_t table_size = p.prior.U * p.K * num_prior_sums(static_cast<int>(p.C));
   const SumsTable table{prior_grads ? prior_sums.data_ptr<double>() : nullptr, table_size,
                         prior_grads && table_size <= kMaxSharedSums};
   const size_t smem = table.in_shared ? table_size * sizeof(double) : 0;
@@ -201,6 +372,27 @@ void backward(const ReparamGmmKlProblem& p, const at::Tensor& grad_z, const at::
                                   "reparam_gmm_kl_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_components(p.C, [&]<int CT>() {
+      if (needs_general_kernels(p)) {
+        dispatch_bound(p.bound(), [&]<bool kBound>() {
+          general_backward_kernel<scalar_t, acc_t, CT, kBound>
+              <<<launch.blocks, kThreads, smem, stream>>>(
+                  grad_z.data_ptr<scalar_t>(), grad_kl.data_ptr<scalar_t>(),
+                  p.mu.data_ptr<scalar_t>(), p.logvar.data_ptr<scalar_t>(),
+                  p.gathered() ? p.idx.data_ptr<int64_t>() : nullptr,
+                  p.sampled() ? nullptr : p.eps.data_ptr<scalar_t>(),
+                  p.sampled() ? p.seed.data_ptr<int64_t>() : nullptr,
+                  p.prior.conditional() ? p.prior.index.data_ptr<int64_t>() : nullptr,
+                  p.prior.w.data_ptr<acc_t>(), p.prior.m.data_ptr<acc_t>(),
+                  p.prior.prec.data_ptr<acc_t>(), numel, p.K, p.row_stride,
+                  static_cast<int>(p.C), launch.stride, row, table,
+                  p.extra_grad_mu.defined() ? p.extra_grad_mu.data_ptr<scalar_t>() : nullptr,
+                  p.extra_grad_logvar.defined() ? p.extra_grad_logvar.data_ptr<scalar_t>()
+                                                : nullptr,
+                  grad_mu.data_ptr<scalar_t>(), grad_logvar.data_ptr<scalar_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+        return;
+      }
       dispatch_flags(p.sampled(), row, [&]<bool kSampled, bool kRow>() {
         auto launch_with = [&](auto kernel) {
           kernel<<<launch.blocks, kThreads, smem, stream>>>(
