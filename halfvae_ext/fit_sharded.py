@@ -164,11 +164,12 @@ def fit(args) -> dict:
         if args.checkpoint and (step % args.checkpoint_every == 0 or step == total):
             save_checkpoint(args.checkpoint, model, opt, extra={"step": torch.tensor(step)})
         if step % steps_per_epoch == 0 or step == total:
-            summed = torch.tensor([sum(losses), len(losses)], dtype=torch.float64, device=device)
+            # each rank's loss is its share of the step's mean: the sum over ranks is the mean
+            summed = torch.tensor([sum(losses)], dtype=torch.float64, device=device)
             dist.all_reduce(summed)
             if rank == 0:
-                print(f"step {step}/{total}: mean -ELBO per row {summed[0] / summed[1] * 1:.4f} "
-                      f"({time.perf_counter() - t0:.1f} s)", flush=True)
+                print(f"step {step}/{total}: mean -ELBO per row {float(summed[0]) / len(losses):.4f}"
+                      f" ({time.perf_counter() - t0:.1f} s)", flush=True)
             losses = []
     if args.out:
         write_means(table, args.out, standardize=args.standardize_out)

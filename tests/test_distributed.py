@@ -473,6 +473,56 @@ def test_dead_or_hung_rank_makes_the_others_fail_not_hang(how, out_dir):
         assert rep["seconds"] >= DEAD_RANK_TIMEOUT * 0.9
 
 
+def run_cmd(cmd, timeout, cwd):
+    """Run a command (torchrun and its workers in one session), kill the whole session if it
+    outlives `timeout`; returns its output, failing the test on a non-zero exit."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                         text=True, start_new_session=True)
+    try:
+        output, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        output, _ = p.communicate()
+        pytest.fail(f"{cmd} did not finish within {timeout} s:\n{output[-3000:]}")
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert p.returncode == 0, f"{cmd} exited with {p.returncode}:\n{output[-4000:]}"
+    return output
+
+
+def test_fit_sharded_end_to_end_torchrun_equals_one_process_and_resumes(out_dir):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (600, 3)) @ rng.normal(size=(3, 4))
+    np.save(os.path.join(out_dir, "x.npy"), x.astype(np.float32))
+    fit = ["-m", "halfvae_ext.fit_sharded", "x.npy", "--latent-dim", "3", "--batch-size", "128"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                "--master-port", str(free_port())]
+    run_cmd([sys.executable, *fit, "--steps", "10", "--out", "one.npy"], 120, out_dir)
+    run_cmd([*torchrun, *fit, "--steps", "10", "--out", "two.npy"], 120, out_dir)
+    # interrupted after 6 steps on 2 processes, resumed on 1
+    run_cmd([*torchrun, *fit, "--steps", "6", "--checkpoint", "ck"], 120, out_dir)
+    out = run_cmd([sys.executable, *fit, "--steps", "10", "--checkpoint", "ck", "--resume",
+                   "--out", "resumed.npy"], 120, out_dir)
+    assert "resumed from ck at step 6" in out
+    one = np.load(os.path.join(out_dir, "one.npy"))
+    assert one.shape == (600, 3) and one.dtype == np.float32
+    assert not any(f.endswith(".partial.npy") for f in os.listdir(out_dir))
+    for name in ("two.npy", "resumed.npy"):
+        np.testing.assert_allclose(np.load(os.path.join(out_dir, name)), one, rtol=RTOL,
+                                   atol=ATOL, err_msg=name)
+    # the means moved away from their random start (the fit did something)
+    start = initial_mu_of(600, 3, seed=0)
+    assert np.abs(one - start).max() > 0.05
+
+
+def initial_mu_of(n, k, seed):
+    return philox_normal_rows(_seed(seed, -1), torch.arange(n), k, torch.float64).float().numpy()
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2 or not halfvae_ext.cuda_kernels_available(),
                     reason="NCCL test needs 2 GPUs and the CUDA kernels")
 def test_nccl_two_gpus(out_dir):
