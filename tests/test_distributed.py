@@ -517,6 +517,13 @@ def test_fit_sharded_end_to_end_torchrun_equals_one_process_and_resumes(out_dir)
     # the means moved away from their random start (the fit did something)
     start = initial_mu_of(600, 3, seed=0)
     assert np.abs(one - start).max() > 0.05
+    # `halfvae separate` under torchrun: the same fit, the means standardized
+    out = run_cmd([*torchrun, "-m", "halfvae_ext.cli", "separate", "x.npy", "-k", "3", "-o",
+                   "sources.npy", "--batch-size", "128", "--max-iter", "10"], 120, out_dir)
+    assert "10 steps on 2 process(es)" in out
+    m = one.astype(np.float64)
+    np.testing.assert_allclose(np.load(os.path.join(out_dir, "sources.npy")),
+                               (m - m.mean(0)) / m.std(0), rtol=RTOL, atol=ATOL)
 
 
 def initial_mu_of(n, k, seed):
