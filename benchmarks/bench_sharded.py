@@ -69,6 +69,21 @@ def worker(rank, world, port, args):
                   bytes_sent_per_step=comm.bytes_sent / steps, bytes_formula=formula,
                   kernel_ms=1e3 * comm.kernel_s / steps, exchange_ms=1e3 * comm.exchange_s / steps)
     result["python_ms"] = result["step_ms_mean"] - result["kernel_ms"] - result["exchange_ms"]
+    if world == 1:  # the same step on the single-process LatentTable (fused Adam), for scale
+        plain = HalfVAE(N, K, K, decoder="linear", table_optimizer="adam", table_lr=0.05)
+        popt = torch.optim.Adam([p for n, p in plain.named_parameters() if "latents" not in n],
+                                lr=1e-3)
+        pt = []
+        for step in range(args.warmup + args.steps):
+            idx = torch.randint(0, N, (B,), generator=g)
+            t0 = time.perf_counter()
+            loss = plain(x, idx).sum() / B
+            popt.zero_grad(set_to_none=False)
+            loss.backward()
+            popt.step()
+            pt.append(time.perf_counter() - t0)
+        pt = sorted(pt[args.warmup:])
+        result["unsharded_step_ms_median"] = 1e3 * pt[len(pt) // 2]
     out = [None] * world
     dist.all_gather_object(out, result)
     if rank == 0:
@@ -118,6 +133,8 @@ def main():
     print(f"{'W':>2} {'rank':>4} {'step ms':>8} {'kernel':>7} {'exchange':>8} {'python':>7} "
           f"{'bytes/step':>11} {'formula':>9}")
     for r in rows:
+        if "unsharded_step_ms_median" in r:
+            print(f"(LatentTable, one process, same step: {r['unsharded_step_ms_median']:.2f} ms)")
         print(f"{r['world']:>2} {r['rank']:>4} {r['step_ms_median']:8.2f} {r['kernel_ms']:7.2f} "
               f"{r['exchange_ms']:8.2f} {r['python_ms']:7.2f} {r['bytes_sent_per_step']:11.0f} "
               f"{r['bytes_formula']:9.0f}")
