@@ -248,6 +248,20 @@ def scenario_bad_id(rank, world, out):
                                torch.equal(state_before, net.table.table_optimizer.state))
     report["draws"] = int(net.table.draws)
     report["step"] = int(net.table.table_optimizer.step)
+    # given eps travel with their ids: the in-kernel draw of the same rows gives the same z
+    idx = torch.tensor([rank, 5, 36])
+    d = int(net.table.draws)
+    z_drawn, _ = net.table(idx, net.prior)
+    z_given, _ = net.table(idx, net.prior, eps=philox_normal_rows(_seed(SEED, d), idx, K))
+    report["eps_given_equal"] = bool(torch.equal(z_drawn, z_given))
+    report["draws_after_eps"] = int(net.table.draws) - d  # given eps draw nothing
+    # generators seeded alike agree; seeded differently, every rank refuses
+    z_gen, _ = net.table(idx, net.prior, generator=torch.Generator().manual_seed(5))
+    report["generator_ok"] = z_gen.shape == (3, K)
+    try:
+        net.table(idx, net.prior, generator=torch.Generator().manual_seed(rank))
+    except ValueError as e:
+        report["generator_disagree"] = str(e)
     # the group is still usable: a good step goes through
     z, kl, m, lv = net.table.sample(torch.tensor([rank, 5]), net.prior)
     (kl.sum() + m.sum()).backward()
@@ -450,6 +464,8 @@ def test_bad_id_on_one_rank_raises_everywhere_and_writes_nothing(out_dir):
         assert errors[1].startswith("IndexError") and "min -1" in errors[1]
         assert errors[2].startswith("ValueError") and "idx must be a 1-D" in errors[2]
         assert rep["unchanged"] and rep["draws"] == 0 and rep["step"] == 0
+        assert rep["eps_given_equal"] and rep["draws_after_eps"] == 1 and rep["generator_ok"]
+        assert "disagree on seed" in rep["generator_disagree"]
         assert rep["after_good_step"] == 1
 
 
