@@ -18,6 +18,11 @@ Usage (every rank runs the same code; ``torchrun --nproc-per-node 2 train.py``):
         opt.step()
     save_checkpoint("ckpt", model, opt)              # DCP; load on any number of ranks
 
+Ready-made: ``torchrun --nproc-per-node 2 -m halfvae_ext.fit_sharded DATA.npy --latent-dim 8
+--batch-size 4096 --epochs 5 --out MEANS.npy --checkpoint CKPT`` (add ``--resume`` to continue
+from CKPT on any number of processes), or ``torchrun --nproc-per-node 2 -m halfvae_ext.cli
+separate DATA.npy -k 8 -o SOURCES.npy --batch-size 4096``.
+
 Design (benchmarks/SCALING.md has the numbers):
 
 - Rows are split in contiguous blocks, ceil(N / W) per rank (the last ones may hold fewer or
