@@ -102,6 +102,24 @@ def test_rows_cuda_matches_cpu(K):
     torch.testing.assert_close(philox_normal_rows(seed.cuda(), rows.cuda(), K).cpu(), full[rows])
 
 
+def test_halfvae_takes_a_table_of_its_size_only():
+    from halfvae_ext import HalfVAE
+    table = LatentTable(10, 3, fused_optimizer="adam")
+    assert HalfVAE(10, 4, 3, latents=table).latents is table
+    with pytest.raises(ValueError, match=r"latents has 10 rows of 3 latents, the model 11 of 3"):
+        HalfVAE(11, 4, 3, latents=table)
+    with pytest.raises(TypeError, match="latents must be a LatentTable or a ShardedLatentTable"):
+        HalfVAE(10, 4, 3, latents=torch.nn.Linear(3, 3))
+
+
+def test_sharded_table_needs_an_initialized_group():
+    from halfvae_ext.distributed import ShardedLatentTable
+    with pytest.raises(RuntimeError, match="needs torch.distributed initialized"):
+        ShardedLatentTable(10, 3)
+    with pytest.raises(ValueError, match="fused_optimizer must be 'adam' or 'sgd'"):
+        ShardedLatentTable(10, 3, fused_optimizer=None)
+
+
 # ----------------------------------------------------------------------------- the shared problem
 N, K, C, D, SEED, TABLE_LR, LR, BATCH = 37, 8, 3, 5, 7, 0.05, 0.01, 30
 
@@ -270,6 +288,33 @@ def scenario_bad_id(rank, world, out):
     torch.save(report, os.path.join(out, f"rank{rank}.pt"))
 
 
+def scenario_edges(rank, world, out):
+    """init_mu as a callable, a rank that owns no rows, read_rows of any rows."""
+    from halfvae_ext.distributed import ShardedLatentTable, all_reduce_gradients
+    report = {}
+    t = ShardedLatentTable(N, K, init_mu=lambda rows: rows.double().unsqueeze(1) + 0.01 *
+                           torch.arange(K), seed=SEED)
+    mu, logvar = t.read_rows(torch.tensor([36, 0, 36, 20]))
+    report["init_callable"] = bool(torch.equal(
+        mu, torch.tensor([36, 0, 36, 20]).float().unsqueeze(1) + 0.01 * torch.arange(K)))
+    report["init_logvar"] = bool((logvar == -2.0).all())
+    try:
+        ShardedLatentTable(N, K, init_mu=lambda rows: torch.zeros(len(rows), K + 1))
+    except ValueError as e:
+        report["init_bad_shape"] = str(e)
+    # one row for two ranks: the last owns nothing, yet both ask for it and step in lockstep
+    tiny = ShardedLatentTable(1, K, seed=SEED)
+    report["tiny_rows"] = (tiny.row_start, tiny.row_stop)
+    prior = GMMPrior(K, C)
+    z, kl, m, lv = tiny.sample(torch.tensor([0, 0]), prior)
+    (kl.sum() + (m ** 2).sum()).backward()
+    all_reduce_gradients(prior)
+    report["tiny_step"] = int(tiny.table_optimizer.step)
+    report["tiny_mu"] = tiny.read_rows(torch.tensor([0]))[0]
+    report["z_dup_equal"] = bool(torch.equal(z[0], z[1]))  # the draw is keyed by the row
+    torch.save(report, os.path.join(out, f"rank{rank}.pt"))
+
+
 def scenario_dead_rank(rank, world, out, how):
     net, opt = _sharded_net(timeout=DEAD_RANK_TIMEOUT)
     z, kl = net.table(torch.tensor([rank, 10 + rank]), net.prior)
@@ -314,7 +359,7 @@ def scenario_nccl(rank, world, out, steps):
                os.path.join(out, f"rank{rank}.pt"))
 
 
-SCENARIOS = {"nccl": scenario_nccl, "train": scenario_train, "resume": scenario_resume, "bad_id": scenario_bad_id,
+SCENARIOS = {"edges": scenario_edges, "nccl": scenario_nccl, "train": scenario_train, "resume": scenario_resume, "bad_id": scenario_bad_id,
              "dead_rank": scenario_dead_rank}
 
 
@@ -467,6 +512,22 @@ def test_bad_id_on_one_rank_raises_everywhere_and_writes_nothing(out_dir):
         assert rep["eps_given_equal"] and rep["draws_after_eps"] == 1 and rep["generator_ok"]
         assert "disagree on seed" in rep["generator_disagree"]
         assert rep["after_good_step"] == 1
+
+
+def test_init_callable_empty_rank_and_read_rows(out_dir):
+    world = 2
+    check_ok(run_ranks("edges", world, out_dir, timeout=90))
+    reps = load_dumps(out_dir, world)
+    for r, rep in enumerate(reps):
+        assert rep["init_callable"] and rep["init_logvar"]
+        own = 19 if r == 0 else 18  # ceil(37 / 2) rows, then the rest
+        assert f"init_mu({own} row ids) must return shape {(own, K)}" in rep["init_bad_shape"]
+        assert rep["tiny_rows"] == ((0, 1) if r == 0 else (1, 1))
+        assert rep["tiny_step"] == 1 and rep["z_dup_equal"]
+    # both ranks read the same stepped row, and it moved from its start
+    assert torch.equal(reps[0]["tiny_mu"], reps[1]["tiny_mu"])
+    start = philox_normal_rows(_seed(SEED, -1), torch.tensor([0]), K, torch.float64).float()
+    assert not torch.equal(reps[0]["tiny_mu"], start)
 
 
 DEAD_RANK_TIMEOUT = 10
