@@ -11,7 +11,7 @@ and the backward (owners' fused Adam step), then all-reduces the replicated grad
 Adam on them. Formula, per rank and step, for ids owned elsewhere (B (W - 1) / W of them):
 8 bytes (id) out + (3K + 1) * 4 (z, kl, mu, logvar) back + (3K + 1) * 4 (their gradients) out
 again; the sender counts what it sends: 8 + 2 (3K + 1) * 4 bytes per remote id, plus the
-all_gather of (error flag, seed, offset, eps/u flags, W counts) int64s to W - 1 peers, plus the
+all_gather of (error flag, seed, offset, eps/u flags, kl, W counts) int64s to W - 1 peers, plus the
 replicated gradients' all-reduce (counted as its payload, 4 bytes a parameter; a ring all-reduce
 moves 2 (W - 1) / W of that per rank).
 """
@@ -62,7 +62,7 @@ def worker(rank, world, port, args):
     t = sorted(times[args.warmup:])
     n_params = sum(p.numel() for p in model.parameters())
     remote = B * (world - 1) / world
-    formula = remote * (8 + 2 * (3 * K + 1) * 4) + (8 * (5 + world) * (world - 1)
+    formula = remote * (8 + 2 * (3 * K + 1) * 4) + (8 * (6 + world) * (world - 1)
                                                     + (4 * n_params if world > 1 else 0))
     result = dict(world=world, rank=rank, batch_per_rank=B, K=K, rows=N,
                   step_ms_median=1e3 * t[len(t) // 2], step_ms_mean=1e3 * sum(t) / len(t),

@@ -361,7 +361,7 @@ class ShardedLatentTable(nn.Module):
     def read_rows(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu [B, K], logvar [B, K]): the current values of any global rows (collective)."""
         idx, error = self._check_call(idx, None, None, None, None)
-        plan, _ = self._plan(idx, error, (0, 0, 0, 0))
+        plan, _ = self._plan(idx, error, (0, 0, 0, 0, 0))
         local = self._received_ids(plan, idx) - self.row_start
         both = self.rows.index_select(0, local).flatten(1)
         out = plan.to_callers(self.comm, both).view(-1, 2, self.num_latents)
@@ -421,11 +421,11 @@ class ShardedLatentTable(nn.Module):
         nf = len(flags)
         disagree = (meta[:, 1:1 + nf] != meta[0, 1:1 + nf]).any(dim=0)
         if disagree.any():
-            names = ("seed", "offset", "eps given", "u given")
+            names = ("seed", "offset", "eps given", "u given", "kl")
             what = ", ".join(names[i] for i in torch.nonzero(disagree).flatten().tolist())
             raise ValueError(f"ShardedLatentTable: the ranks disagree on {what} "
                              f"(generator: seed every rank's generator alike; eps and u: pass "
-                             f"them on every rank or on none)")
+                             f"them on every rank or on none; kl: the same on every rank)")
         send_counts = meta[self.rank, 1 + nf:].tolist()
         recv_counts = meta[:, 1 + nf + self.rank].tolist()
         return _Plan(order, send_counts, recv_counts), meta
@@ -434,8 +434,11 @@ class ShardedLatentTable(nn.Module):
         return plan.to_owners(self.comm, idx)
 
     def _call(self, idx, prior, generator, eps, u, kl, with_rows):
-        kl_code = _kl_code(kl)
         idx, error = self._check_call(idx, prior, eps, u, generator)
+        try:
+            kl_code = _kl_code(kl)
+        except ValueError as e:
+            kl_code, error = -1, error or ("ValueError", str(e))
         if generator is not None and error is None:
             from .ops import draw_seed
             s = draw_seed(generator, self.device).cpu().tolist()
@@ -444,7 +447,7 @@ class ShardedLatentTable(nn.Module):
         prior_index = None
         if error is None and prior is not None:
             prior_index = prior.group_index(u, idx.shape[0])
-        flags = (s[0], s[1], int(eps is not None), int(prior_index is not None))
+        flags = (s[0], s[1], int(eps is not None), int(prior_index is not None), kl_code)
         plan, _ = self._plan(idx, error, flags)
         if generator is None and eps is None:
             self.draws += 1

@@ -260,6 +260,10 @@ def scenario_bad_id(rank, world, out):
             net.table.sample(idx, net.prior)
         except (IndexError, ValueError) as e:
             report.setdefault("errors", []).append(f"{type(e).__name__}: {e}")
+    try:  # a bad argument other than idx, on one rank
+        net.table.sample(torch.tensor([1]), net.prior, kl="bogus" if rank == world - 1 else "mc")
+    except ValueError as e:
+        report.setdefault("errors", []).append(f"{type(e).__name__}: {e}")
     after = net.table.read_rows(torch.arange(N))
     report["unchanged"] = bool(torch.equal(before[0], after[0]) and
                                torch.equal(before[1], after[1]) and
@@ -503,7 +507,8 @@ def test_bad_id_on_one_rank_raises_everywhere_and_writes_nothing(out_dir):
     check_ok(run_ranks("bad_id", world, out_dir, timeout=90))
     for r, rep in enumerate(load_dumps(out_dir, world)):
         errors = rep["errors"]
-        assert len(errors) == 3, (r, errors)
+        assert len(errors) == 4, (r, errors)
+        assert errors[3].startswith("ValueError") and "kl must be 'mc'" in errors[3]
         assert errors[0].startswith("IndexError") and f"rank {world - 1} of {world}" in errors[0]
         assert f"idx values must be in [0, {N})" in errors[0] and "max 37" in errors[0]
         assert errors[1].startswith("IndexError") and "min -1" in errors[1]
