@@ -207,7 +207,10 @@ class ShardedLatentTable(nn.Module):
     an NCCL group, else the CPU).
 
     Calls are collective: every rank of the group calls forward/sample/read_rows (with its own
-    ids, possibly none) in the same order, and runs the backward of every forward.
+    ids, possibly none) in the same order, and runs the backward of every forward. The prior
+    must be the same on every rank (each owner evaluates its rows' KL with its own copy; keep it
+    replicated with all_reduce_gradients). u (a conditional prior) travels with the ids to the
+    owners.
     """
 
     def __init__(self, num_rows: int, num_latents: int, *, process_group=None,
