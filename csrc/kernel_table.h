@@ -31,6 +31,9 @@ struct Kernels {
                                 const PriorTables& prior, at::Tensor& grad_z,
                                 at::Tensor& prior_sums);
   void (*philox_normal)(const at::Tensor& seed, at::Tensor& out);  // seed: int64[2] on the device
+  // out[b, k] = element rows[b] * K + k of philox_normal's stream (rows: int64, >= 0, contiguous;
+  // out: [len(rows), K] contiguous).
+  void (*philox_normal_rows)(const at::Tensor& seed, const at::Tensor& rows, at::Tensor& out);
   void (*latent_rows_update)(const RowUpdate& u);
 
   // Filled for each table by kernel_table.cpp:

@@ -4,7 +4,7 @@ import torch  # noqa: F401  (must come before _C: the kernels link against torch
 from . import _C  # noqa: F401  (registers the torch.ops.halfvae_ext operators)
 from . import reference
 from .ops import (cuda_kernels_available, cuda_kernels_compiled, gmm_log_prob, philox_normal,
-                  reparam_gmm_kl, reparam_gmm_kl_rows)
+                  philox_normal_rows, reparam_gmm_kl, reparam_gmm_kl_rows)
 from .table_optim import FusedRowOptimizer, fused_rows_kl
 from .models import VAE, GMMPrior, HalfVAE, LatentTable
 
@@ -15,6 +15,7 @@ __all__ = [
     "FusedRowOptimizer",
     "gmm_log_prob",
     "philox_normal",
+    "philox_normal_rows",
     "cuda_kernels_available",
     "cuda_kernels_compiled",
     "reference",
@@ -23,14 +24,19 @@ __all__ = [
     "HalfVAE",
     "VAE",
     "HalfVAEICA",
+    "ShardedLatentTable",
 ]
 
 
 def __getattr__(name):
-    # The estimator pulls in scikit-learn: import it on first use, not with the package.
+    # The estimator pulls in scikit-learn, the sharded table torch.distributed: import them on
+    # first use, not with the package.
     if name == "HalfVAEICA":
         from .estimator import HalfVAEICA
         return HalfVAEICA
+    if name == "ShardedLatentTable":
+        from .distributed import ShardedLatentTable
+        return ShardedLatentTable
     raise AttributeError(f"module 'halfvae_ext' has no attribute {name!r}")
 
 

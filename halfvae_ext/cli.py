@@ -3,6 +3,8 @@
     halfvae demo [--out DIR] [--seeds N] [--first-seed S] [--quick] [--jobs N]
     halfvae separate FILE -k K -o OUT [--plot PNG] [--decoder linear|residual|mlp] [--max-iter N]
                      [--restarts N] [--seed S] [--verbose]
+    torchrun --nproc-per-node N -m halfvae_ext.cli separate FILE.npy -k K -o OUT.npy \
+        --batch-size B [--max-iter STEPS]   (the latent table split across N processes)
 
 Also ``python -m halfvae_ext.cli ...``. ``separate`` reads a CSV/text file (rows = samples, columns
 = observed signals; comma, tab or whitespace separated; an optional header row; blank lines and
@@ -206,8 +208,46 @@ def _check_output(path, option):
         raise UsageError(f"{option} {path}: cannot write there ({e.strerror or e})") from None
 
 
+def _cmd_separate_sharded(args, out, err):
+    """separate on a latent table split across the processes of torchrun (or one process with
+    --sharded): the features standardized, a Half-VAE fitted in mini-batches (--max-iter steps
+    of --batch-size rows, global), the standardized posterior means written to a .npy by every
+    rank for its own rows. No restarts, no PCA whitening, no plot: the data need not fit in one
+    process (FILE is memory-mapped)."""
+    from .fit_sharded import fit, parser
+    if not args.file.endswith(".npy"):
+        raise UsageError(f"{args.file}: a sharded run reads a .npy file (memory-mapped)")
+    if not args.output.endswith(".npy"):
+        raise UsageError(f"-o {args.output}: a sharded run writes a .npy file")
+    if args.batch_size is None:
+        raise UsageError("--batch-size is required for a sharded run (rows per step, global)")
+    if args.plot:
+        raise UsageError("--plot: not available in a sharded run")
+    _check_output(args.output, "-o")
+    try:
+        shape = np.load(args.file, mmap_mode="r").shape
+    except (OSError, ValueError) as e:
+        raise CLIError(f"{args.file}: cannot read it as a .npy file: {e}") from None
+    if len(shape) != 2 or args.k > shape[1]:
+        raise CLIError(f"-k {args.k}: {args.file} has shape {shape}; at most its number of "
+                       "columns of sources can be separated")
+    fit_args = parser().parse_args([
+        args.file, "--latent-dim", str(args.k), "--batch-size", str(args.batch_size), "--steps",
+        str(args.max_iter), "--out", args.output, "--standardize-out", "--decoder", args.decoder,
+        "--seed", str(args.seed)])
+    result = fit(fit_args)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"separated {shape[1]} signal(s) x {shape[0]} samples into {args.k} source(s) -> "
+              f"{args.output} ({result['steps']} steps on {result['world']} process(es), "
+              f"{result['seconds']:.1f} s)", file=out)
+    return 0
+
+
 def _cmd_separate(args, out, err):
     import warnings
+
+    if args.sharded or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _cmd_separate_sharded(args, out, err)
 
     from sklearn.exceptions import ConvergenceWarning
 
@@ -348,6 +388,9 @@ def build_parser():
                    help="mini-batches of B rows, with the fused row-wise Adam for the latent "
                    "table (a step costs O(B) whatever the file's length); default: full batch")
     s.add_argument("--seed", type=_nonneg_int, default=0, help="random seed (default: 0)")
+    s.add_argument("--sharded", action="store_true",
+                   help="the latent table split across processes (implied under torchrun, "
+                   "WORLD_SIZE > 1): .npy in and out, --max-iter steps of --batch-size rows")
     s.add_argument("--verbose", action="store_true", help="progress bar on stderr")
     return p
 

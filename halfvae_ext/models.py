@@ -517,7 +517,10 @@ class HalfVAE(nn.Module):
     bound of log p(x)). noise: "learned" (a per-feature log-variance
     parameter ``likelihood.logvar``, initialized to ``init_noise_std``) or a float, the fixed noise
     standard deviation. sparse / table_optimizer ("adam" | "sgd", with table_lr): how the latent
-    table is trained, see :class:`LatentTable` (fused_optimizer).
+    table is trained, see :class:`LatentTable` (fused_optimizer). latents: a table built by the
+    caller instead, e.g. a ``halfvae_ext.distributed.ShardedLatentTable`` whose rows are split
+    across processes (num_samples and latent_dim must match it; the table options above are then
+    its own).
     """
 
     def __init__(self, num_samples: int, data_dim: int, latent_dim: int, decoder="linear",
@@ -526,16 +529,25 @@ class HalfVAE(nn.Module):
                  init_logvar: float = -2.0, init_noise_std: float = 1.0,
                  generator: torch.Generator | None = None, sparse: bool = False,
                  table_optimizer: str | None = None, table_lr: float = 1e-2,
-                 num_groups: int = 1, kl: str = "mc"):
+                 num_groups: int = 1, kl: str = "mc", latents: nn.Module | None = None):
         super().__init__()
         self.num_samples = _check_pos_int("num_samples", num_samples)
         self.data_dim = _check_pos_int("data_dim", data_dim)
         self.latent_dim = _check_pos_int("latent_dim", latent_dim)
         self.kl = _check_kl(kl)
         self.prior = _resolve_prior(prior, latent_dim, num_components, num_groups)
-        self.latents = LatentTable(num_samples, latent_dim, init_mu=init_mu,
-                                   init_logvar=init_logvar, generator=generator, sparse=sparse,
-                                   fused_optimizer=table_optimizer, lr=table_lr)
+        if latents is None:
+            latents = LatentTable(num_samples, latent_dim, init_mu=init_mu,
+                                  init_logvar=init_logvar, generator=generator, sparse=sparse,
+                                  fused_optimizer=table_optimizer, lr=table_lr)
+        elif not (hasattr(latents, "sample") and hasattr(latents, "num_rows")):
+            raise TypeError(f"latents must be a LatentTable or a ShardedLatentTable, got "
+                            f"{type(latents).__name__}")
+        elif (latents.num_rows, latents.num_latents) != (num_samples, latent_dim):
+            raise ValueError(f"latents has {latents.num_rows} rows of {latents.num_latents} "
+                             f"latents, the model {num_samples} of {latent_dim} (num_samples, "
+                             f"latent_dim)")
+        self.latents = latents
         self.decoder = _build_decoder(decoder, latent_dim, data_dim, hidden, activation)
         self.likelihood = _GaussianLikelihood(data_dim, noise, init_noise_std)
 

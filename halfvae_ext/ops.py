@@ -361,3 +361,23 @@ def _log_prob_backward(ctx, grad):
 
 torch.library.register_autograd("halfvae_ext::gmm_log_prob", _log_prob_backward,
                                 setup_context=_log_prob_setup_context)
+
+
+# ----------------------------------------------------------------------------- row-keyed draws
+def philox_normal_rows(seed: torch.Tensor, rows, num_latents: int,
+                       dtype=torch.float32) -> torch.Tensor:
+    """The draws of philox_normal(seed, (N, num_latents)) at rows `rows` of that [N, K] table:
+    element (b, k) is element rows[b] * K + k of the stream, [len(rows), K], computed without
+    drawing the other rows. A draw keyed by the row id: a sharded table (halfvae_ext.distributed)
+    draws the same eps for a row whichever process owns it and wherever it sits in a batch.
+    Repeated rows get the same numbers. rows: 1-D int64/int32 row ids (>= 0) on seed's device."""
+    _require_tensors(seed=seed, rows=rows)
+    if isinstance(num_latents, bool) or not isinstance(num_latents, int) or num_latents < 1:
+        raise ValueError(f"num_latents must be a positive integer, got {num_latents!r}")
+    return _ops.philox_normal_rows(seed, rows, num_latents, dtype)
+
+
+@torch.library.register_fake("halfvae_ext::philox_normal_rows")
+def _philox_normal_rows_fake(seed, rows, K, dtype):
+    _one_device(seed=seed, rows=rows)
+    return seed.new_empty((rows.shape[0], K), dtype=dtype)
