@@ -50,7 +50,8 @@ struct RuntimeEpsSource {
     }
   }
   __device__ void begin_group(int64_t base) {
-    if (eps == nullptr) philox_normals<acc_t>(seed, offset, static_cast<uint64_t>(base / 4), normals);
+    if (eps == nullptr)
+      philox_normals<acc_t>(seed, offset, static_cast<uint64_t>(base / 4), normals);
   }
   __device__ acc_t at(int64_t i, int q) const {
     return eps == nullptr ? normals[q] : static_cast<acc_t>(eps[i]);
