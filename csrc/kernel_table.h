@@ -20,7 +20,7 @@ namespace halfvae {
 struct Kernels {
   // Every kernel is only called with at least one element.
   void (*reparam_gmm_kl_forward)(const ReparamGmmKlProblem& p, at::Tensor& z, at::Tensor& kl);
-  // prior_sums: [K, 3C+1] float64 zeros to add into, or undefined when prior gradients are not
+  // prior_sums: [U*K, 3C+1] float64 zeros to add into, or undefined when prior gradients are not
   // wanted. Adds p.extra_grad_mu / p.extra_grad_logvar when defined, then applies p.row_step
   // when set (the fused table step).
   void (*reparam_gmm_kl_backward)(const ReparamGmmKlProblem& p, const at::Tensor& grad_z,

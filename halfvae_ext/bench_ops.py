@@ -9,6 +9,10 @@ in-kernel eps, torch.randn followed by the eps-given op, the eager reference, to
 apart and excluded), a copy of as many bytes as the fused op must move (the memory floor), and
 one `torch.exp(x)` over N*K elements (the "exp pass": a unit that carries over between machines,
 since it scales with the same vector width and memory system as the fused kernels).
+Each of these for every variant of the op (--variants): "mc" (the Monte-Carlo KL against one
+prior [K, C]), "prior_index" (a conditional prior: --groups tables [U, K, C], a random group per
+row) and "bound" (kl="bound"); the eager reference and torch.compile get the same arguments,
+torch.distributions runs for "mc" only.
 Forward and forward+backward; median of repeats after warm-up; inputs rotate through several copies
 when one set would sit in cache. Writes a table (stdout), bench_ops.json and bench_ops.png, plus
 peak memory of a forward+backward step for the fused and reference paths.
@@ -16,6 +20,7 @@ peak memory of a forward+backward step for the fused and reference paths.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import platform
@@ -33,7 +38,7 @@ CACHE_BYTES = 64 << 20  # rotate inputs until the working set exceeds this (last
 
 
 # ----------------------------------------------------------------------------- implementations
-def distributions_kl(mu, logvar, logits, means, logvars, eps):
+def distributions_kl(mu, logvar, logits, means, logvars, eps, **variant):
     D = torch.distributions
     sigma = torch.exp(0.5 * logvar)
     z = mu + sigma * eps
@@ -44,20 +49,26 @@ def distributions_kl(mu, logvar, logits, means, logvars, eps):
     return z, (q.log_prob(z) - prior.log_prob(z)).sum(1)
 
 
-def reference_kl(mu, logvar, logits, means, logvars, eps):
-    return reference.reparam_gmm_kl(mu, logvar, logits, means, logvars, eps=eps)
+# variant: the op's optional arguments (prior_index, kl), the same for every implementation.
+def reference_kl(mu, logvar, logits, means, logvars, eps, **variant):
+    return reference.reparam_gmm_kl(mu, logvar, logits, means, logvars, eps=eps, **variant)
 
 
-def fused_kl(mu, logvar, logits, means, logvars, eps):
-    return hv.reparam_gmm_kl(mu, logvar, logits, means, logvars, eps=eps)
+def fused_kl(mu, logvar, logits, means, logvars, eps, **variant):
+    return hv.reparam_gmm_kl(mu, logvar, logits, means, logvars, eps=eps, **variant)
 
 
-def fused_rng_kl(mu, logvar, logits, means, logvars, eps):
-    return hv.reparam_gmm_kl(mu, logvar, logits, means, logvars)
+def fused_rng_kl(mu, logvar, logits, means, logvars, eps, **variant):
+    return hv.reparam_gmm_kl(mu, logvar, logits, means, logvars, **variant)
 
 
-def randn_fused_kl(mu, logvar, logits, means, logvars, eps):
-    return hv.reparam_gmm_kl(mu, logvar, logits, means, logvars, eps=torch.randn_like(mu))
+def randn_fused_kl(mu, logvar, logits, means, logvars, eps, **variant):
+    return hv.reparam_gmm_kl(mu, logvar, logits, means, logvars, eps=torch.randn_like(mu),
+                             **variant)
+
+
+# Implementations that do not take a variant's arguments.
+MC_ONLY = {"distributions"}
 
 
 # ----------------------------------------------------------------------------- timing
@@ -89,33 +100,43 @@ def median_time(make_fn, n_sets, device, budget_s, min_repeats, max_repeats):
 
 
 class Inputs:
-    def __init__(self, N, K, C, device, dtype, n_sets, seed=0):
+    """n_sets input sets; variant "prior_index": prior tables [groups, K, C] and a random group per
+    row, "bound": kl="bound"."""
+
+    def __init__(self, N, K, C, device, dtype, n_sets, seed=0, variant="mc", groups=40):
         g = torch.Generator().manual_seed(seed)
         mk = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device, dtype)
-        self.sets = []
+        prior_shape = (groups, K, C) if variant == "prior_index" else (K, C)
+        self.sets, self.kwargs = [], []
         for _ in range(n_sets):
             mu = mk(N, K).requires_grad_()
             logvar = mk(N, K, scale=0.3).requires_grad_()
-            prior = [mk(K, C).requires_grad_(), mk(K, C, scale=2).requires_grad_(),
-                     mk(K, C, scale=0.3).requires_grad_()]
+            prior = [mk(*prior_shape).requires_grad_(), mk(*prior_shape, scale=2).requires_grad_(),
+                     mk(*prior_shape, scale=0.3).requires_grad_()]
             self.sets.append((mu, logvar, *prior, mk(N, K)))
+            kwargs = {}
+            if variant == "prior_index":
+                kwargs["prior_index"] = torch.randint(0, groups, (N,), generator=g).to(device)
+            elif variant == "bound":
+                kwargs["kl"] = "bound"
+            self.kwargs.append(kwargs)
         self.grad_z = torch.full((N, K), 1e-3, device=device, dtype=dtype)
         self.grad_kl = torch.ones(N, device=device, dtype=dtype)
 
     def forward(self, impl, i):
-        args = self.sets[i]
+        args, kwargs = self.sets[i], self.kwargs[i]
 
         def run():
             with torch.no_grad():
-                impl(*args)
+                impl(*args, **kwargs)
         return run
 
     def forward_backward(self, impl, i):
-        args = self.sets[i]
+        args, kwargs = self.sets[i], self.kwargs[i]
         params = list(args[:5])
 
         def run():
-            z, kl = impl(*args)
+            z, kl = impl(*args, **kwargs)
             torch.autograd.grad([z, kl], params, [self.grad_z, self.grad_kl])
         return run
 
@@ -166,6 +187,10 @@ def main(argv=None):
                    help="log2 of N*K, comma-separated")
     p.add_argument("--components", default="1,3,8", help="mixture sizes C, comma-separated")
     p.add_argument("--latents", type=int, default=8)
+    p.add_argument("--variants", default="mc,prior_index,bound",
+                   help="op variants, comma-separated: mc, prior_index, bound")
+    p.add_argument("--groups", type=int, default=40,
+                   help="prior groups U of the prior_index variant")
     p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per cell")
     p.add_argument("--quick", action="store_true",
                    help="sizes 16,20,23 and C=3 only, shorter budget (a few minutes on 2 cores)")
@@ -181,6 +206,9 @@ def main(argv=None):
         sys.exit("bench_ops: --device cuda but no GPU is available")
     sizes = [int(s) for s in args.sizes.split(",")]
     comps = [int(c) for c in args.components.split(",")]
+    variants = args.variants.split(",")
+    if not variants or any(v not in ("mc", "prior_index", "bound") for v in variants):
+        sys.exit(f"bench_ops: --variants takes mc, prior_index, bound; got {args.variants!r}")
     K = args.latents
     esize = torch.tensor([], dtype=dtype).element_size()
 
@@ -191,54 +219,56 @@ def main(argv=None):
         "eager": reference_kl,
         "distributions": distributions_kl,
     }
-    compiled = None
     if not args.no_compile:
-        compiled = torch.compile(reference_kl, dynamic=False)
-        impls["compile"] = compiled
+        impls["compile"] = torch.compile(reference_kl, dynamic=False)
     slow = {"eager", "distributions", "compile"}
 
-    meta = {"device": str(device), "dtype": args.dtype, "K": K, "threads": torch.get_num_threads(),
+    meta = {"device": str(device), "dtype": args.dtype, "K": K, "groups": args.groups,
+            "threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "cpu_kernel": hv._C.cpu_kernel_name(),
             "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     rows = []
     print(f"# bench_ops {meta}")
-    header = f"{'C':>2} {'log2 NK':>7} {'mode':>7} " + " ".join(f"{n:>13}" for n in
-                                                              [*impls, "copy floor", "exp pass"])
+    header = (f"{'C':>2} {'log2 NK':>7} {'variant':>11} {'mode':>7} "
+              + " ".join(f"{n:>13}" for n in [*impls, "copy floor", "exp pass"]))
     print(header + "   (ms)")
-    for C in comps:
-        for lg in sizes:
-            NK = 2**lg
-            N = NK // K
-            bytes_set = NK * esize * 3 + 3 * K * C * esize
-            n_sets = max(1, min(16, math.ceil(CACHE_BYTES / bytes_set))) if device.type == "cpu" else 1
-            inp = Inputs(N, K, C, device, dtype, n_sets, seed=lg * 10 + C)
-            # Compulsory traffic of the fused op (eps given): fwd reads mu, logvar, eps and
-            # writes z, kl[N]; bwd reads grad_z, grad_kl, mu, logvar, eps, writes 2 gradients.
-            moved = {"fwd": NK * esize * 4 + N * esize,
-                     "fwd+bwd": NK * esize * 4 + N * esize + NK * esize * 6 + N * esize}
-            for mode in ("fwd", "fwd+bwd"):
-                make = inp.forward if mode == "fwd" else inp.forward_backward
-                row = {"C": C, "log2_NK": lg, "NK": NK, "mode": mode, "seconds": {},
-                       "bytes_moved": moved[mode]}
-                for name, impl in impls.items():
-                    if name in slow and lg > args.slow_max_log2:
-                        continue
-                    if name == "compile":
-                        t0 = time.perf_counter()
-                        make(impl, 0)()  # first call compiles for this shape and mode
-                        sync(device)
-                        row["compile_seconds"] = time.perf_counter() - t0
-                    row["seconds"][name] = median_time(lambda i: make(impl, i), n_sets, device,
-                                                       args.budget, 3, 100)
-                row["seconds"]["copy floor"] = copy_floor(moved[mode], device, dtype, args.budget)
-                row["seconds"]["exp pass"] = exp_pass(NK, device, dtype, args.budget)
-                rows.append(row)
-                cells = " ".join(f"{row['seconds'][n] * 1e3:13.3f}" if n in row["seconds"]
-                                 else f"{'-':>13}" for n in [*impls, "copy floor", "exp pass"])
-                print(f"{C:>2} {lg:>7} {mode:>7} {cells}", flush=True)
-            del inp
+    for C, lg, variant in itertools.product(comps, sizes, variants):
+        NK = 2**lg
+        N = NK // K
+        bytes_set = NK * esize * 3 + 3 * K * C * esize
+        n_sets = max(1, min(16, math.ceil(CACHE_BYTES / bytes_set))) if device.type == "cpu" else 1
+        inp = Inputs(N, K, C, device, dtype, n_sets, seed=lg * 10 + C, variant=variant,
+                     groups=args.groups)
+        # Compulsory traffic of the fused op (eps given): fwd reads mu, logvar, eps and
+        # writes z, kl[N]; bwd reads grad_z, grad_kl, mu, logvar, eps, writes 2 gradients.
+        # (prior_index adds 8 bytes per row each way, left out: the floor is the mc op's.)
+        moved = {"fwd": NK * esize * 4 + N * esize,
+                 "fwd+bwd": NK * esize * 4 + N * esize + NK * esize * 6 + N * esize}
+        for mode in ("fwd", "fwd+bwd"):
+            make = inp.forward if mode == "fwd" else inp.forward_backward
+            row = {"C": C, "log2_NK": lg, "NK": NK, "variant": variant, "mode": mode,
+                   "seconds": {}, "bytes_moved": moved[mode]}
+            for name, impl in impls.items():
+                if name in slow and lg > args.slow_max_log2:
+                    continue
+                if name in MC_ONLY and variant != "mc":
+                    continue
+                if name == "compile":
+                    t0 = time.perf_counter()
+                    make(impl, 0)()  # first call compiles for this shape and mode
+                    sync(device)
+                    row["compile_seconds"] = time.perf_counter() - t0
+                row["seconds"][name] = median_time(lambda i: make(impl, i), n_sets, device,
+                                                   args.budget, 3, 100)
+            row["seconds"]["copy floor"] = copy_floor(moved[mode], device, dtype, args.budget)
+            row["seconds"]["exp pass"] = exp_pass(NK, device, dtype, args.budget)
+            rows.append(row)
+            cells = " ".join(f"{row['seconds'][n] * 1e3:13.3f}" if n in row["seconds"]
+                             else f"{'-':>13}" for n in [*impls, "copy floor", "exp pass"])
+            print(f"{C:>2} {lg:>7} {variant:>11} {mode:>7} {cells}", flush=True)
+        del inp
 
     # Peak memory of one forward+backward at the largest size not above 2^22, C = 3 if measured.
     mem_lg = max(s for s in sizes if s <= 22) if any(s <= 22 for s in sizes) else min(sizes)
@@ -277,7 +307,10 @@ def main(argv=None):
 
 def summarize(rows, meta):
     print("\nratios (fused, eps given = 1; higher = fused faster), fwd+bwd:")
-    fwd = {(r["C"], r["log2_NK"]): r["seconds"]["fused"] for r in rows if r["mode"] == "fwd"}
+    key = lambda r: (r["C"], r["log2_NK"], r["variant"])
+    fwd = {key(r): r["seconds"]["fused"] for r in rows if r["mode"] == "fwd"}
+    mc = {key(r)[:2]: r["seconds"]["fused"] for r in rows
+          if r["mode"] == "fwd+bwd" and r["variant"] == "mc"}
     for r in rows:
         if r["mode"] != "fwd+bwd":
             continue
@@ -287,9 +320,11 @@ def summarize(rows, meta):
         parts.append(f"randn+fused/fused_rng {s['randn+fused'] / s['fused_rng']:.2f}x")
         parts.append(f"copy floor reached {s['copy floor'] / f * 100:5.1f}%")
         parts.append(f"fused = {f / s['exp pass']:.2f} exp passes "
-                     f"(fwd {fwd[(r['C'], r['log2_NK'])] / s['exp pass']:.2f})")
+                     f"(fwd {fwd[key(r)] / s['exp pass']:.2f})")
+        if r["variant"] != "mc" and key(r)[:2] in mc:
+            parts.append(f"fused {r['variant']}/mc {f / mc[key(r)[:2]]:.2f}x")
         cs = f" (compile took {r['compile_seconds']:.1f} s)" if "compile_seconds" in r else ""
-        print(f"  C={r['C']} N*K=2^{r['log2_NK']}: " + ", ".join(parts) + cs)
+        print(f"  C={r['C']} N*K=2^{r['log2_NK']} {r['variant']}: " + ", ".join(parts) + cs)
 
 
 def plot(rows, meta, path):
@@ -300,13 +335,18 @@ def plot(rows, meta, path):
     fig, axes = plt.subplots(2, len(comps), figsize=(5.5 * len(comps), 8), squeeze=False)
     for j, C in enumerate(comps):
         sel = [r for r in rows if r["C"] == C and r["mode"] == "fwd+bwd"]
-        names = sorted({n for r in sel for n in r["seconds"]})
-        for n in names:
-            pts = [(r["NK"], r["seconds"][n]) for r in sel if n in r["seconds"]]
+        # One curve per implementation and variant; the floors are the same for every variant.
+        curves = sorted({(n, r["variant"]) for r in sel for n in r["seconds"]
+                         if r["variant"] == "mc" or n not in ("copy floor", "exp pass")})
+        for n, variant in curves:
+            pts = [(r["NK"], r["seconds"][n]) for r in sel
+                   if r["variant"] == variant and n in r["seconds"]]
             xs, ts = zip(*pts)
             style = "k--" if n == "copy floor" else "k:" if n == "exp pass" else "-o"
-            axes[0][j].loglog(xs, ts, style, label=n, markersize=3)
-            axes[1][j].loglog(xs, [x / t for x, t in zip(xs, ts)], style, label=n, markersize=3)
+            label = n if variant == "mc" else f"{n} ({variant})"
+            axes[0][j].loglog(xs, ts, style, label=label, markersize=3)
+            axes[1][j].loglog(xs, [x / t for x, t in zip(xs, ts)], style, label=label,
+                              markersize=3)
         axes[0][j].set_title(f"fwd+bwd, C={C}, K={meta['K']}, {meta['device']}")
         axes[0][j].set_ylabel("seconds (median)")
         axes[1][j].set_ylabel("elements / second")

@@ -5,7 +5,7 @@ import torch
 import halfvae_ext as hv
 from halfvae_ext import reference as ref
 
-from conftest import make_problem
+from conftest import assert_float32_close_to_truth, make_problem
 
 # N not a multiple of the vector width (16 floats / 8 doubles), K = 1, C = 1, C = 8, a K that does
 # not divide the vector width, and a K wider than the CPU kernel's pattern limit.
@@ -21,17 +21,6 @@ def grads_of(outputs, weights, inputs):
 def assert_close_all(actual, expected, rtol, atol):
     for i, (a, e) in enumerate(zip(actual, expected)):
         torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=lambda m: f"output {i}: {m}")
-
-
-def assert_float32_close_to_truth(actual, truth):
-    """float32 results against the float64 reference on the same inputs. The absolute tolerance is
-    relative to each tensor's largest entry: prior gradients and row sums add up many terms, and
-    float32 rounding of such sums scales with their size, not with each entry."""
-    for i, (a, t) in enumerate(zip(actual, truth)):
-        assert a.dtype == torch.float32
-        atol = 1e-5 * max(1.0, t.abs().max().item()) if t.numel() else 1e-5
-        torch.testing.assert_close(a.double(), t, rtol=1e-4, atol=atol,
-                                   msg=lambda m: f"output {i}: {m}")
 
 
 def as_float64(tensors):

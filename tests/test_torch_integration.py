@@ -9,17 +9,7 @@ import torch
 import halfvae_ext as hv
 from halfvae_ext import reference as ref
 
-from conftest import make_problem
-
-# Under ATEN_CPU_CAPABILITY=default, inductor (torch 2.14.1) emits at::vec reduction code for these
-# graphs into a kernel whose prelude does not declare at::vec, and g++ refuses it ("'at::vec' has
-# not been declared", in inductor's own sum kernel). It happens with the code before the ops moved
-# to C++ checks too; the ops themselves run under that capability (the rest of this file).
-needs_inductor_vec = pytest.mark.skipif(
-    torch.backends.cpu.get_cpu_capability() == "DEFAULT",
-    reason="torch inductor's C++ codegen fails under ATEN_CPU_CAPABILITY=default (at::vec "
-           "undeclared in its reduction kernels)")
-
+from conftest import make_problem, needs_inductor_vec
 
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("reduction", [0, 1])

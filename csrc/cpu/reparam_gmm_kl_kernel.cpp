@@ -91,11 +91,12 @@ struct ChunkScratch {
   }
 };
 
-template <typename T, int CT>
-void forward_impl(const ReparamGmmKlProblem& p, at::Tensor& z, at::Tensor& kl) {
+// kBound: the closed-form KL bound instead of the Monte-Carlo estimate; Prior: a prior source
+// (vec_loop.h).
+template <typename T, int CT, bool kBound, typename Prior>
+void forward_impl(const ReparamGmmKlProblem& p, const Prior& prior, at::Tensor& z, at::Tensor& kl) {
   using V = Vectorized<T>;
-  const PriorPattern<T> pat(p.prior);
-  const Blocking blocking(p.N * p.K, pat.P, 0);
+  const Blocking blocking(p.N * p.K, prior.P, 0);
   const Inputs<T> in(p);
   T* z_out = z.data_ptr<T>();
   T* kl_out = kl.data_ptr<T>();
@@ -103,16 +104,28 @@ void forward_impl(const ReparamGmmKlProblem& p, at::Tensor& z, at::Tensor& kl) {
   const int C = static_cast<int>(p.C);
   const int64_t K = p.K;
 
-  const auto make_scratch = [&] { return ChunkScratch<T>(blocking, p.sampled(), p.gathered(), row); };
-  blocking.for_each_chunk(make_scratch, [&](ChunkScratch<T>& s, int64_t, int64_t b0, int64_t b1) {
+  const auto make_scratch = [&] {
+    return std::pair{ChunkScratch<T>(blocking, p.sampled(), p.gathered(), row),
+                     prior.template block<false>(blocking)};
+  };
+  blocking.for_each_chunk(make_scratch, [&](auto& scratch, int64_t, int64_t b0,
+                                            int64_t b1) HALFVAE_CHUNK_BODY {
+    auto& [s, pb] = scratch;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = blocking.block_start(b), count = blocking.block_count(b);
       const T* eps = s.block_eps(in.seed_ptr, in.eps, start, count);
       const auto [mu, logvar] = s.block_latents(in, K, start, count);
-      for_each_vector<T>(start, count, pat.P, [&](int64_t g, int64_t j, int64_t local, int64_t n) {
+      pb.begin(start, count);
+      for_each_vector<T>(start, count, prior.P,
+                         [&](int64_t g, int64_t j, int64_t local, int64_t n) {
         V zv, klv;
-        reparam_kl_forward<VecMath<T>, CT>(load(mu + local, n), load(logvar + local, n),
-                                           load(eps + local, n), C, PriorLanes<T>{pat, j}, zv, klv);
+        const auto lanes = pb.lanes(j, local);
+        if constexpr (kBound)
+          reparam_kl_bound_forward<VecMath<T>, CT>(load(mu + local, n), load(logvar + local, n),
+                                                   load(eps + local, n), C, lanes, zv, klv);
+        else
+          reparam_kl_forward<VecMath<T>, CT>(load(mu + local, n), load(logvar + local, n),
+                                             load(eps + local, n), C, lanes, zv, klv);
         store(z_out + g, zv, n);
         store(row ? s.per_elem.data() + local : kl_out + g, klv, n);
       });
@@ -127,14 +140,13 @@ void forward_impl(const ReparamGmmKlProblem& p, at::Tensor& z, at::Tensor& kl) {
   });
 }
 
-template <typename T, int CT, bool kPriorGrads>
-void backward_impl(const ReparamGmmKlProblem& p, const at::Tensor& grad_z,
+template <typename T, int CT, bool kBound, bool kPriorGrads, typename Prior>
+void backward_impl(const ReparamGmmKlProblem& p, const Prior& prior, const at::Tensor& grad_z,
                    const at::Tensor& grad_kl, at::Tensor& grad_mu, at::Tensor& grad_logvar,
                    at::Tensor& prior_sums) {
   using V = Vectorized<T>;
-  const PriorPattern<T> pat(p.prior);
-  const int64_t nsums = num_prior_sums(static_cast<int>(p.C));
-  const Blocking blocking(p.N * p.K, pat.P, kPriorGrads ? nsums : 0);
+  const int64_t sums_per_chunk = kPriorGrads ? prior.sums_per_chunk() : 0;
+  const Blocking blocking(p.N * p.K, prior.P, sums_per_chunk);
   const Inputs<T> in(p);
   const T* gz = grad_z.data_ptr<T>();
   const T* gkl = grad_kl.data_ptr<T>();
@@ -145,7 +157,7 @@ void backward_impl(const ReparamGmmKlProblem& p, const at::Tensor& grad_z,
   const bool row = p.reduction == kReductionRow;
   const int C = static_cast<int>(p.C);
   const int64_t K = p.K;
-  std::vector<double> chunk_sums(kPriorGrads ? blocking.num_chunks * nsums * pat.P : 0, 0.0);
+  ChunkSums chunk_sums(blocking.num_chunks, sums_per_chunk);
   // The fused table step (p.row_step): a row that occurs once in the batch is stepped right after
   // its gradient is computed, while it is still in L1; repeated rows after the whole batch, from
   // their gradients summed in batch order. Each row is stepped once, so nothing else reads it.
@@ -158,81 +170,92 @@ void backward_impl(const ReparamGmmKlProblem& p, const at::Tensor& grad_z,
     stepper.emplace(*p.row_step);
   }
 
-  dispatch_sums_in_registers<T, CT>(pat, [&]<bool kInRegisters>() {
-    using Sums = PriorSums<T, CT, kInRegisters>;
-    const auto make_scratch = [&] {
-      std::pair<ChunkScratch<T>, Sums> scratch{
-          ChunkScratch<T>(blocking, p.sampled(), p.gathered(), row), Sums(pat)};
-      if (p.row_step != nullptr) scratch.first.reserve_step(K);
-      return scratch;
-    };
-    blocking.for_each_chunk(make_scratch, [&](std::pair<ChunkScratch<T>, Sums>& scratch,
-                                              int64_t chunk, int64_t b0, int64_t b1) {
-      auto& [s, sums] = scratch;
-      sums.chunk = kPriorGrads ? chunk_sums.data() + chunk * nsums * pat.P : nullptr;
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t start = blocking.block_start(b), count = blocking.block_count(b);
-        const T* eps = s.block_eps(in.seed_ptr, in.eps, start, count);
-        const auto [mu, logvar] = s.block_latents(in, K, start, count);
-        const T* gk = gkl + start;
-        if (row) {
-          for (int64_t r = 0; r < count / K; ++r)
-            std::fill_n(s.per_elem.data() + r * K, K, gkl[start / K + r]);
-          gk = s.per_elem.data();
-        }
-        if constexpr (kPriorGrads) sums.begin_block();
-        for_each_vector<T>(start, count, pat.P,
-                           [&](int64_t g, int64_t j, int64_t local, int64_t n) {
-          const V gk_v = load(gk + local, n);
-          auto acc = sums.at(j);
-          V gmu, glv;
+  const auto make_scratch = [&] {
+    std::pair scratch{ChunkScratch<T>(blocking, p.sampled(), p.gathered(), row),
+                      prior.template block<kPriorGrads>(blocking)};
+    if (p.row_step != nullptr) scratch.first.reserve_step(K);
+    return scratch;
+  };
+  blocking.for_each_chunk(make_scratch, [&](auto& scratch, int64_t chunk, int64_t b0,
+                                            int64_t b1) HALFVAE_CHUNK_BODY {
+    auto& [s, pb] = scratch;
+    if constexpr (kPriorGrads) pb.begin_chunk(chunk_sums.begin_chunk(chunk));
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t start = blocking.block_start(b), count = blocking.block_count(b);
+      const T* eps = s.block_eps(in.seed_ptr, in.eps, start, count);
+      const auto [mu, logvar] = s.block_latents(in, K, start, count);
+      const T* gk = gkl + start;
+      if (row) {
+        for (int64_t r = 0; r < count / K; ++r)
+          std::fill_n(s.per_elem.data() + r * K, K, gkl[start / K + r]);
+        gk = s.per_elem.data();
+      }
+      pb.begin(start, count);
+      for_each_vector<T>(start, count, prior.P,
+                         [&](int64_t g, int64_t j, int64_t local, int64_t n) {
+        const V gk_v = load(gk + local, n);
+        auto acc = pb.acc(j, local);
+        const auto lanes = pb.lanes(j, local);
+        V gmu, glv;
+        if constexpr (kBound)
+          reparam_kl_bound_backward<VecMath<T>, CT, kPriorGrads>(
+              load(mu + local, n), load(logvar + local, n), load(eps + local, n),
+              load(gz + g, n), gk_v, C, lanes, acc, gmu, glv);
+        else
           reparam_kl_backward<VecMath<T>, CT, kPriorGrads>(
               load(mu + local, n), load(logvar + local, n), load(eps + local, n),
-              load(gz + g, n), gk_v, C, PriorLanes<T>{pat, j}, acc, gmu, glv);
-          if constexpr (kPriorGrads) acc.add_weight(gk_v);
-          store(gmu_out + g, gmu, n);
-          store(glv_out + g, glv, n);
-        });
-        if constexpr (kPriorGrads) sums.end_block();
-        // The rows' gradients from other terms, while this block's are in L1 (the rows are
-        // stepped from the totals).
-        if (extra_mu != nullptr) add_span(gmu_out + start, extra_mu + start, count);
-        if (extra_lv != nullptr) add_span(glv_out + start, extra_lv + start, count);
-        if (stepper) {
-          for (int64_t r = start / K; r < (start + count) / K; ++r) {
-            if (!single[r]) continue;
-            copy_row(s.step_buf.data(), gmu_out + r * K, K);
-            copy_row(s.step_buf.data() + K, glv_out + r * K, K);
-            stepper->step(in.idx[r], s.step_buf.data(), s.step_buf.data() + 2 * K);
-          }
+              load(gz + g, n), gk_v, C, lanes, acc, gmu, glv);
+        if constexpr (kPriorGrads) acc.add_weight(gk_v);
+        store(gmu_out + g, gmu, n);
+        store(glv_out + g, glv, n);
+      });
+      if constexpr (kPriorGrads) pb.end();
+      // The rows' gradients from other terms, while this block's are in L1 (the rows are
+      // stepped from the totals).
+      if (extra_mu != nullptr) add_span(gmu_out + start, extra_mu + start, count);
+      if (extra_lv != nullptr) add_span(glv_out + start, extra_lv + start, count);
+      if (stepper) {
+        for (int64_t r = start / K; r < (start + count) / K; ++r) {
+          if (!single[r]) continue;
+          copy_row(s.step_buf.data(), gmu_out + r * K, K);
+          copy_row(s.step_buf.data() + K, glv_out + r * K, K);
+          stepper->step(in.idx[r], s.step_buf.data(), s.step_buf.data() + 2 * K);
         }
       }
-    });
+    }
+    if constexpr (kPriorGrads) pb.end_chunk();
   });
   if (stepper) stepper->step_groups(*groups, in.idx, gmu_out, glv_out, /*only_repeated=*/true);
-  if constexpr (kPriorGrads)
-    reduce_prior_sums(chunk_sums, blocking.num_chunks, nsums, pat.P, K, prior_sums);
+  if constexpr (kPriorGrads) prior.reduce(chunk_sums.data.get(), blocking.num_chunks, prior_sums);
 }
 
 }  // namespace
 
 void reparam_gmm_kl_forward(const ReparamGmmKlProblem& p, at::Tensor& z, at::Tensor& kl) {
-  TORCH_CHECK(!p.prior.conditional() && !p.bound(), "TODO(issue 11): not implemented");
   AT_DISPATCH_FLOATING_TYPES(p.mu.scalar_type(), "reparam_gmm_kl_cpu", [&] {
-    dispatch_components(p.C, [&]<int CT>() { forward_impl<scalar_t, CT>(p, z, kl); });
+    dispatch_components(p.C, [&]<int CT>() {
+      dispatch_bool(p.bound(), [&]<bool kBound>() {
+        with_prior_source<scalar_t, CT, false>(p.prior, p.N, [&](const auto& prior) {
+          forward_impl<scalar_t, CT, kBound>(p, prior, z, kl);
+        });
+      });
+    });
   });
 }
 
 void reparam_gmm_kl_backward(const ReparamGmmKlProblem& p, const at::Tensor& grad_z,
                              const at::Tensor& grad_kl, at::Tensor& grad_mu,
                              at::Tensor& grad_logvar, at::Tensor& prior_sums) {
-  TORCH_CHECK(!p.prior.conditional() && !p.bound(), "TODO(issue 11): not implemented");
   AT_DISPATCH_FLOATING_TYPES(p.mu.scalar_type(), "reparam_gmm_kl_backward_cpu", [&] {
     dispatch_components(p.C, [&]<int CT>() {
-      if (prior_sums.defined())
-        backward_impl<scalar_t, CT, true>(p, grad_z, grad_kl, grad_mu, grad_logvar, prior_sums);
-      else
-        backward_impl<scalar_t, CT, false>(p, grad_z, grad_kl, grad_mu, grad_logvar, prior_sums);
+      dispatch_bool(p.bound(), [&]<bool kBound>() {
+        dispatch_bool(prior_sums.defined(), [&]<bool kPriorGrads>() {
+          with_prior_source<scalar_t, CT, kPriorGrads>(p.prior, p.N, [&](const auto& prior) {
+            backward_impl<scalar_t, CT, kBound, kPriorGrads>(p, prior, grad_z, grad_kl, grad_mu,
+                                                             grad_logvar, prior_sums);
+          });
+        });
+      });
     });
   });
 }

@@ -6,6 +6,9 @@
 // into blocks of a fixed size and blocks into at most kMaxChunks chunks: the chunking depends only on
 // the problem size, never on the thread count, so per-chunk partial sums combined in chunk order make
 // the prior-gradient reduction bit-for-bit deterministic.
+//
+// A conditional prior (one mixture per group of rows) replaces the pattern by per-group tables; the
+// loop stays the same (see the prior sources below).
 #pragma once
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -14,12 +17,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <numeric>
 #include <vector>
 
 #include "../prior_tables.h"
 #include "halfvae/gmm_math.h"
 #include "halfvae/philox.h"
+#include "prefetch.h"
 
 namespace halfvae::cpu {
 inline namespace CPU_CAPABILITY {
@@ -116,16 +121,22 @@ constexpr int64_t kMaxPattern = 4096;
 constexpr int64_t kBlockElems = 1024;  // also the span of a float32 partial sum: keep it short
 constexpr int64_t kMaxChunks = 256;
 
+// P = r*K, the shortest run of whole rows that is a multiple of W (K itself past kMaxPattern).
+template <typename T>
+inline int64_t pattern_length(int64_t K) {
+  const int64_t W = Vectorized<T>::size();
+  const int64_t rows = W / std::gcd(K, W);
+  return rows * K <= kMaxPattern ? rows * K : K;
+}
+
 template <typename T>
 struct PriorPattern {
   using V = Vectorized<T>;
   int64_t K = 0, C = 0, P = 0, stride = 0;  // stride: P rounded up to W (padding keeps loads in bounds)
   std::vector<T> w, m, prec, half_prec;     // [C][stride]
 
-  explicit PriorPattern(const PriorTables& t) : K(t.K), C(t.C) {
+  explicit PriorPattern(const PriorTables& t) : K(t.K), C(t.C), P(pattern_length<T>(t.K)) {
     const int64_t W = V::size();
-    const int64_t rows = W / std::gcd(K, W);
-    P = (rows * K <= kMaxPattern) ? rows * K : K;
     stride = (P + W - 1) / W * W + W;
     w.assign(C * stride, T(0));
     m.assign(C * stride, T(0));
@@ -157,19 +168,41 @@ struct PriorLanes {
   V half_prec(int c) const { return V::loadu(pat.half_prec.data() + c * pat.stride + j); }
 };
 
+// The prior of W lanes read from a table [4][C][stride] (w, m, prec, half_prec): a conditional
+// prior's per-group tables (stride W) or a block's copy of them (a column per element). Not a
+// PriorLanes: the same layout for the pattern cost the unconditional backward ~10% (measured).
+template <typename T>
+struct TableLanes {
+  using V = Vectorized<T>;
+  const T* base;
+  int64_t stride;   // between components
+  int64_t qstride;  // between the four quantities: C * stride
+  V w(int c) const { return V::loadu(base + c * stride); }
+  V m(int c) const { return V::loadu(base + qstride + c * stride); }
+  V prec(int c) const { return V::loadu(base + 2 * qstride + c * stride); }
+  V half_prec(int c) const { return V::loadu(base + 3 * qstride + c * stride); }
+};
+
+// On a kernel's per-chunk lambda (Blocking::for_each_chunk's f): inlined into the loop over the
+// chunks, the thread's scratch is a local variable there, and the register accumulators of
+// PriorSums stay in registers. GCC left the backward's lambda out of line once the kernels took a
+// prior source, and the unconditional backward took ~20% longer (accumulators in memory).
+#define HALFVAE_CHUNK_BODY __attribute__((always_inline))
+
 struct Blocking {
   int64_t numel = 0, P = 1, block_elems = 0, num_blocks = 0, num_chunks = 0, blocks_per_chunk = 0;
 
-  // sums_per_pattern: doubles of per-chunk partial sums per pattern position (0 = none); bounds the
-  // chunk count so that the partial sums stay under ~64 MB for huge K*C.
-  Blocking(int64_t numel_, int64_t P_, int64_t sums_per_pattern) : numel(numel_), P(P_) {
+  // sums_per_chunk: doubles of one chunk's partial sums (0 = none); bounds the chunk count so that
+  // the partial sums stay under ~64 MB for huge K*C (or U*K*C): one chunk at worst, whose sums are
+  // no larger than the prior sums the op returns.
+  Blocking(int64_t numel_, int64_t P_, int64_t sums_per_chunk) : numel(numel_), P(P_) {
     int64_t patterns = std::max<int64_t>(1, kBlockElems / P);
     patterns = (patterns + 3) / 4 * 4;  // block starts stay multiples of 4 (one Philox block)
     block_elems = patterns * P;
     num_blocks = (numel + block_elems - 1) / block_elems;
     int64_t max_chunks = kMaxChunks;
-    if (sums_per_pattern > 0)
-      max_chunks = std::clamp<int64_t>((int64_t(1) << 23) / (sums_per_pattern * P), 1, kMaxChunks);
+    if (sums_per_chunk > 0)
+      max_chunks = std::clamp<int64_t>((int64_t(1) << 23) / sums_per_chunk, 1, kMaxChunks);
     num_chunks = std::min(num_blocks, max_chunks);
     blocks_per_chunk = num_chunks > 0 ? (num_blocks + num_chunks - 1) / num_chunks : 0;
     if (blocks_per_chunk > 0) num_chunks = (num_blocks + blocks_per_chunk - 1) / blocks_per_chunk;
@@ -320,17 +353,26 @@ struct PriorSums {
   Lanes at(int64_t j) { return Lanes{*this, j}; }
 };
 
-// Calls f.template operator()<kInRegisters>() (see PriorSums).
-template <typename T, int CT, typename F>
-inline void dispatch_sums_in_registers(const PriorPattern<T>& pat, const F& f) {
-  if constexpr (CT > 0) {
-    if (pat.P == Vectorized<T>::size()) return f.template operator()<true>();
+// Per-chunk partial prior sums, [num_chunks][per_chunk] float64. Left uninitialized here: each
+// chunk's worker zeroes its own part when it starts the chunk (in parallel; at 40 prior groups
+// these are ~6 MB).
+struct ChunkSums {
+  int64_t per_chunk;
+  std::unique_ptr<double[]> data;
+  ChunkSums(int64_t num_chunks, int64_t per_chunk_)
+      : per_chunk(per_chunk_),
+        data(per_chunk_ > 0 ? new double[num_chunks * per_chunk_] : nullptr) {}
+  // The zeroed sums of chunk c (null without sums).
+  double* begin_chunk(int64_t c) {
+    if (per_chunk == 0) return nullptr;
+    double* p = data.get() + c * per_chunk;
+    std::fill_n(p, per_chunk, 0.0);
+    return p;
   }
-  f.template operator()<false>();
-}
+};
 
 // Per-chunk sums -> [K, 3C+1] float64, combining chunks in order (deterministic).
-inline void reduce_prior_sums(const std::vector<double>& chunks, int64_t num_chunks, int64_t nsums,
+inline void reduce_prior_sums(const double* chunks, int64_t num_chunks, int64_t nsums,
                               int64_t P, int64_t K, at::Tensor& out) {
   double* o = out.data_ptr<double>();
   std::fill(o, o + K * nsums, 0.0);
@@ -341,6 +383,309 @@ inline void reduce_prior_sums(const std::vector<double>& chunks, int64_t num_chu
     for (int64_t j = 0; j < P; ++j) o[(j % K) * nsums + q] += total[q * P + j];
 }
 
+// Accumulates a vector's prior-gradient terms (the `acc` of gmm_math.h) at base[q * stride], q the
+// sum's number in the layout of num_prior_sums.
+template <typename T, int CT>
+struct SumLanes {
+  using V = Vectorized<T>;
+  T* base;
+  int64_t stride;
+  int C;
+  void add(int64_t q, const V& v) const {
+    T* p = base + q * stride;
+    (V::loadu(p) + v).store(p);
+  }
+  void operator()(int c, const V& r, const V& r_dprec, const V& r_lv) const {
+    const int n = CT > 0 ? CT : C;
+    add(c, r);
+    add(n + c, r_dprec);
+    add(2 * n + c, r_lv);
+  }
+  void add_weight(const V& g) const { add(3 * (CT > 0 ? CT : C), g); }
+};
+
+// Prior sources: the kernels' block loop, written once, reads each vector's prior values and adds
+// its prior-gradient terms through one of
+//   PatternSource: one prior [K, C], repeated into the pattern;
+//   GroupSource:   a conditional prior, one [K, C] mixture per group of rows (PriorTables::index).
+// A source has P (blocks hold whole patterns, a pattern whole rows), sums_per_chunk() (doubles of
+// one chunk's partial prior sums), reduce(chunks, num_chunks, out) (adds the chunks' sums,
+// combined in chunk order, into the zeros of out [U*K, 3C+1]) and block<kSums>(blocking), a
+// thread's scratch:
+//   begin_chunk(chunk)   with kSums, before a chunk's first block: its zeroed sums;
+//   begin(start, count)  before the vectors of the block [start, start + count);
+//   lanes(j, local)      the prior lanes of its vector at pattern offset j, block offset local;
+//   acc(j, local)        with kSums, where that vector's prior-gradient terms go;
+//   end()                with kSums, after the block's vectors;
+//   end_chunk()          with kSums, after the chunk's last block.
+template <typename T, int CT, bool kInRegisters>
+struct PatternSource {
+  PriorPattern<T> pat;
+  int64_t P, C;
+
+  explicit PatternSource(const PriorTables& t) : pat(t), P(pat.P), C(t.C) {}
+  int64_t sums_per_chunk() const { return num_prior_sums(static_cast<int>(pat.C)) * P; }
+
+  template <bool kSums>
+  struct Block {
+    const PriorPattern<T>& pat;
+    PriorSums<T, CT, kInRegisters> sums;
+    void begin_chunk(double* chunk) { sums.chunk = chunk; }
+    void begin(int64_t, int64_t) {
+      if constexpr (kSums) sums.begin_block();
+    }
+    PriorLanes<T> lanes(int64_t j, int64_t) const { return {pat, j}; }
+    auto acc(int64_t j, int64_t) { return sums.at(j); }
+    void end() { sums.end_block(); }
+    void end_chunk() {}
+  };
+  template <bool kSums>
+  Block<kSums> block(const Blocking&) const {
+    return Block<kSums>{pat, PriorSums<T, CT, kInRegisters>(pat)};
+  }
+
+  void reduce(const double* chunks, int64_t num_chunks, at::Tensor& out) const {
+    reduce_prior_sums(chunks, num_chunks, num_prior_sums(static_cast<int>(pat.C)), P, pat.K, out);
+  }
+};
+
+template <typename T, int CT, bool kDirect, bool kSums>
+struct GroupBlock;
+
+// A conditional prior. Group u's mixture for dimension k is table row u*K + k, row n's group
+// index[n]. The tables are rearranged per group into [K/W][4][C][W] blocks (k rounded up to whole
+// vectors; the four quantities w, m, prec, half_prec), so that the 4C vectors of W consecutive k
+// lie together at offsets known at compile time. Prior sums per group likewise, [K/W][3C+1][W].
+//
+// kDirect (K % W == 0): a vector lies inside one row and reads its group's tables directly.
+// Otherwise vectors span rows: each block first copies its rows' values into a buffer laid out like
+// its elements, and its terms come back through a buffer of the same layout.
+//
+// When the tables are larger than the batch (4*U*K*C > N: 10^5 groups for a few hundred rows) only
+// the groups present are kept, numbered in order of first occurrence: then the copy, the per-chunk
+// sums and their reduction are O(N + U) (a U-entry map), not O(U*K*C) (the op's own [U*K, 3C+1]
+// output aside).
+template <typename T, int CT, bool kDirect>
+struct GroupSource {
+  static constexpr int64_t W = Vectorized<T>::size();
+  int64_t K, C, U, G = 0, P, nsums;
+  int64_t KB;         // vectors per row: K / W rounded up
+  int64_t group_len;  // values of a group's tables, 4 * C * KB * W
+  int64_t sums_len;   // sums of a group, nsums * KB * W
+  const int64_t* index;
+  std::vector<int32_t> compact;  // u -> g when only the groups present are kept; empty: g = u
+  std::vector<int64_t> group_u;  // g -> u when compacted
+  std::vector<T> tables;         // [G][KB][4][C][W]
+
+  GroupSource(const PriorTables& t, int64_t N)
+      : K(t.K), C(t.C), U(t.U), P(pattern_length<T>(t.K)),
+        nsums(num_prior_sums(static_cast<int>(t.C))), KB((t.K + W - 1) / W),
+        group_len(4 * t.C * KB * W), sums_len(nsums * KB * W),
+        index(t.index.data_ptr<int64_t>()) {
+    TORCH_CHECK(N < (int64_t(1) << 31), "a conditional prior takes at most 2^31 - 1 rows");
+    if (4 * U * K * C > N) {
+      compact.assign(U, -1);
+      for (int64_t n = 0; n < N; ++n) {
+        int32_t& g = compact[index[n]];
+        if (g < 0) {
+          g = static_cast<int32_t>(G++);
+          group_u.push_back(index[n]);
+        }
+      }
+    } else {
+      G = U;
+    }
+    // Padding lanes (k >= K) hold finite values: w = m = 0, prec = 1.
+    tables.assign(G * group_len, T(0));
+    const T* w = t.w.data_ptr<T>();
+    const T* m = t.m.data_ptr<T>();
+    const T* prec = t.prec.data_ptr<T>();
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t kb = 0; kb < KB; ++kb) {
+        T* dst = tables.data() + g * group_len + kb * 4 * C * W;
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t l = 0; l < W; ++l) {
+            const int64_t k = kb * W + l;
+            const int64_t i = (u_of(g) * K + k) * C + c;
+            dst[c * W + l] = k < K ? w[i] : T(0);
+            dst[(C + c) * W + l] = k < K ? m[i] : T(0);
+            dst[(2 * C + c) * W + l] = k < K ? prec[i] : T(1);
+            dst[(3 * C + c) * W + l] = k < K ? T(0.5) * prec[i] : T(0.5);
+          }
+      }
+  }
+  int64_t group(int64_t row) const { return compact.empty() ? index[row] : compact[index[row]]; }
+  int64_t u_of(int64_t g) const { return compact.empty() ? g : group_u[g]; }
+  const T* table(int64_t g) const { return tables.data() + g * group_len; }
+  int64_t sums_per_chunk() const { return G * sums_len; }
+
+  template <bool kSums>
+  GroupBlock<T, CT, kDirect, kSums> block(const Blocking& b) const {
+    return GroupBlock<T, CT, kDirect, kSums>(*this, b);
+  }
+
+  void reduce(const double* chunks, int64_t num_chunks, at::Tensor& out) const {
+    double* o = out.data_ptr<double>();
+    const int64_t n = sums_len;
+    const int64_t grain =
+        std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, num_chunks * n));
+    at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
+      std::vector<double> total(n);
+      for (int64_t g = g0; g < g1; ++g) {
+        std::fill(total.begin(), total.end(), 0.0);
+        for (int64_t c = 0; c < num_chunks; ++c)
+          add_span(total.data(), chunks + (c * G + g) * n, n);
+        double* row = o + u_of(g) * K * nsums;
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t q = 0; q < nsums; ++q)
+            row[k * nsums + q] += total[((k / W) * nsums + q) * W + k % W];
+      }
+    });
+  }
+};
+
+// A thread's scratch for GroupSource.
+template <typename T, int CT, bool kDirect, bool kSums>
+struct GroupBlock {
+  using V = Vectorized<T>;
+  static constexpr int64_t W = V::size();
+  const GroupSource<T, CT, kDirect>& src;
+  // Direct path: per vector of the block (block offset / W), its group's tables and accumulators.
+  std::vector<const T*> vector_tables;
+  std::vector<T*> vector_sums;
+  // Copy path: [4][C][buf_stride], the block's prior values per element.
+  int64_t buf_stride = 0;
+  std::vector<T> buffer;
+  // kSums: T accumulators per group (the layout of GroupSource's sums), added into the chunk's
+  // float64 sums when the group has taken fold_rows rows since its last fold (short sums, as
+  // PriorSums' over a block) and at the end of the chunk. Folding every block instead cost ~25% of
+  // the backward at 40 groups: a block of 128 rows touches nearly all of them, with ~3 rows each.
+  int64_t fold_rows = 0;
+  std::vector<T> sums;
+  std::vector<T> terms;                  // copy path: [nsums][buf_stride], each element's terms
+  std::vector<int32_t> rows_since_fold;  // [G]
+  std::vector<int32_t> touched;          // groups that took rows in this chunk (repeats allowed)
+  std::vector<int32_t> row_group;        // the group of each of the block's rows
+  double* chunk = nullptr;
+  int64_t rows = 0;
+
+  GroupBlock(const GroupSource<T, CT, kDirect>& s, const Blocking& b) : src(s) {
+    if constexpr (kDirect) {
+      vector_tables.resize(b.block_elems / W);
+      if constexpr (kSums) vector_sums.resize(b.block_elems / W);
+    } else {
+      buf_stride = b.block_elems + W;
+      // Lanes past the end of a partial vector read these: finite values (w = m = 0, prec = 1).
+      buffer.assign(4 * s.C * buf_stride, T(0));
+      std::fill(buffer.begin() + 2 * s.C * buf_stride, buffer.begin() + 3 * s.C * buf_stride, T(1));
+      std::fill(buffer.begin() + 3 * s.C * buf_stride, buffer.end(), T(0.5));
+      if constexpr (kSums) terms.resize(s.nsums * buf_stride);
+    }
+    if constexpr (kSums) {
+      fold_rows = kBlockElems / W;  // the most terms a PriorSums accumulator takes
+      sums.assign(s.G * s.sums_len, T(0));
+      rows_since_fold.assign(s.G, 0);
+      row_group.resize(b.block_elems / s.K);
+    }
+  }
+
+  void begin_chunk(double* c) { chunk = c; }
+
+  void begin(int64_t start, int64_t count) {
+    const int64_t K = src.K, C4 = 4 * src.C, first = start / K;
+    rows = count / K;  // blocks hold whole rows
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t g = src.group(first + r);
+      const T* table = src.table(g);
+      if constexpr (kSums) {
+        row_group[r] = static_cast<int32_t>(g);
+        if (rows_since_fold[g]++ == 0) touched.push_back(static_cast<int32_t>(g));
+      }
+      if constexpr (kDirect) {
+        for (int64_t kb = 0; kb < src.KB; ++kb) {
+          vector_tables[r * src.KB + kb] = table + kb * C4 * W;
+          if constexpr (kSums)
+            vector_sums[r * src.KB + kb] = sums.data() + g * src.sums_len + kb * src.nsums * W;
+        }
+      } else {
+        for (int64_t kb = 0; kb < src.KB; ++kb) {
+          const int64_t len = std::min(W, K - kb * W);
+          for (int64_t i = 0; i < C4; ++i)
+            copy_row(buffer.data() + i * buf_stride + r * K + kb * W, table + (kb * C4 + i) * W,
+                     len);
+        }
+      }
+    }
+    if constexpr (kSums && !kDirect)
+      for (int64_t q = 0; q < src.nsums; ++q)
+        std::fill_n(terms.data() + q * buf_stride, count, T(0));
+  }
+
+  TableLanes<T> lanes(int64_t, int64_t local) const {
+    const int64_t C = CT > 0 ? CT : src.C;
+    if constexpr (kDirect) return {vector_tables[local / W], W, C * W};
+    else return {buffer.data() + local, buf_stride, C * buf_stride};
+  }
+  SumLanes<T, CT> acc(int64_t, int64_t local) {
+    const int C = static_cast<int>(src.C);
+    if constexpr (!kSums) return {nullptr, 0, C};
+    else if constexpr (kDirect) return {vector_sums[local / W], W, C};
+    else return {terms.data() + local, buf_stride, C};
+  }
+
+  void end() {
+    const int64_t K = src.K;
+    if constexpr (!kDirect)  // each row's terms into its group's accumulators
+      for (int64_t r = 0; r < rows; ++r) {
+        T* a = sums.data() + row_group[r] * src.sums_len;
+        for (int64_t kb = 0; kb < src.KB; ++kb)
+          for (int64_t q = 0; q < src.nsums; ++q)
+            add_span(a + (kb * src.nsums + q) * W, terms.data() + q * buf_stride + r * K + kb * W,
+                     std::min(W, K - kb * W));
+      }
+    // Only once every row of the block is in (a fold resets the group's count).
+    for (int64_t r = 0; r < rows; ++r)
+      if (rows_since_fold[row_group[r]] >= fold_rows) fold(row_group[r]);
+  }
+
+  void end_chunk() {
+    for (const int32_t g : touched)
+      if (rows_since_fold[g] > 0) fold(g);
+    touched.clear();
+  }
+
+ private:
+  void fold(int64_t g) {
+    const int64_t n = src.sums_len;
+    double* c = chunk + g * n;
+    T* a = sums.data() + g * n;
+    for (int64_t i = 0; i < n; ++i) c[i] += static_cast<double>(a[i]);
+    std::fill_n(a, n, T(0));
+    rows_since_fold[g] = 0;
+  }
+};
+
+// Calls f(source) with the source of prior t (N rows): the group tables of a conditional prior, or
+// the pattern of one [K, C] prior (with kSums, a one-vector pattern and a compile-time C: sums in
+// registers, see PriorSums).
+template <typename T, int CT, bool kSums, typename F>
+inline void with_prior_source(const PriorTables& t, int64_t N, const F& f) {
+  if (t.conditional()) {
+    if (t.K % Vectorized<T>::size() == 0) return f(GroupSource<T, CT, true>(t, N));
+    return f(GroupSource<T, CT, false>(t, N));
+  }
+  if constexpr (kSums && CT > 0) {
+    if (pattern_length<T>(t.K) == Vectorized<T>::size()) return f(PatternSource<T, CT, true>(t));
+  }
+  f(PatternSource<T, CT, false>(t));
+}
+
+// Calls f.template operator()<b>().
+template <typename F>
+inline void dispatch_bool(bool b, const F& f) {
+  if (b) f.template operator()<true>();
+  else f.template operator()<false>();
+}
 
 }  // namespace CPU_CAPABILITY
 }  // namespace halfvae::cpu
