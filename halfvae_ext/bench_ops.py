@@ -92,11 +92,21 @@ def time_once(fn, device):
 
 def median_time(make_fn, n_sets, device, budget_s, min_repeats, max_repeats):
     """make_fn(i) -> a closure on input set i. One warm-up per set, then repeats in rotation."""
-    fns = [make_fn(i) for i in range(n_sets)]
-    first = [time_once(f, device) for f in fns]  # warm-up
-    per = max(statistics.median(first), 1e-7)
-    repeats = int(min(max_repeats, max(min_repeats, budget_s / per)))
-    return statistics.median(time_once(fns[r % n_sets], device) for r in range(repeats))
+    return median_times([make_fn], n_sets, device, budget_s, min_repeats, max_repeats)[0]
+
+
+def median_times(make_fns, n_sets, device, budget_s, min_repeats, max_repeats):
+    """median_time of several closures (budget_s each), timed in turn, one call of each per
+    repeat: on a machine whose speed drifts, their ratios stay those of the same moments."""
+    fns = [[make_fn(i) for i in range(n_sets)] for make_fn in make_fns]
+    first = [[time_once(f, device) for f in sets] for sets in fns]  # warm-up
+    per = max(sum(statistics.median(t) for t in first), 1e-7)
+    repeats = int(min(max_repeats, max(min_repeats, budget_s * len(fns) / per)))
+    times = [[] for _ in fns]
+    for r in range(repeats):
+        for sets, t in zip(fns, times):
+            t.append(time_once(sets[r % n_sets], device))
+    return [statistics.median(t) for t in times]
 
 
 class Inputs:
@@ -234,41 +244,48 @@ def main(argv=None):
     header = (f"{'C':>2} {'log2 NK':>7} {'variant':>11} {'mode':>7} "
               + " ".join(f"{n:>13}" for n in [*impls, "copy floor", "exp pass"]))
     print(header + "   (ms)")
-    for C, lg, variant in itertools.product(comps, sizes, variants):
+    for C, lg in itertools.product(comps, sizes):
         NK = 2**lg
         N = NK // K
         bytes_set = NK * esize * 3 + 3 * K * C * esize
         n_sets = max(1, min(16, math.ceil(CACHE_BYTES / bytes_set))) if device.type == "cpu" else 1
-        inp = Inputs(N, K, C, device, dtype, n_sets, seed=lg * 10 + C, variant=variant,
-                     groups=args.groups)
+        # Each implementation times its variants in turn (median_times): their ratios then come
+        # from the same moments of a (shared) machine whose speed drifts.
+        inputs = {v: Inputs(N, K, C, device, dtype, n_sets, seed=lg * 10 + C, variant=v,
+                            groups=args.groups) for v in variants}
         # Compulsory traffic of the fused op (eps given): fwd reads mu, logvar, eps and
         # writes z, kl[N]; bwd reads grad_z, grad_kl, mu, logvar, eps, writes 2 gradients.
         # (prior_index adds 8 bytes per row each way, left out: the floor is the mc op's.)
         moved = {"fwd": NK * esize * 4 + N * esize,
                  "fwd+bwd": NK * esize * 4 + N * esize + NK * esize * 6 + N * esize}
         for mode in ("fwd", "fwd+bwd"):
-            make = inp.forward if mode == "fwd" else inp.forward_backward
-            row = {"C": C, "log2_NK": lg, "NK": NK, "variant": variant, "mode": mode,
-                   "seconds": {}, "bytes_moved": moved[mode]}
+            mode_rows = {v: {"C": C, "log2_NK": lg, "NK": NK, "variant": v, "mode": mode,
+                             "seconds": {}, "bytes_moved": moved[mode]} for v in variants}
             for name, impl in impls.items():
                 if name in slow and lg > args.slow_max_log2:
                     continue
-                if name in MC_ONLY and variant != "mc":
-                    continue
+                timed = [v for v in variants if name not in MC_ONLY or v == "mc"]
+                makes = {v: inputs[v].forward if mode == "fwd" else inputs[v].forward_backward
+                         for v in timed}
                 if name == "compile":
-                    t0 = time.perf_counter()
-                    make(impl, 0)()  # first call compiles for this shape and mode
-                    sync(device)
-                    row["compile_seconds"] = time.perf_counter() - t0
-                row["seconds"][name] = median_time(lambda i: make(impl, i), n_sets, device,
-                                                   args.budget, 3, 100)
-            row["seconds"]["copy floor"] = copy_floor(moved[mode], device, dtype, args.budget)
-            row["seconds"]["exp pass"] = exp_pass(NK, device, dtype, args.budget)
-            rows.append(row)
-            cells = " ".join(f"{row['seconds'][n] * 1e3:13.3f}" if n in row["seconds"]
-                             else f"{'-':>13}" for n in [*impls, "copy floor", "exp pass"])
-            print(f"{C:>2} {lg:>7} {variant:>11} {mode:>7} {cells}", flush=True)
-        del inp
+                    for v in timed:
+                        t0 = time.perf_counter()
+                        makes[v](impl, 0)()  # first call compiles for this shape, mode, variant
+                        sync(device)
+                        mode_rows[v]["compile_seconds"] = time.perf_counter() - t0
+                seconds = median_times([lambda i, make=makes[v]: make(impl, i) for v in timed],
+                                       n_sets, device, args.budget, 3, 100)
+                for v, t in zip(timed, seconds):
+                    mode_rows[v]["seconds"][name] = t
+            floor = copy_floor(moved[mode], device, dtype, args.budget)
+            exp = exp_pass(NK, device, dtype, args.budget)
+            for variant, row in mode_rows.items():
+                row["seconds"]["copy floor"], row["seconds"]["exp pass"] = floor, exp
+                rows.append(row)
+                cells = " ".join(f"{row['seconds'][n] * 1e3:13.3f}" if n in row["seconds"]
+                                 else f"{'-':>13}" for n in [*impls, "copy floor", "exp pass"])
+                print(f"{C:>2} {lg:>7} {variant:>11} {mode:>7} {cells}", flush=True)
+        del inputs
 
     # Peak memory of one forward+backward at the largest size not above 2^22, C = 3 if measured.
     mem_lg = max(s for s in sizes if s <= 22) if any(s <= 22 for s in sizes) else min(sizes)

@@ -21,8 +21,7 @@ void forward_impl(const at::Tensor& z, const Prior& prior, at::Tensor& out) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = blocking.block_start(b), count = blocking.block_count(b);
       pb.begin(start, count);
-      for_each_vector<T>(start, count, prior.P,
-                         [&](int64_t g, int64_t j, int64_t local, int64_t n) {
+      pb.for_each_vector(start, count, [&](int64_t g, int64_t j, int64_t local, int64_t n) {
         store(o + g, gmm_log_density<VecMath<T>, CT>(load(zp + g, n), C, pb.lanes(j, local)), n);
       });
     }
@@ -47,8 +46,7 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& z, const Prior& pri
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = blocking.block_start(b), count = blocking.block_count(b);
       pb.begin(start, count);
-      for_each_vector<T>(start, count, prior.P,
-                         [&](int64_t g, int64_t j, int64_t local, int64_t n) {
+      pb.for_each_vector(start, count, [&](int64_t g, int64_t j, int64_t local, int64_t n) {
         const V gv = load(gp + g, n);
         auto acc = pb.acc(j, local);
         const V score = gmm_score<VecMath<T>, CT, kPriorGrads>(load(zp + g, n), gv, C,

@@ -116,8 +116,7 @@ void forward_impl(const ReparamGmmKlProblem& p, const Prior& prior, at::Tensor& 
       const T* eps = s.block_eps(in.seed_ptr, in.eps, start, count);
       const auto [mu, logvar] = s.block_latents(in, K, start, count);
       pb.begin(start, count);
-      for_each_vector<T>(start, count, prior.P,
-                         [&](int64_t g, int64_t j, int64_t local, int64_t n) {
+      pb.for_each_vector(start, count, [&](int64_t g, int64_t j, int64_t local, int64_t n) {
         V zv, klv;
         const auto lanes = pb.lanes(j, local);
         if constexpr (kBound)
@@ -191,8 +190,7 @@ void backward_impl(const ReparamGmmKlProblem& p, const Prior& prior, const at::T
         gk = s.per_elem.data();
       }
       pb.begin(start, count);
-      for_each_vector<T>(start, count, prior.P,
-                         [&](int64_t g, int64_t j, int64_t local, int64_t n) {
+      pb.for_each_vector(start, count, [&](int64_t g, int64_t j, int64_t local, int64_t n) {
         const V gk_v = load(gk + local, n);
         auto acc = pb.acc(j, local);
         const auto lanes = pb.lanes(j, local);

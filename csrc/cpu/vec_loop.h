@@ -169,8 +169,9 @@ struct PriorLanes {
 };
 
 // The prior of W lanes read from a table [4][C][stride] (w, m, prec, half_prec): a conditional
-// prior's per-group tables (stride W) or a block's copy of them (a column per element). Not a
-// PriorLanes: the same layout for the pattern cost the unconditional backward ~10% (measured).
+// prior's per-group tables (stride W) or a block's copy of them (a column per element). The pattern
+// keeps its own PriorLanes: read through this layout, the unconditional backward took ~10% longer
+// (builds alternated, one thread, N*K = 2^23).
 template <typename T>
 struct TableLanes {
   using V = Vectorized<T>;
@@ -184,9 +185,9 @@ struct TableLanes {
 };
 
 // On a kernel's per-chunk lambda (Blocking::for_each_chunk's f): inlined into the loop over the
-// chunks, the thread's scratch is a local variable there, and the register accumulators of
-// PriorSums stay in registers. GCC left the backward's lambda out of line once the kernels took a
-// prior source, and the unconditional backward took ~20% longer (accumulators in memory).
+// chunks, the thread's scratch is a local variable there, and PriorSums' register accumulators stay
+// in registers (or stack slots). GCC 12 left the backward's lambda out of line once the kernels
+// took a prior source, and read and wrote them through a pointer at every vector (perf annotate).
 #define HALFVAE_CHUNK_BODY __attribute__((always_inline))
 
 struct Blocking {
@@ -414,7 +415,10 @@ struct SumLanes {
 // thread's scratch:
 //   begin_chunk(chunk)   with kSums, before a chunk's first block: its zeroed sums;
 //   begin(start, count)  before the vectors of the block [start, start + count);
-//   lanes(j, local)      the prior lanes of its vector at pattern offset j, block offset local;
+//   for_each_vector(start, count, body)
+//                        body(global index, j, local, lanes) for the block's vectors, as
+//                        cpu::for_each_vector;
+//   lanes(j, local)      the prior lanes of the vector at pattern offset j, block offset local;
 //   acc(j, local)        with kSums, where that vector's prior-gradient terms go;
 //   end()                with kSums, after the block's vectors;
 //   end_chunk()          with kSums, after the chunk's last block.
@@ -433,6 +437,10 @@ struct PatternSource {
     void begin_chunk(double* chunk) { sums.chunk = chunk; }
     void begin(int64_t, int64_t) {
       if constexpr (kSums) sums.begin_block();
+    }
+    template <typename Body>
+    void for_each_vector(int64_t start, int64_t count, const Body& body) const {
+      cpu::for_each_vector<T>(start, count, pat.P, body);
     }
     PriorLanes<T> lanes(int64_t j, int64_t) const { return {pat, j}; }
     auto acc(int64_t j, int64_t) { return sums.at(j); }
@@ -550,30 +558,28 @@ struct GroupBlock {
   using V = Vectorized<T>;
   static constexpr int64_t W = V::size();
   const GroupSource<T, CT, kDirect>& src;
-  // Direct path: per vector of the block (block offset / W), its group's tables and accumulators.
-  std::vector<const T*> vector_tables;
-  std::vector<T*> vector_sums;
+  // Direct path: the tables and accumulators of the row being walked.
+  const T* row_table = nullptr;
+  T* row_sums = nullptr;
   // Copy path: [4][C][buf_stride], the block's prior values per element.
   int64_t buf_stride = 0;
   std::vector<T> buffer;
   // kSums: T accumulators per group (the layout of GroupSource's sums), added into the chunk's
   // float64 sums when the group has taken fold_rows rows since its last fold (short sums, as
-  // PriorSums' over a block) and at the end of the chunk. Folding every block instead cost ~25% of
-  // the backward at 40 groups: a block of 128 rows touches nearly all of them, with ~3 rows each.
+  // PriorSums' over a block) and at the end of the chunk. Folding at every block's end instead
+  // cost ~30% of the conditional backward at 40 groups: a block of 128 rows touches nearly all of
+  // them, with ~3 rows each.
   int64_t fold_rows = 0;
   std::vector<T> sums;
   std::vector<T> terms;                  // copy path: [nsums][buf_stride], each element's terms
   std::vector<int32_t> rows_since_fold;  // [G]
   std::vector<int32_t> touched;          // groups that took rows in this chunk (repeats allowed)
-  std::vector<int32_t> row_group;        // the group of each of the block's rows
+  std::vector<int32_t> row_group;        // copy path: the group of each of the block's rows
   double* chunk = nullptr;
   int64_t rows = 0;
 
   GroupBlock(const GroupSource<T, CT, kDirect>& s, const Blocking& b) : src(s) {
-    if constexpr (kDirect) {
-      vector_tables.resize(b.block_elems / W);
-      if constexpr (kSums) vector_sums.resize(b.block_elems / W);
-    } else {
+    if constexpr (!kDirect) {
       buf_stride = b.block_elems + W;
       // Lanes past the end of a partial vector read these: finite values (w = m = 0, prec = 1).
       buffer.assign(4 * s.C * buf_stride, T(0));
@@ -585,29 +591,24 @@ struct GroupBlock {
       fold_rows = kBlockElems / W;  // the most terms a PriorSums accumulator takes
       sums.assign(s.G * s.sums_len, T(0));
       rows_since_fold.assign(s.G, 0);
-      row_group.resize(b.block_elems / s.K);
+      if constexpr (!kDirect) row_group.resize(b.block_elems / s.K);
     }
   }
 
   void begin_chunk(double* c) { chunk = c; }
 
+  // Copy path: the block's prior values into the buffer, a row at a time.
   void begin(int64_t start, int64_t count) {
-    const int64_t K = src.K, C4 = 4 * src.C, first = start / K;
-    rows = count / K;  // blocks hold whole rows
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t g = src.group(first + r);
-      const T* table = src.table(g);
-      if constexpr (kSums) {
-        row_group[r] = static_cast<int32_t>(g);
-        if (rows_since_fold[g]++ == 0) touched.push_back(static_cast<int32_t>(g));
-      }
-      if constexpr (kDirect) {
-        for (int64_t kb = 0; kb < src.KB; ++kb) {
-          vector_tables[r * src.KB + kb] = table + kb * C4 * W;
-          if constexpr (kSums)
-            vector_sums[r * src.KB + kb] = sums.data() + g * src.sums_len + kb * src.nsums * W;
+    if constexpr (!kDirect) {
+      const int64_t K = src.K, C4 = 4 * src.C, first = start / K;
+      rows = count / K;  // blocks hold whole rows
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t g = src.group(first + r);
+        const T* table = src.table(g);
+        if constexpr (kSums) {
+          row_group[r] = static_cast<int32_t>(g);
+          took_row(g);  // before end() adds the block's terms
         }
-      } else {
         for (int64_t kb = 0; kb < src.KB; ++kb) {
           const int64_t len = std::min(W, K - kb * W);
           for (int64_t i = 0; i < C4; ++i)
@@ -615,27 +616,51 @@ struct GroupBlock {
                      len);
         }
       }
+      if constexpr (kSums)
+        for (int64_t q = 0; q < src.nsums; ++q)
+          std::fill_n(terms.data() + q * buf_stride, count, T(0));
     }
-    if constexpr (kSums && !kDirect)
-      for (int64_t q = 0; q < src.nsums; ++q)
-        std::fill_n(terms.data() + q * buf_stride, count, T(0));
   }
 
-  TableLanes<T> lanes(int64_t, int64_t local) const {
+  // body(global index, pattern offset, block offset, lanes) for each vector of the block, as
+  // cpu::for_each_vector. The direct path walks the rows itself: a row's group is looked up once
+  // for its vectors, and they are whole (n = W known at compile time). With a per-vector table of
+  // pointers filled in begin() instead, the conditional forward was ~10% slower than the
+  // unconditional one; now it is not.
+  template <typename Body>
+  void for_each_vector(int64_t start, int64_t count, const Body& body) {
+    if constexpr (kDirect) {
+      const int64_t K = src.K, first = start / K;
+      for (int64_t r = 0, local = 0; r < count / K; ++r) {
+        const int64_t g = src.group(first + r);
+        row_table = src.table(g);
+        if constexpr (kSums) {
+          took_row(g);  // before the row's terms
+          row_sums = sums.data() + g * src.sums_len;
+        }
+        for (int64_t j = 0; j < K; j += W, local += W) body(start + local, j, local, W);
+      }
+    } else {
+      cpu::for_each_vector<T>(start, count, src.P, body);
+    }
+  }
+
+  TableLanes<T> lanes(int64_t j, int64_t local) const {
     const int64_t C = CT > 0 ? CT : src.C;
-    if constexpr (kDirect) return {vector_tables[local / W], W, C * W};
+    if constexpr (kDirect) return {row_table + j / W * 4 * C * W, W, C * W};
     else return {buffer.data() + local, buf_stride, C * buf_stride};
   }
-  SumLanes<T, CT> acc(int64_t, int64_t local) {
+  SumLanes<T, CT> acc(int64_t j, int64_t local) {
     const int C = static_cast<int>(src.C);
     if constexpr (!kSums) return {nullptr, 0, C};
-    else if constexpr (kDirect) return {vector_sums[local / W], W, C};
+    else if constexpr (kDirect) return {row_sums + j / W * src.nsums * W, W, C};
     else return {terms.data() + local, buf_stride, C};
   }
 
+  // Copy path: each row's terms into its group's accumulators.
   void end() {
-    const int64_t K = src.K;
-    if constexpr (!kDirect)  // each row's terms into its group's accumulators
+    if constexpr (!kDirect) {
+      const int64_t K = src.K;
       for (int64_t r = 0; r < rows; ++r) {
         T* a = sums.data() + row_group[r] * src.sums_len;
         for (int64_t kb = 0; kb < src.KB; ++kb)
@@ -643,9 +668,7 @@ struct GroupBlock {
             add_span(a + (kb * src.nsums + q) * W, terms.data() + q * buf_stride + r * K + kb * W,
                      std::min(W, K - kb * W));
       }
-    // Only once every row of the block is in (a fold resets the group's count).
-    for (int64_t r = 0; r < rows; ++r)
-      if (rows_since_fold[row_group[r]] >= fold_rows) fold(row_group[r]);
+    }
   }
 
   void end_chunk() {
@@ -655,6 +678,15 @@ struct GroupBlock {
   }
 
  private:
+  // A row of group g, before its terms are added: a fold here loses none. (On the copy path the
+  // terms of a block's rows are added after all of them are counted: a fold may then hold up to one
+  // block's rows more than fold_rows.)
+  void took_row(int64_t g) {
+    int32_t& n = rows_since_fold[g];
+    if (n == 0) touched.push_back(static_cast<int32_t>(g));
+    if (n == fold_rows) fold(g);
+    ++n;
+  }
   void fold(int64_t g) {
     const int64_t n = src.sums_len;
     double* c = chunk + g * n;
