@@ -169,7 +169,7 @@ def initial_mu():
     return (philox_normal_rows(key, torch.arange(N), K, torch.float64)).float()
 
 
-def reference_run(steps, groups=1):
+def reference_run(steps, groups=1, kl="mc"):
     """One process, a plain LatentTable fed the global batches and the row-keyed eps."""
     torch.set_num_threads(1)
     table = LatentTable(N, K, init_mu=initial_mu(), init_logvar=-2.0, fused_optimizer="adam",
@@ -180,11 +180,11 @@ def reference_run(steps, groups=1):
     for step in range(steps):
         idx, x, u = global_batch(step)
         eps = philox_normal_rows(_seed(SEED, step), idx, K)
-        z, kl, m, lv = table.sample(idx, net.prior, eps=eps, u=u if groups > 1 else None)
+        z, k, m, lv = table.sample(idx, net.prior, eps=eps, u=u if groups > 1 else None, kl=kl)
         zs.append(z.detach().clone())
-        kls.append(kl.detach().clone())
+        kls.append(k.detach().clone())
         opt.zero_grad()
-        loss_of(net, z, kl, m, lv, x).backward()
+        loss_of(net, z, k, m, lv, x).backward()
         opt.step()
     return dict(zs=zs, kls=kls, mu=table.mu.detach().clone(), logvar=table.logvar.detach().clone(),
                 state=table.table_optimizer.state.clone(), step=int(table.table_optimizer.step),
@@ -193,17 +193,17 @@ def reference_run(steps, groups=1):
 
 
 # ----------------------------------------------------------------------------- worker side
-def _train_steps(net, opt, first, last, world, rank, groups):
+def _train_steps(net, opt, first, last, world, rank, groups, kl="mc"):
     from halfvae_ext.distributed import all_reduce_gradients
     zs, kls = {}, {}
     for step in range(first, last):
         idx, x, u = global_batch(step)
         lo, hi = rank_share(step, world, rank)
-        z, kl, m, lv = net.table.sample(idx[lo:hi], net.prior,
-                                        u=u[lo:hi] if groups > 1 else None)
-        zs[step], kls[step] = z.detach().clone(), kl.detach().clone()
+        z, k, m, lv = net.table.sample(idx[lo:hi], net.prior,
+                                       u=u[lo:hi] if groups > 1 else None, kl=kl)
+        zs[step], kls[step] = z.detach().clone(), k.detach().clone()
         opt.zero_grad()
-        loss_of(net, z, kl, m, lv, x[lo:hi]).backward()
+        loss_of(net, z, k, m, lv, x[lo:hi]).backward()
         all_reduce_gradients(net.replicated())
         opt.step()
     return zs, kls
@@ -228,9 +228,9 @@ def _sharded_net(groups=1, timeout=60):
     return net, torch.optim.Adam(net.replicated(), lr=LR)
 
 
-def scenario_train(rank, world, out, steps, groups):
+def scenario_train(rank, world, out, steps, groups, kl):
     net, opt = _sharded_net(int(groups))
-    zs, kls = _train_steps(net, opt, 0, int(steps), world, rank, int(groups))
+    zs, kls = _train_steps(net, opt, 0, int(steps), world, rank, int(groups), kl)
     _dump(net, opt, out, rank, zs=zs, kls=kls)
 
 
@@ -474,11 +474,13 @@ def out_dir():
         yield d
 
 
-@pytest.mark.parametrize("world,groups", [(1, 1), (2, 1), (3, 1)])
-def test_sharded_equals_one_process(world, groups, out_dir):
+# groups = 2: a conditional prior (u = id % 2), its [2, K, C] gradients summed over the owners.
+@pytest.mark.parametrize("world,groups,kl", [(1, 1, "mc"), (2, 1, "mc"), (3, 1, "mc"),
+                                             (2, 2, "mc"), (2, 2, "bound")])
+def test_sharded_equals_one_process(world, groups, kl, out_dir):
     steps = 4
-    check_ok(run_ranks("train", world, out_dir, steps, groups))
-    assert_matches_reference(load_dumps(out_dir, world), reference_run(steps, groups), world,
+    check_ok(run_ranks("train", world, out_dir, steps, groups, kl))
+    assert_matches_reference(load_dumps(out_dir, world), reference_run(steps, groups, kl), world,
                              steps)
 
 
