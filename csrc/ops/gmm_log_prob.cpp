@@ -20,6 +20,9 @@ void check_arguments(const Kernels& kernels, const at::Tensor& z, const at::Tens
   check_same(prior_logvars, "prior_logvars", z, "z");
   check_kernel_dtype(kernels, z.scalar_type(), "z has dtype");
   check_prior_index(prior_index, z.size(0), prior_logits, z);
+  if (prior_index.has_value())
+    check_index_ranges({{&*prior_index, prior_logits.size(0), "prior_index",
+                         " (the number of prior groups)"}});
 }
 
 at::Tensor gmm_log_prob(const at::Tensor& z, const at::Tensor& prior_logits,
