@@ -366,6 +366,30 @@ class LatentTable(nn.Module):
                                 FusedRowOptimizer(N, K, fused_optimizer, lr=lr, betas=betas,
                                                   eps=eps, dtype=dtype))
 
+    def _joint_table(self):
+        """The [N, 2, K] table whose halves mu and logvar are (fused optimizer), else None."""
+        mu, logvar = self.mu.detach(), self.logvar.detach()
+        N, K = mu.shape
+        if (self.table_optimizer is None or mu.dtype != logvar.dtype or mu.device != logvar.device
+                or mu.untyped_storage().data_ptr() != logvar.untyped_storage().data_ptr()
+                or mu.stride() != (2 * K, 1) or logvar.stride() != (2 * K, 1)
+                or logvar.storage_offset() != mu.storage_offset() + K):
+            return None
+        return mu.as_strided((N, 2, K), (2 * K, K, 1), mu.storage_offset())
+
+    def _apply(self, fn, recurse=True):
+        # Module.to/cuda/double/... convert every parameter on its own, which would copy the two
+        # halves of the [N, 2, K] table into separate tensors (and lose the shared cache line of a
+        # row's mu and logvar). Convert the joint table once and make mu and logvar its halves.
+        joint = self._joint_table()
+        if joint is None:
+            return super()._apply(fn, recurse)
+        new = fn(joint)
+        if new.shape != joint.shape:
+            return super()._apply(fn, recurse)
+        halves = {id(self.mu): new[:, 0], id(self.logvar): new[:, 1]}
+        return super()._apply(lambda t: halves.get(id(t)) if id(t) in halves else fn(t), recurse)
+
     @property
     def num_rows(self) -> int:
         return self.mu.shape[0]
