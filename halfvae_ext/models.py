@@ -254,7 +254,11 @@ class GMMPrior(nn.Module):
         if u.dtype not in (torch.int64, torch.int32) or u.dim() != 1 or u.shape[0] != num_rows:
             raise ValueError(f"u must be a 1-D integer tensor with one group per row "
                              f"({num_rows}), got dtype {u.dtype} and shape {tuple(u.shape)}")
-        if u.numel() and not (0 <= int(u.min()) and int(u.max()) < self.num_groups):
+        # On the CPU the range is checked here, to name u. On a GPU, int(u.min()) would be one
+        # more host synchronization per step: the op checks prior_index there, together with
+        # idx in one synchronization (IndexError naming prior_index).
+        if u.numel() and u.device.type == "cpu" and not (
+                0 <= int(u.min()) and int(u.max()) < self.num_groups):
             raise ValueError(f"u values must be in [0, {self.num_groups}) (num_groups), got "
                              f"min {int(u.min())} and max {int(u.max())}")
         return u

@@ -592,3 +592,17 @@ def test_cuda_update_grouping_equals_cpu(pattern, kind):
         out[device] = [x.cpu() for x in t]
     for a, b in zip(out["cuda"], out["cpu"]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_cuda_conditional_prior_range_checked_by_the_op():
+    """On a GPU GMMPrior.group_index leaves u's range to the op (no extra synchronization): a bad
+    group still raises before anything is written, naming prior_index."""
+    from halfvae_ext.models import GMMPrior, LatentTable
+    prior = GMMPrior(4, 3, num_groups=3).cuda()
+    table = LatentTable(20, 4, fused_optimizer="adam").cuda()
+    before = table.mu.detach().clone()
+    idx = torch.tensor([0, 5, 7], device="cuda")
+    with pytest.raises(IndexError, match=r"prior_index values must be in \[0, 3\)"):
+        table(idx, prior, u=torch.tensor([0, 3, 1], device="cuda"))
+    z, kl = table(idx, prior, u=torch.tensor([0, 2, 1], device="cuda"))
+    assert torch.equal(table.mu.detach(), before) and torch.isfinite(kl).all()

@@ -19,7 +19,7 @@ def visits(numel, K, blocks, stride):
                 i = base + q
                 if i < numel:
                     seen[i] += 1
-                    lanes_fixed &= (i - first) % K == 0
+                    lanes_fixed &= (base - first) % K == 0  # lane q: element first + q, then + S
     return seen, lanes_fixed
 
 
