@@ -47,11 +47,13 @@ print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torc
   which compute-sanitizer nvcc
   true
 }
+export -f machine  # step runs commands under timeout, which needs a program: bash -c machine
+export PY
 
 case "$MODE" in
 test)
   : >"$STATUS"
-  step machine 60 machine
+  step machine 60 bash -c machine
   if [ -z "${SKIP_BUILD:-}" ]; then
     step build "${BUILD_S:-330}" "$PY" -m pip install -v --no-build-isolation --no-deps -e . \
       -Cbuild-dir=build/gpu-check -Ccmake.define.HALFVAE_CUDA=ON \
@@ -78,7 +80,7 @@ assert h.cuda_kernels_compiled(), 'CUDA kernels missing'"
   ;;
 bench)
   : >>"$STATUS"
-  step machine_bench 60 machine
+  step machine_bench 60 bash -c machine
   ROWS_LOG2=${ROWS_LOG2:-26}  # N*K = 2^26 with K = 8: N = 2^23
   # The fused op (eps given and in-kernel) against eager, torch.compile and a device copy of the
   # same bytes, float32, K = 8, C = 3, forward+backward.
