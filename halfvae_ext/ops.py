@@ -264,7 +264,7 @@ def _gmm_log_prob_fake(z, prior_logits, prior_means, prior_logvars, prior_index=
 
 @torch.library.register_fake("halfvae_ext::gmm_log_prob_backward")
 def _gmm_log_prob_backward_fake(grad, z, prior_logits, prior_means, prior_logvars, prior_grads,
-                                prior_index=None):
+                                prior_index=None, range_checked=False):
     _one_device(z=z, grad=grad, prior_logits=prior_logits, prior_means=prior_means,
                 prior_logvars=prior_logvars, prior_index=prior_index)
     return (torch.empty_like(z), torch.empty_like(prior_logits), torch.empty_like(prior_means),
@@ -355,7 +355,7 @@ def _log_prob_backward(ctx, grad):
     need = ctx.needs_input_grad
     g_z, g_logits, g_means, g_logvars = _ops.gmm_log_prob_backward(
         grad, z, prior_logits, prior_means, prior_logvars, bool(need[1] or need[2] or need[3]),
-        prior_index)
+        prior_index, True)  # prior_index is saved: checked by the forward
     grads = (g_z if need[0] else None, g_logits if need[1] else None,
              g_means if need[2] else None, g_logvars if need[3] else None)
     return grads + (None,) * (ctx.num_inputs - len(grads))

@@ -568,9 +568,9 @@ def _argument(call, name):
 
 
 def test_backward_ops_skip_the_range_check_the_forward_made():
-    """Autograd's backward tells the backward ops that the forward checked idx and prior_index
-    (range_checked=True): one check, one CUDA synchronization, per training step. Called
-    directly, they check (the default)."""
+    """Autograd's backward tells the backward ops (gmm_log_prob's too) that the forward checked idx
+    and prior_index (range_checked=True): one check, one CUDA synchronization, per training step.
+    Called directly, they check (the default)."""
     mu, logvar, prior = tables(10, 4, 3)
     idx, eps = torch.tensor([0, 9, 3]), torch.randn(3, 4)
     opt = FusedRowOptimizer(10, 4, "adam", lr=0.1)
@@ -589,9 +589,17 @@ def test_backward_ops_skip_the_range_check_the_forward_made():
         z, kl = hv.reparam_gmm_kl(m[:3].detach().requires_grad_(), lv[:3].detach(), *p, eps=eps)
         (kl.sum() + z.sum()).backward()
 
+    grouped = [torch.randn(5, 4, 3, requires_grad=True) for _ in range(3)]
+    u = torch.tensor([4, 0, 2])
+
+    def log_prob_step():
+        z = mu[:3].clone().requires_grad_()
+        hv.gmm_log_prob(z, *grouped, prior_index=u).sum().backward()
+
     for fn, backward_op in ((fused_step, "reparam_gmm_kl_rows_backward_step_"),
                             (rows_step, "reparam_gmm_kl_rows_backward"),
-                            (dense_step, "reparam_gmm_kl_backward")):
+                            (dense_step, "reparam_gmm_kl_backward"),
+                            (log_prob_step, "gmm_log_prob_backward")):
         calls = [c for c in _record_ops(fn) if c[0] == backward_op]
         assert len(calls) == 1 and _argument(calls[0], "range_checked") is True, backward_op
     # Direct calls check by default, and before the step writes anything.
@@ -601,6 +609,8 @@ def test_backward_ops_skip_the_range_check_the_forward_made():
     with pytest.raises(IndexError, match=r"idx values must be in \[0, 10\)"):
         ops.reparam_gmm_kl_rows_backward(g, torch.ones(3), mu, logvar, bad, *prior, eps, None, 1,
                                          True)
+    with pytest.raises(IndexError, match="prior_index values must be in"):
+        ops.gmm_log_prob_backward(g, mu[:3], *grouped, True, torch.tensor([0, 5, 1]))
     state, before = torch.zeros(10, 4, 4), mu.clone()
     with pytest.raises(IndexError, match="idx values must be in"):
         ops.reparam_gmm_kl_rows_backward_step_(g, torch.ones(3), None, None, mu, logvar, state,
