@@ -79,11 +79,6 @@ void check_prior_index(const c10::optional<at::Tensor>& prior_index, int64_t N,
   const int64_t U = prior_logits.size(0);
   TORCH_CHECK_VALUE(U >= 1, "prior_logits must have at least one group, got shape ",
                     prior_logits.sizes());
-  if (pi.numel() == 0) return;
-  const auto [lo, hi] = at::aminmax(pi);
-  const int64_t min_u = lo.item<int64_t>(), max_u = hi.item<int64_t>();
-  TORCH_CHECK_INDEX(min_u >= 0 && max_u < U, "prior_index values must be in [0, ", U,
-                    ") (the number of prior groups), got min ", min_u, " and max ", max_u);
 }
 
 void check_kl_kind(int64_t kl_kind) {
@@ -129,12 +124,29 @@ void check_idx(const at::Tensor& idx, const at::Tensor& table) {
                     table.device());
 }
 
+void check_index_ranges(std::initializer_list<IndexRange> ranges) {
+  std::vector<at::Tensor> bounds;
+  for (const auto& r : ranges) {
+    if (r.values == nullptr || r.values->numel() == 0) continue;
+    const auto [lo, hi] = at::aminmax(*r.values);
+    bounds.push_back(lo.reshape({1}).to(at::kLong));
+    bounds.push_back(hi.reshape({1}).to(at::kLong));
+  }
+  if (bounds.empty()) return;
+  // One copy to the host for all of them: on CUDA, one synchronization.
+  const auto host = at::cat(bounds).cpu();
+  const int64_t* v = host.data_ptr<int64_t>();
+  for (const auto& r : ranges) {
+    if (r.values == nullptr || r.values->numel() == 0) continue;
+    const int64_t lo = v[0], hi = v[1];
+    v += 2;
+    TORCH_CHECK_INDEX(lo >= 0 && hi < r.limit, r.name, " values must be in [0, ", r.limit, ")",
+                      r.what, ", got min ", lo, " and max ", hi);
+  }
+}
+
 void check_idx_range(const at::Tensor& idx, int64_t rows) {
-  if (idx.numel() == 0) return;
-  const auto [lo, hi] = at::aminmax(idx);
-  const int64_t min_i = lo.item<int64_t>(), max_i = hi.item<int64_t>();
-  TORCH_CHECK_INDEX(min_i >= 0 && max_i < rows, "idx values must be in [0, ", rows, "), got min ",
-                    min_i, " and max ", max_i);
+  check_index_ranges({{&idx, rows, "idx", ""}});
 }
 
 }  // namespace halfvae

@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <initializer_list>
 #include <string>
 
 namespace halfvae {
@@ -19,7 +20,7 @@ void check_prior(const at::Tensor& logits, const at::Tensor& means, const at::Te
 // t: a floating-point [N, K] tensor with the prior's K.
 void check_latent(const at::Tensor& t, const char* name, const at::Tensor& prior_logits);
 // prior_index: given exactly when the prior tables are [U, K, C]; then a 1-D int64/int32 [N]
-// tensor on the device of `like` with values in [0, U) (one reduction; on CUDA one sync).
+// tensor on the device of `like`. Its values are checked by check_index_ranges (limit U).
 void check_prior_index(const c10::optional<at::Tensor>& prior_index, int64_t N,
                        const at::Tensor& prior_logits, const at::Tensor& like);
 // kl_kind: kKlMonteCarlo or kKlBound.
@@ -32,9 +33,17 @@ void check_seed(const at::Tensor& seed, const at::Tensor& like);
 void check_kernel_dtype(const Kernels& kernels, at::ScalarType dtype, const char* what);
 // idx: 1-D int64 or int32 row indices on the device of `table`.
 void check_idx(const at::Tensor& idx, const at::Tensor& table);
-// All values of idx (int64, contiguous) in [0, rows): one reduction, and on CUDA one
-// synchronization, which keeps a bad index from reading (or, in the optimizer, writing) outside a
-// table.
+// Index tensors whose values must lie in [0, limit): a bad index would read (or, in the
+// optimizer, write) outside a table. All of them cost one reduction each and one copy to the
+// host, which on CUDA is a synchronization: the ops check once per call, and the backward ops
+// skip it when autograd tells them the forward checked the same (saved, unmodified) tensors.
+struct IndexRange {
+  const at::Tensor* values;  // nullptr or empty: nothing to check
+  int64_t limit;
+  const char* name;  // "idx", "prior_index"
+  const char* what;  // after the range in the message: " (the number of prior groups)"
+};
+void check_index_ranges(std::initializer_list<IndexRange> ranges);
 void check_idx_range(const at::Tensor& idx, int64_t rows);
 
 }  // namespace halfvae

@@ -10,6 +10,7 @@
 
 #include "cpu/output_cache.h"
 #include "kernel_table.h"
+#include "launch_plan.h"
 
 TORCH_LIBRARY(halfvae_ext, m) {
   // Ops are defined with TORCH_LIBRARY_FRAGMENT next to each op's code.
@@ -79,7 +80,23 @@ static PyObject* advise_huge_pages(PyObject*, PyObject* args) {
   return PyLong_FromUnsignedLongLong(advised);
 }
 
+// The CUDA kernels' grid for (numel, K, threads per block, block cap), as (blocks, stride): host
+// arithmetic, exposed so that the CPU tests can check it (launch_plan.h).
+static PyObject* plan_launch_blocks(PyObject*, PyObject* args) {
+  long long numel = 0, K = 0, threads = 0, cap = 0;
+  if (!PyArg_ParseTuple(args, "LLLL", &numel, &K, &threads, &cap)) return nullptr;
+  try {
+    const auto plan = halfvae::plan_launch_blocks(numel, K, threads, cap);
+    return Py_BuildValue("(LL)", (long long)plan.blocks, (long long)plan.stride);
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
 static PyMethodDef methods[] = {
+    {"plan_launch_blocks", plan_launch_blocks, METH_VARARGS,
+     "plan_launch_blocks(numel, K, threads, cap) -> (blocks, stride) of the CUDA kernels' grid."},
     {"advise_huge_pages", advise_huge_pages, METH_VARARGS,
      "advise_huge_pages(address, nbytes) -> bytes advised: ask Linux for transparent huge pages "
      "on the 2 MiB-aligned part of a buffer (call before the memory is first touched)."},

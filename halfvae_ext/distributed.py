@@ -320,13 +320,14 @@ class ShardedLatentTable(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "rows"] = self._sharded(self.rows)
         destination[prefix + "optimizer_state"] = self._sharded(self.table_optimizer.state)
-        destination[prefix + "optimizer_step"] = self.table_optimizer.step
+        destination[prefix + "optimizer_step"] = torch.tensor(self.table_optimizer.num_steps)
         destination[prefix + "draws"] = self.draws
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        step = torch.tensor(self.table_optimizer.num_steps)  # the count is a Python int
         targets = {"rows": self.rows, "optimizer_state": self.table_optimizer.state,
-                   "optimizer_step": self.table_optimizer.step, "draws": self.draws}
+                   "optimizer_step": step, "draws": self.draws}
         for name, target in targets.items():
             key = prefix + name
             if key not in state_dict:
@@ -344,6 +345,8 @@ class ShardedLatentTable(nn.Module):
             with torch.no_grad():
                 if value.data_ptr() != target.data_ptr():
                     target.copy_(value)
+        if prefix + "optimizer_step" in state_dict:
+            self.table_optimizer.num_steps = int(step)
         if strict:
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix)
                                    and k[len(prefix):] not in targets)
@@ -534,7 +537,7 @@ class _ShardedRows(torch.autograd.Function):
                                   logvars, local_eps, None, 1, prior_grads, g_mu, g_lv,
                                   local_index, ctx.kl_code)
         else:
-            opt.step.add_(1)  # the step count is shared by the whole table: keep ranks in step
+            opt.num_steps += 1  # the step count is shared by the whole table: keep ranks in step
             g = (torch.zeros_like(logits), torch.zeros_like(means), torch.zeros_like(logvars))
         table.comm.kernel_s += time.perf_counter() - t0
         need = ctx.needs_input_grad

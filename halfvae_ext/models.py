@@ -254,7 +254,11 @@ class GMMPrior(nn.Module):
         if u.dtype not in (torch.int64, torch.int32) or u.dim() != 1 or u.shape[0] != num_rows:
             raise ValueError(f"u must be a 1-D integer tensor with one group per row "
                              f"({num_rows}), got dtype {u.dtype} and shape {tuple(u.shape)}")
-        if u.numel() and not (0 <= int(u.min()) and int(u.max()) < self.num_groups):
+        # On the CPU the range is checked here, to name u. On a GPU, int(u.min()) would be one
+        # more host synchronization per step: the op checks prior_index there, together with
+        # idx in one synchronization (IndexError naming prior_index).
+        if u.numel() and u.device.type == "cpu" and not (
+                0 <= int(u.min()) and int(u.max()) < self.num_groups):
             raise ValueError(f"u values must be in [0, {self.num_groups}) (num_groups), got "
                              f"min {int(u.min())} and max {int(u.max())}")
         return u
@@ -365,6 +369,30 @@ class LatentTable(nn.Module):
         self.table_optimizer = (None if fused_optimizer is None else
                                 FusedRowOptimizer(N, K, fused_optimizer, lr=lr, betas=betas,
                                                   eps=eps, dtype=dtype))
+
+    def _joint_table(self):
+        """The [N, 2, K] table whose halves mu and logvar are (fused optimizer), else None."""
+        mu, logvar = self.mu.detach(), self.logvar.detach()
+        N, K = mu.shape
+        if (self.table_optimizer is None or mu.dtype != logvar.dtype or mu.device != logvar.device
+                or mu.untyped_storage().data_ptr() != logvar.untyped_storage().data_ptr()
+                or mu.stride() != (2 * K, 1) or logvar.stride() != (2 * K, 1)
+                or logvar.storage_offset() != mu.storage_offset() + K):
+            return None
+        return mu.as_strided((N, 2, K), (2 * K, K, 1), mu.storage_offset())
+
+    def _apply(self, fn, recurse=True):
+        # Module.to/cuda/double/... convert every parameter on its own, which would copy the two
+        # halves of the [N, 2, K] table into separate tensors (and lose the shared cache line of a
+        # row's mu and logvar). Convert the joint table once and make mu and logvar its halves.
+        joint = self._joint_table()
+        if joint is None:
+            return super()._apply(fn, recurse)
+        new = fn(joint)
+        if new.shape != joint.shape:
+            return super()._apply(fn, recurse)
+        halves = {id(self.mu): new[:, 0], id(self.logvar): new[:, 1]}
+        return super()._apply(lambda t: halves.get(id(t)) if id(t) in halves else fn(t), recurse)
 
     @property
     def num_rows(self) -> int:

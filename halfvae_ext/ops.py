@@ -201,7 +201,7 @@ def _reparam_gmm_kl_fake(mu, logvar, prior_logits, prior_means, prior_logvars, e
 @torch.library.register_fake("halfvae_ext::reparam_gmm_kl_backward")
 def _reparam_gmm_kl_backward_fake(grad_z, grad_kl, mu, logvar, prior_logits, prior_means,
                                   prior_logvars, eps, seed, reduction, prior_grads,
-                                  prior_index=None, kl=0):
+                                  prior_index=None, kl=0, range_checked=False):
     _one_device(mu=mu, grad_z=grad_z, grad_kl=grad_kl, logvar=logvar, prior_logits=prior_logits,
                 prior_means=prior_means, prior_logvars=prior_logvars, eps=eps, seed=seed,
                 prior_index=prior_index)
@@ -223,7 +223,8 @@ def _reparam_gmm_kl_rows_fake(mu, logvar, idx, prior_logits, prior_means, prior_
 @torch.library.register_fake("halfvae_ext::reparam_gmm_kl_rows_backward")
 def _reparam_gmm_kl_rows_backward_fake(grad_z, grad_kl, mu, logvar, idx, prior_logits,
                                        prior_means, prior_logvars, eps, seed, reduction,
-                                       prior_grads, prior_index=None, kl=0):
+                                       prior_grads, prior_index=None, kl=0,
+                                       range_checked=False):
     _one_device(mu=mu, grad_z=grad_z, grad_kl=grad_kl, logvar=logvar, idx=idx,
                 prior_logits=prior_logits, prior_means=prior_means, prior_logvars=prior_logvars,
                 eps=eps, seed=seed, prior_index=prior_index)
@@ -245,7 +246,7 @@ def _reparam_gmm_kl_rows_backward_step_fake(grad_z, grad_kl, grad_mu_rows, grad_
                                             logvar, state, idx, prior_logits, prior_means,
                                             prior_logvars, eps, seed, reduction, prior_grads,
                                             optimizer, lr, beta1, beta2, adam_eps, step,
-                                            prior_index=None, kl=0):
+                                            prior_index=None, kl=0, range_checked=False):
     _one_device(mu=mu, grad_z=grad_z, grad_kl=grad_kl, grad_mu_rows=grad_mu_rows,
                 grad_logvar_rows=grad_logvar_rows, logvar=logvar, state=state, idx=idx,
                 prior_logits=prior_logits, prior_means=prior_means, prior_logvars=prior_logvars,
@@ -263,7 +264,7 @@ def _gmm_log_prob_fake(z, prior_logits, prior_means, prior_logvars, prior_index=
 
 @torch.library.register_fake("halfvae_ext::gmm_log_prob_backward")
 def _gmm_log_prob_backward_fake(grad, z, prior_logits, prior_means, prior_logvars, prior_grads,
-                                prior_index=None):
+                                prior_index=None, range_checked=False):
     _one_device(z=z, grad=grad, prior_logits=prior_logits, prior_means=prior_means,
                 prior_logvars=prior_logvars, prior_index=prior_index)
     return (torch.empty_like(z), torch.empty_like(prior_logits), torch.empty_like(prior_means),
@@ -293,7 +294,7 @@ def _reparam_backward(ctx, grad_z, grad_kl):
     prior_grads = bool(need[2] or need[3] or need[4])
     g_mu, g_logvar, g_logits, g_means, g_logvars = _ops.reparam_gmm_kl_backward(
         grad_z, grad_kl, mu, logvar, prior_logits, prior_means, prior_logvars, eps, seed,
-        ctx.reduction, prior_grads, prior_index, ctx.kl)
+        ctx.reduction, prior_grads, prior_index, ctx.kl, True)  # saved: checked by the forward
     grads = (g_mu if need[0] else None, g_logvar if need[1] else None,
              g_logits if need[2] else None, g_means if need[3] else None,
              g_logvars if need[4] else None)
@@ -330,7 +331,8 @@ def _rows_backward(ctx, grad_z, grad_kl):
     need = ctx.needs_input_grad
     g_mu, g_logvar, g_logits, g_means, g_logvars = _ops.reparam_gmm_kl_rows_backward(
         grad_z, grad_kl, mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps, seed,
-        ctx.reduction, bool(need[3] or need[4] or need[5]), prior_index, ctx.kl)
+        ctx.reduction, bool(need[3] or need[4] or need[5]), prior_index, ctx.kl,
+        True)  # idx and prior_index are saved tensors, range-checked by the forward
     sparse = ctx.table_grad == 1
     grads = (_table_gradient(g_mu, idx, ctx.table_shape, sparse) if need[0] else None,
              _table_gradient(g_logvar, idx, ctx.table_shape, sparse) if need[1] else None,
@@ -353,7 +355,7 @@ def _log_prob_backward(ctx, grad):
     need = ctx.needs_input_grad
     g_z, g_logits, g_means, g_logvars = _ops.gmm_log_prob_backward(
         grad, z, prior_logits, prior_means, prior_logvars, bool(need[1] or need[2] or need[3]),
-        prior_index)
+        prior_index, True)  # prior_index is saved: checked by the forward
     grads = (g_z if need[0] else None, g_logits if need[1] else None,
              g_means if need[2] else None, g_logvars if need[3] else None)
     return grads + (None,) * (ctx.num_inputs - len(grads))

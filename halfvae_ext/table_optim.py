@@ -46,7 +46,30 @@ class FusedRowOptimizer(torch.nn.Module):
         # row's moments are contiguous (2 cache lines for K = 8), one DRAM burst per touched row.
         shape = (num_rows, 4 if kind == "adam" else 0, num_latents)
         self.register_buffer("state", empty_table(shape, dtype=dtype, device=device).zero_())
-        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        # The step count (Adam's bias correction) is a Python int: the op takes it as an argument,
+        # and reading it from a buffer on the GPU would synchronize every step. state_dict still
+        # holds it as the 0-d int64 tensor "step" (what tables saved before this held).
+        self.num_steps = 0
+
+    @property
+    def step(self) -> int:
+        """The number of steps taken (shared by all rows of the table)."""
+        return self.num_steps
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "step"] = torch.tensor(self.num_steps, dtype=torch.int64)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "step"
+        if key in state_dict:
+            self.num_steps = int(state_dict[key])
+        elif strict:
+            missing_keys.append(key)
+        rest = {k: v for k, v in state_dict.items() if k != key}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     @property
     def mu_exp_avg(self):
@@ -58,26 +81,29 @@ class FusedRowOptimizer(torch.nn.Module):
 
     def step_rows(self, mu, logvar, idx, grad_mu_rows, grad_logvar_rows):
         """One step on rows idx of both tables, from their per-index gradients [B, K]."""
-        self.step.add_(1)  # in place: no module __setattr__ on the hot path
+        self.num_steps += 1
         b1, b2 = self.betas
         with torch.no_grad():
             _ops.latent_rows_update_(mu, logvar, self.state, idx, grad_mu_rows, grad_logvar_rows,
-                                     self.kind, self.lr, b1, b2, self.eps, int(self.step))
+                                     self.kind, self.lr, b1, b2, self.eps, self.num_steps)
 
     def backward_step(self, grad_z, grad_kl, mu, logvar, idx, prior_logits, prior_means,
                       prior_logvars, eps, seed, reduction, prior_grads, grad_mu_rows=None,
-                      grad_logvar_rows=None, prior_index=None, kl=0):
+                      grad_logvar_rows=None, prior_index=None, kl=0, range_checked=False):
         """The backward of reparam_gmm_kl_rows and this optimizer's step on rows idx, in one op
         (the row gradients never leave it); grad_mu_rows, grad_logvar_rows: [B, K] gradients of
         the gathered rows from other terms, or None; prior_index, kl: as the forward's (kl as
-        its code). Returns the prior's gradients."""
-        self.step.add_(1)  # in place: no module __setattr__ on the hot path
+        its code). range_checked: idx and prior_index were range-checked by the forward and are
+        unchanged since (then the step makes no host synchronization). Returns the prior's
+        gradients."""
+        self.num_steps += 1
         b1, b2 = self.betas
         with torch.no_grad():
             return _ops.reparam_gmm_kl_rows_backward_step_(
                 grad_z, grad_kl, grad_mu_rows, grad_logvar_rows, mu, logvar, self.state, idx,
                 prior_logits, prior_means, prior_logvars, eps, seed, reduction, prior_grads,
-                self.kind, self.lr, b1, b2, self.eps, int(self.step), prior_index, kl)
+                self.kind, self.lr, b1, b2, self.eps, self.num_steps, prior_index, kl,
+                range_checked)
 
     def extra_repr(self):
         return f"kind={self.kind!r}, lr={self.lr}, betas={self.betas}, eps={self.eps}"
@@ -126,7 +152,7 @@ class _FusedRowsKL(torch.autograd.Function):
         g_logits, g_means, g_logvars = ctx.optimizer.backward_step(
             grad_z, grad_kl, mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps, seed,
             ctx.reduction, bool(need[2] or need[3] or need[4]), grad_mu_rows, grad_logvar_rows,
-            prior_index, ctx.kl)
+            prior_index, ctx.kl, range_checked=True)  # the forward checked the saved idx
         return (None, None, g_logits if need[2] else None, g_means if need[3] else None,
                 g_logvars if need[4] else None, None, None, None, None, None, None, None, None)
 

@@ -1,86 +1,104 @@
 #!/usr/bin/env bash
-# One prepared command for a GPU machine (the device tool's H200: Python 3.12, torch 2.11, nvcc 13,
-# no internet): build the extension from source with the CUDA kernels, run the CUDA tests and the
-# quick benchmark on the GPU. Everything it prints also lands in $OUT (default results/gpu).
-#   device: bash scripts/gpu_check.sh          here (no GPU: tests skip): PY=.venv/bin/python ...
-set -euo pipefail
+# The two prepared commands for a GPU machine (the device tool's H200: Python 3.12, torch 2.11,
+# nvcc 13, no internet), each at most about 8 minutes:
+#
+#   bash scripts/gpu_check.sh test    (a) build with the CUDA kernels; the CUDA tests (full log,
+#                                         JUnit XML); compute-sanitizer memcheck and racecheck on
+#                                         scripts/sanitize_ops.py (every op, forward and backward)
+#   bash scripts/gpu_check.sh bench   (b) the benchmarks (needs (a)'s build)
+#
+# Every step writes its own log under $OUT (default results/gpu) and its exit status to
+# $OUT/status.txt; a failing step does not stop the ones after it (no set -e), nothing is filtered
+# or cut (the console shows each log's last lines, the files keep everything), and the command
+# exits non-zero when any step failed. Each step has a time limit (seconds, env *_S below).
+# Dry run here (no GPU; the CUDA tests skip): DEVICE=cpu PY=.venv/bin/python SKIP_BUILD=1 ...
+set -uo pipefail
 cd "$(dirname "$0")/.."
+MODE=${1:-}
 OUT=${OUT:-results/gpu}
 PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 mkdir -p "$OUT"
-exec > >(tee "$OUT/gpu_check.log") 2>&1
+STATUS="$OUT/status.txt"
+failed=0
 
-echo "== machine"
-date -u
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv || true
-"$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())"
+# step NAME LIMIT_S CMD...: runs CMD with its output in $OUT/NAME.log, records its status.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local log="$OUT/$name.log" start rc
+  start=$(date +%s)
+  echo "== $name (limit ${limit}s): $*"
+  timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1
+  rc=$?
+  echo "$name rc=$rc $(( $(date +%s) - start ))s" | tee -a "$STATUS"
+  tail -n "${TAIL_LINES:-15}" "$log"
+  if [ "$rc" -ne 0 ]; then failed=1; fi
+  return "$rc"
+}
 
-echo "== build"
-start=$(date +%s)
-"$PY" -m pip install -q --no-build-isolation --no-deps -e . \
-  -Cbuild-dir=build/gpu-check -Ccmake.define.HALFVAE_CUDA=ON \
-  -Ccmake.define.TORCH_CUDA_ARCH_LIST="$TORCH_CUDA_ARCH_LIST"
-echo "build took $(( $(date +%s) - start )) s"
-"$PY" -c "import halfvae_ext as h; assert h.cuda_kernels_compiled(), 'CUDA kernels missing'
-print('cuda kernels: compiled, usable:', h.cuda_kernels_available())"
+machine() {
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+  "$PY" -c "import torch, sys
+print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda,
+      'gpu', torch.cuda.is_available())"
+  which compute-sanitizer nvcc
+  true
+}
+export -f machine  # step runs commands under timeout, which needs a program: bash -c machine
+export PY
 
-echo "== tests"
-"$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_reparam_gmm_kl.py \
-  tests/test_rng.py tests/test_torch_integration.py tests/test_latent_tables.py 2>&1 | tail -25 \
-  || echo "TESTS FAILED"
-
-echo "== benchmark"
-if "$PY" -c "import torch; raise SystemExit(0 if torch.cuda.is_available() else 1)"; then
-  for rows in $((2**20)) $((2**23)) $((2**26)); do
-    "$PY" benchmarks/bench_quick.py --device cuda --rows "$rows" --repeats 20 \
-      --json "$OUT/bench_cuda_$rows.json"
+case "$MODE" in
+test)
+  : >"$STATUS"
+  step machine 60 bash -c machine
+  if [ -z "${SKIP_BUILD:-}" ]; then
+    step build "${BUILD_S:-330}" "$PY" -m pip install -v --no-build-isolation --no-deps -e . \
+      -Cbuild-dir=build/gpu-check -Ccmake.define.HALFVAE_CUDA=ON \
+      -Ccmake.define.TORCH_CUDA_ARCH_LIST="$TORCH_CUDA_ARCH_LIST"
+  fi
+  step kernels 60 "$PY" -c "import halfvae_ext as h
+print('cuda kernels compiled:', h.cuda_kernels_compiled(), 'usable:', h.cuda_kernels_available())
+assert h.cuda_kernels_compiled(), 'CUDA kernels missing'"
+  # Every test that runs CUDA code: test_cuda.py and the CUDA cases of the other files (their
+  # ids name cuda). -rfEs lists failures, errors and skips with reasons; --tb=long keeps the
+  # tracebacks; the XML has every case.
+  step tests "${TESTS_S:-240}" "$PY" -m pytest -p no:cacheprovider -rfEs --tb=long \
+    --junitxml="$OUT/tests.xml" tests/test_cuda.py tests/test_latent_tables.py \
+    tests/test_rng.py tests/test_reparam_gmm_kl.py tests/test_torch_integration.py \
+    tests/test_conditional_prior.py tests/test_models.py -k cuda
+  for tool in memcheck racecheck; do
+    if [ "$DEVICE" = cuda ]; then
+      step "sanitizer_$tool" "${SANITIZER_S:-120}" compute-sanitizer --tool "$tool" \
+        --error-exitcode 1 "$PY" scripts/sanitize_ops.py --device cuda
+    else  # a dry run: the workload alone
+      step "sanitizer_$tool" "${SANITIZER_S:-120}" "$PY" scripts/sanitize_ops.py --device "$DEVICE"
+    fi
   done
-  "$PY" benchmarks/bench_quick.py --device cuda --rows $((2**23)) --dtype bfloat16 --repeats 20
-  # The suite: ratios against eager / distributions / torch.compile and the copy floor.
-  "$PY" -m halfvae_ext.bench_ops --device cuda --sizes 20,24,26,27 --components 3 --budget 0.5 \
-    --out "$OUT" 2>&1 | grep -v "^USDT\|^ERROR"
-  # The general kernels (kl="bound", priors chosen per row) against the specialized Monte-Carlo
-  # one, forward+backward with prior gradients (each op call also syncs once to check
-  # prior_index's range).
-  if "$PY" - <<'PY'
-import statistics
-import torch
-import halfvae_ext as hv
-N, K, C, U = 2**23, 8, 3, 40
-mu = torch.randn(N, K, device="cuda", requires_grad=True)
-logvar = (0.1 * torch.randn(N, K, device="cuda")).requires_grad_()
-prior = lambda *shape: [torch.randn(*shape, device="cuda", requires_grad=True) for _ in range(3)]
-index = torch.randint(0, U, (N,), device="cuda")
-cases = [("mc, one prior", prior(K, C), None, "mc"),
-         ("bound, one prior", prior(K, C), None, "bound"),
-         ("mc, U=40", prior(U, K, C), index, "mc"),
-         ("bound, U=40", prior(U, K, C), index, "bound"),
-         ("mc, U=40 sorted", prior(U, K, C), index.sort().values, "mc")]
-gen = torch.Generator(device="cuda").manual_seed(0)
-for name, p, pi, kl in cases:
-    def step():
-        z, k = hv.reparam_gmm_kl(mu, logvar, *p, generator=gen, prior_index=pi, kl=kl)
-        torch.autograd.grad(k.sum() + z.sum(), [mu, logvar, *p])
-    step()
-    times = []
-    for _ in range(20):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(); s.record(); step(); e.record(); torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    print(f"reparam_gmm_kl fwd+bwd N*K=2^26 {name:18s} {statistics.median(times):8.3f} ms")
-PY
-  then :; else echo "GENERAL KERNEL TIMING FAILED"; fi
-  "$PY" - <<'PY'
-import torch
-x = torch.empty(2**28, device="cuda"); y = torch.empty_like(x)
-for _ in range(3): y.copy_(x)
-s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-torch.cuda.synchronize(); s.record()
-for _ in range(10): y.copy_(x)
-e.record(); torch.cuda.synchronize()
-print(f"device copy: {2 * x.numel() * 4 * 10 / (s.elapsed_time(e) / 1e3) / 1e12:.2f} TB/s (read+write)")
-PY
-else
-  echo "no GPU: benchmark skipped"
-fi
+  ;;
+bench)
+  : >>"$STATUS"
+  step machine_bench 60 bash -c machine
+  ROWS_LOG2=${ROWS_LOG2:-26}  # N*K = 2^26 with K = 8: N = 2^23
+  # The fused op (eps given and in-kernel) against eager, torch.compile and a device copy of the
+  # same bytes, float32, K = 8, C = 3, forward+backward.
+  step bench_ops "${BENCH_OPS_S:-240}" "$PY" -m halfvae_ext.bench_ops --device "$DEVICE" \
+    --sizes "$ROWS_LOG2" --components 3 --variants mc --budget "${BUDGET:-0.5}" \
+    --slow-max-log2 "$ROWS_LOG2" --out "$OUT"
+  step bench_quick "${BENCH_QUICK_S:-90}" "$PY" benchmarks/bench_quick.py --device "$DEVICE" \
+    --rows $(( 2 ** (ROWS_LOG2 - 3) )) --repeats 20 --json "$OUT/bench_quick.json"
+  # The fused table step at 10^8 rows against nn.Embedding(sparse=True) + SparseAdam.
+  step bench_tables "${BENCH_TABLES_S:-180}" "$PY" scripts/gpu_bench_tables.py \
+    --device "$DEVICE" --rows "${TABLE_ROWS:-1e8}" --steps "${TABLE_STEPS:-50}" \
+    --json "$OUT/bench_tables.json"
+  ;;
+*)
+  echo "usage: bash scripts/gpu_check.sh test|bench   (logs in \$OUT, default results/gpu)" >&2
+  exit 2
+  ;;
+esac
+echo "== status ($STATUS)"
+cat "$STATUS"
+exit "$failed"

@@ -513,3 +513,203 @@ def test_fused_table_with_in_kernel_eps_steps_like_sparse_adam_with_the_same_dra
     torch.testing.assert_close(fused.mu.detach(), sparse.mu.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused.logvar.detach(), sparse.logvar.detach(), rtol=1e-5, atol=1e-5)
     assert torch.equal(fused.mu[30:], sparse.mu[30:])  # untouched rows keep their values
+
+
+# ----------------------------------------------------------------------------- no host syncs
+def test_step_count_is_a_python_int_saved_as_the_step_tensor():
+    """The step count never lives in a (GPU) buffer, which int() would synchronize every step; it
+    still travels in state_dict as the 0-d int64 tensor "step", so tables saved by the versions
+    that kept it as a buffer load, and theirs load here."""
+    mu0, logvar0, prior = tables(20, 4, 3)
+    batches = [(torch.tensor([1, 2, 2, 19]), torch.randn(4, 4)) for _ in range(3)]
+    _, _, opt = run_fused_steps(mu0, logvar0, prior, batches, "adam", 0.1)
+    assert type(opt.num_steps) is int and opt.step == 3
+    assert "step" not in dict(opt.named_buffers())
+    saved = opt.state_dict()
+    assert saved["step"].dtype == torch.int64 and saved["step"].shape == () and saved["step"] == 3
+    # A state_dict as the buffer version wrote it (same keys): the count comes back.
+    old = {"state": saved["state"].clone(), "step": torch.tensor(7)}
+    fresh = FusedRowOptimizer(20, 4, "adam", lr=0.1)
+    fresh.load_state_dict(old)
+    assert fresh.num_steps == 7 and torch.equal(fresh.state, old["state"])
+    with pytest.raises(RuntimeError, match="Missing key.*step"):
+        FusedRowOptimizer(20, 4, "adam").load_state_dict({"state": saved["state"]})
+    # The next step continues from the loaded count (Adam's bias correction uses it).
+    mu, logvar = (t.clone().requires_grad_() for t in (mu0, logvar0))
+    z, kl = fused_rows_kl(mu, logvar, batches[0][0], *prior, fresh, eps=batches[0][1])
+    kl.sum().backward()
+    assert fresh.num_steps == 8
+
+
+def _record_ops(fn):
+    """The halfvae_ext ops fn calls, with their arguments (the step of autograd included)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "halfvae_ext":
+                calls.append((func._schema.name.split("::")[1], func._schema, args, kwargs or {}))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return calls
+
+
+def _argument(call, name):
+    _, schema, args, kwargs = call
+    names = [a.name for a in schema.arguments]
+    i = names.index(name)
+    if name in kwargs:
+        return kwargs[name]
+    return args[i] if i < len(args) else schema.arguments[i].default_value
+
+
+def test_backward_ops_skip_the_range_check_the_forward_made():
+    """Autograd's backward tells the backward ops (gmm_log_prob's too) that the forward checked idx
+    and prior_index (range_checked=True): one check, one CUDA synchronization, per training step.
+    Called directly, they check (the default)."""
+    mu, logvar, prior = tables(10, 4, 3)
+    idx, eps = torch.tensor([0, 9, 3]), torch.randn(3, 4)
+    opt = FusedRowOptimizer(10, 4, "adam", lr=0.1)
+    m, lv = (t.clone().requires_grad_() for t in (mu, logvar))
+    p = [t.clone().requires_grad_() for t in prior]
+
+    def fused_step():
+        z, kl = fused_rows_kl(m, lv, idx, *p, opt, eps=eps)
+        (kl.sum() + z.sum()).backward()
+
+    def rows_step():
+        z, kl = hv.reparam_gmm_kl_rows(m, lv, idx, *p, eps=eps)
+        (kl.sum() + z.sum()).backward()
+
+    def dense_step():
+        z, kl = hv.reparam_gmm_kl(m[:3].detach().requires_grad_(), lv[:3].detach(), *p, eps=eps)
+        (kl.sum() + z.sum()).backward()
+
+    grouped = [torch.randn(5, 4, 3, requires_grad=True) for _ in range(3)]
+    u = torch.tensor([4, 0, 2])
+
+    def log_prob_step():
+        z = mu[:3].clone().requires_grad_()
+        hv.gmm_log_prob(z, *grouped, prior_index=u).sum().backward()
+
+    for fn, backward_op in ((fused_step, "reparam_gmm_kl_rows_backward_step_"),
+                            (rows_step, "reparam_gmm_kl_rows_backward"),
+                            (dense_step, "reparam_gmm_kl_backward"),
+                            (log_prob_step, "gmm_log_prob_backward")):
+        calls = [c for c in _record_ops(fn) if c[0] == backward_op]
+        assert len(calls) == 1 and _argument(calls[0], "range_checked") is True, backward_op
+    # Direct calls check by default, and before the step writes anything.
+    ops = torch.ops.halfvae_ext
+    bad = torch.tensor([0, 10, 3])
+    g = torch.ones(3, 4)
+    with pytest.raises(IndexError, match=r"idx values must be in \[0, 10\)"):
+        ops.reparam_gmm_kl_rows_backward(g, torch.ones(3), mu, logvar, bad, *prior, eps, None, 1,
+                                         True)
+    with pytest.raises(IndexError, match="prior_index values must be in"):
+        ops.gmm_log_prob_backward(g, mu[:3], *grouped, True, torch.tensor([0, 5, 1]))
+    state, before = torch.zeros(10, 4, 4), mu.clone()
+    with pytest.raises(IndexError, match="idx values must be in"):
+        ops.reparam_gmm_kl_rows_backward_step_(g, torch.ones(3), None, None, mu, logvar, state,
+                                               bad, *prior, eps, None, 1, True, "adam", 0.1, 0.9,
+                                               0.999, 1e-8, 1)
+    assert torch.equal(mu, before) and torch.count_nonzero(state) == 0
+
+
+def test_one_check_covers_idx_and_prior_index():
+    """The forward checks idx and prior_index together (one copy to the host), each with its own
+    message."""
+    mu, logvar, _ = tables(10, 4, 3)
+    prior = [torch.randn(5, 4, 3) for _ in range(3)]
+    eps = torch.randn(3, 4)
+    ok_idx, ok_u = torch.tensor([0, 9, 3]), torch.tensor([4, 0, 2])
+    hv.reparam_gmm_kl_rows(mu, logvar, ok_idx, *prior, eps=eps, prior_index=ok_u)
+    with pytest.raises(IndexError, match=r"idx values must be in \[0, 10\), got min 0 and max 10"):
+        hv.reparam_gmm_kl_rows(mu, logvar, torch.tensor([0, 10, 3]), *prior, eps=eps,
+                               prior_index=ok_u)
+    with pytest.raises(IndexError, match=r"prior_index values must be in \[0, 5\) \(the number "
+                                         r"of prior groups\), got min -1 and max 2"):
+        hv.reparam_gmm_kl_rows(mu, logvar, ok_idx, *prior, eps=eps,
+                               prior_index=torch.tensor([-1, 0, 2], dtype=torch.int32))
+    with pytest.raises(IndexError, match="prior_index values must be in"):
+        hv.gmm_log_prob(mu[:3], *prior, prior_index=torch.tensor([0, 5, 1]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fused", [True, False])
+def test_update_op_with_no_latent_dimensions(device, fused):
+    """K == 0 with a non-empty idx: nothing to step (on CUDA a grid of 0 blocks would be an
+    invalid launch), but idx is still checked."""
+    ops = torch.ops.halfvae_ext
+    mu, logvar = torch.empty(6, 0, device=device), torch.empty(6, 0, device=device)
+    state = torch.empty(6, 4, 0, device=device)
+    idx = torch.tensor([0, 5, 5], device=device)
+    g = torch.empty(3, 0, device=device)
+    prior = [torch.empty(0, 3, device=device) for _ in range(3)]
+    if fused:
+        out = ops.reparam_gmm_kl_rows_backward_step_(
+            g, torch.ones(3, device=device), None, None, mu, logvar, state, idx, *prior, g, None,
+            1, True, "adam", 0.1, 0.9, 0.999, 1e-8, 1)
+        assert all(o.shape == (0, 3) for o in out)
+    else:
+        ops.latent_rows_update_(mu, logvar, state, idx, g, g, "adam", 0.1, 0.9, 0.999, 1e-8, 1)
+        with pytest.raises(IndexError, match="idx values must be in"):
+            ops.latent_rows_update_(mu, logvar, state, idx + 1, g, g, "sgd", 0.1, 0.9, 0.999,
+                                    1e-8, 1)
+    if device == "cuda":
+        torch.cuda.synchronize()  # a bad launch would surface here
+
+
+# ----------------------------------------------------------------------------- layout on .to()
+def _assert_interleaved(table):
+    N, K = table.mu.shape
+    mu, logvar = table.mu, table.logvar
+    assert mu.stride() == (2 * K, 1) and logvar.stride() == (2 * K, 1)
+    assert logvar.storage_offset() == mu.storage_offset() + K
+    assert table._joint_table() is not None  # one storage
+
+
+def test_latent_table_conversions_keep_the_interleaved_layout():
+    """.to(dtype/device), .double(), .cuda() convert the [N, 2, K] table once: mu and logvar stay
+    its halves (one storage, row stride 2K), and the fused step keeps working on them."""
+    from halfvae_ext.models import GMMPrior, LatentTable
+    table = LatentTable(50, 4, fused_optimizer="adam", lr=0.05,
+                        generator=torch.Generator().manual_seed(1))
+    _assert_interleaved(table)
+    mu0, lv0 = table.mu.detach().clone(), table.logvar.detach().clone()
+    table.double()
+    _assert_interleaved(table)
+    assert table.mu.dtype == torch.float64 and table.table_optimizer.state.dtype == torch.float64
+    assert table.mu.untyped_storage().data_ptr() == table.logvar.untyped_storage().data_ptr()
+    torch.testing.assert_close(table.mu.detach(), mu0.double(), rtol=0, atol=0)
+    torch.testing.assert_close(table.logvar.detach(), lv0.double(), rtol=0, atol=0)
+    assert isinstance(table.mu, torch.nn.Parameter) and table.mu.requires_grad
+    # The step writes through the joint table: mu and logvar move, and stay its halves.
+    prior = GMMPrior(4, 3).double()
+    z, kl = table(torch.tensor([0, 3, 3]), prior, eps=torch.randn(3, 4, dtype=torch.float64))
+    (kl.sum() + z.sum()).backward()
+    assert not torch.equal(table.mu.detach(), mu0.double())
+    assert not torch.equal(table.logvar.detach(), lv0.double())
+    _assert_interleaved(table)
+    # A device move (meta: no data, but the layout is the storage's)
+    table.to("meta")
+    assert table.mu.device.type == "meta"
+    _assert_interleaved(table)
+    # Tables without a fused optimizer keep their separate tensors.
+    plain = LatentTable(50, 4).double()
+    assert plain._joint_table() is None and plain.mu.is_contiguous()
+
+
+@requires_cuda
+def test_cuda_latent_table_keeps_the_interleaved_layout_on_the_gpu():
+    from halfvae_ext.models import GMMPrior, LatentTable
+    table = LatentTable(50, 4, fused_optimizer="adam", lr=0.05).to("cuda")
+    _assert_interleaved(table)
+    assert table.mu.is_cuda and table.table_optimizer.state.is_cuda
+    z, kl = table(torch.tensor([0, 3, 3], device="cuda"), GMMPrior(4, 3).cuda(),
+                  generator=torch.Generator("cuda").manual_seed(0))
+    kl.sum().backward()
+    _assert_interleaved(table.cpu())

@@ -8,7 +8,7 @@ import halfvae_ext as hv
 from halfvae_ext import reference as ref
 from halfvae_ext.ops import draw_seed
 
-from conftest import make_problem
+from conftest import has_cuda, make_problem
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -87,3 +87,33 @@ def test_philox_known_answer():
                          r1 * math.sin(t1)], dtype=torch.float64)
     got = hv.philox_normal(torch.zeros(2, dtype=torch.int64), 4, dtype=torch.float64)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if has_cuda() else []))
+def test_a_strided_seed_draws_what_its_values_say(device):
+    """The ops read a seed tensor by its values, whatever its strides: a strided view (every
+    other element of a longer tensor) draws what its contiguous copy draws, on every device."""
+    base = torch.tensor([123456789, -1, 42, -1], dtype=torch.int64, device=device)
+    strided, dense = base[::2], base[::2].contiguous()
+    assert not strided.is_contiguous()
+    ops = torch.ops.halfvae_ext
+    assert torch.equal(ops.philox_normal(strided, 1000, torch.float32),
+                       ops.philox_normal(dense, 1000, torch.float32))
+    rows = torch.tensor([3, 0, 7], device=device)
+    assert torch.equal(ops.philox_normal_rows(strided, rows, 5, torch.float32),
+                       ops.philox_normal_rows(dense, rows, 5, torch.float32))
+    mu, logvar, _, prior = make_problem(20, 5, 3, device=device)
+    for reduction in (0, 1):
+        a = ops.reparam_gmm_kl(mu, logvar, *prior, None, strided, reduction)
+        b = ops.reparam_gmm_kl(mu, logvar, *prior, None, dense, reduction)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+        g = (torch.ones(20, 5, device=device),
+             torch.ones((20,) if reduction else (20, 5), device=device))
+        a = ops.reparam_gmm_kl_backward(*g, mu, logvar, *prior, None, strided, reduction, True)
+        b = ops.reparam_gmm_kl_backward(*g, mu, logvar, *prior, None, dense, reduction, True)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        for x, y in zip(a[2:], b[2:]):  # prior sums: CUDA atomics may round differently
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+    if device == "cuda":  # and the CPU draws the same counters (see test_cuda.py for normals)
+        torch.testing.assert_close(ops.philox_normal(strided, 1000, torch.float64).cpu(),
+                                   ops.philox_normal(dense.cpu(), 1000, torch.float64))

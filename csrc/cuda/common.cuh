@@ -2,17 +2,23 @@
 //
 // Thread layout: thread t owns the 4 consecutive elements of one Philox block (4t .. 4t+3) and then
 // strides by S elements, where S is a multiple of both 4 and K. So each of a thread's 4 lanes always
-// sees the same latent dimension k: the lane's prior parameters and its prior-gradient sums stay in
-// registers, and a thread reduces its sums into shared memory once, not once per element.
+// sees the same latent dimension k: the lane's prior parameters stay in registers, and with C = 3
+// (unrolled) so do its prior-gradient sums, which a thread reduces into shared memory once, not
+// once per element. Other C add each element's 3C + 1 sums into the block's table (shared memory
+// when it fits, else global memory): registers for up to 64 components would not fit.
 #pragma once
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
-#include <numeric>
+#include <memory>
+
+#include "../launch_plan.h"
 
 #include "halfvae/gmm_math.h"
 #include "halfvae/philox.h"
@@ -268,22 +274,35 @@ __device__ __forceinline__ void end_sums(const SumsTable& t, double* smem) {
     if (smem[i] != 0.0) atomicAdd(t.global + i, smem[i]);
 }
 
-// Grid whose total thread count * 4 is a multiple of K (see the layout note at the top).
-struct Launch {
-  int64_t blocks;
-  int64_t stride;  // elements between a thread's successive groups
-  int device_sms;
-};
-inline Launch plan_launch(int64_t numel, int64_t K) {
-  int device = 0, sms = 1;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t groups = (numel + 3) / 4;
-  const int64_t q = K / std::gcd(K, int64_t(4) * kThreads);  // blocks must come in multiples of q
-  int64_t blocks = std::min<int64_t>((groups + kThreads - 1) / kThreads, int64_t(sms) * 8);
-  blocks = std::max<int64_t>(1, (blocks + q - 1) / q) * q;
-  return Launch{blocks, blocks * kThreads * 4, sms};
+// The number of SMs of `device`, queried once per device (the query costs microseconds, and
+// every launch plans its grid).
+inline int sm_count(int device) {
+  static const int devices = c10::cuda::device_count();
+  static std::unique_ptr<std::atomic<int>[]> cache(new std::atomic<int>[devices]());
+  TORCH_CHECK(device >= 0 && device < devices, "sm_count: no CUDA device ", device);
+  int sms = cache[device].load(std::memory_order_relaxed);
+  if (sms == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    cache[device].store(sms, std::memory_order_relaxed);
+  }
+  return sms;
 }
 
+// The grid of the layout above for the current device (launch_plan.h): at most 8 blocks per SM,
+// the rest by striding.
+struct Launch {
+  unsigned int blocks;  // checked to fit a grid
+  int64_t stride;       // elements between a thread's successive groups
+};
+inline Launch plan_launch(int64_t numel, int64_t K) {
+  const int64_t cap = int64_t(sm_count(c10::cuda::current_device())) * 8;
+  const LaunchPlan plan = plan_launch_blocks(numel, K, kThreads, cap);
+  return Launch{static_cast<unsigned int>(plan.blocks), plan.stride};
+}
+
+// Blocks of kThreads for one thread per item, checked to fit a grid.
+inline unsigned int grid_for(int64_t items) {
+  return static_cast<unsigned int>(blocks_for(items, kThreads));
+}
 
 }  // namespace halfvae::cuda

@@ -1,6 +1,7 @@
 // CUDA kernels of gmm_log_prob, forward and backward (thread layout: see common.cuh), for one
 // prior and for priors chosen per row by prior_index.
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 
 #include "../kernel_table.h"
@@ -154,6 +155,10 @@ void backward(const at::Tensor& grad, const at::Tensor& z, const PriorTables& pr
   const c10::cuda::CUDAGuard guard(z.device());
   const Launch launch = plan_launch(z.numel(), prior.K);
   const bool prior_grads = prior_sums.defined();
+  // The prior's gradients are sums over all elements, added by atomics in an order that varies.
+  if (prior_grads)
+    at::globalContext().alertNotDeterministic(
+        "halfvae_ext gmm_log_prob backward on CUDA (the prior's gradients)");
   // [U*K, 3C+1]: one row of sums per (group, latent dimension); U = 1 for one prior.
   const int64_t table_size = prior.U * prior.K * num_prior_sums(static_cast<int>(prior.C));
   const SumsTable table{prior_grads ? prior_sums.data_ptr<double>() : nullptr, table_size,

@@ -69,13 +69,10 @@ __global__ void __launch_bounds__(kThreads) philox_normal_rows_kernel(
 void philox_normal_rows(const at::Tensor& seed, const at::Tensor& rows, at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(out.device());
   const int64_t n = rows.numel(), K = out.size(1), blocks_per_row = K / 4 + 2;
-  int device = 0, sms = 1;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int64_t threads_needed = n * blocks_per_row;
-  const int64_t blocks =
-      std::max<int64_t>(1, std::min<int64_t>((threads_needed + kThreads - 1) / kThreads,
-                                             int64_t(sms) * 8));
+  const int64_t cap = int64_t(sm_count(c10::cuda::current_device())) * 8;
+  const unsigned int blocks = static_cast<unsigned int>(
+      std::min(blocks_for(threads_needed, kThreads), cap));
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(),
                                   "philox_normal_rows_cuda", [&] {

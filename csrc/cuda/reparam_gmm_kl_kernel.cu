@@ -3,7 +3,10 @@
 // Monte-Carlo KL against one prior has kernels specialized on every flag; the KL bound and priors
 // chosen per row (prior_index) share general kernels with runtime flags (see there).
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
+
+#include <numeric>
 
 #include "../kernel_table.h"
 #include "common.cuh"
@@ -308,7 +311,15 @@ void forward(const ReparamGmmKlProblem& p, at::Tensor& z, at::Tensor& kl) {
   const c10::cuda::CUDAGuard guard(p.mu.device());
   const int64_t numel = p.N * p.K;
   const Launch launch = plan_launch(numel, p.K);
-  const bool row = p.reduction == kReductionRow;
+  // Row sums by atomics: a row gets one partial sum per group of 4 it touches. Up to two, added
+  // onto zero, commute exactly; more (K = 7 or K >= 9) make kl depend on the order the atomics
+  // land in. Under torch.use_deterministic_algorithms the kernel then writes every element's kl
+  // and a torch reduction sums the rows (for float16/bfloat16 from the rounded elements).
+  const bool ordered_rows = p.reduction == kReductionRow && p.K > 4 + std::gcd(p.K, int64_t(4));
+  const bool sum_after = ordered_rows && at::globalContext().deterministicAlgorithms();
+  const bool row = p.reduction == kReductionRow && !sum_after;
+  at::Tensor kl_elements = sum_after ? at::empty({p.N, p.K}, kl.options()) : at::Tensor();
+  at::Tensor& kl_out = sum_after ? kl_elements : kl;
   const bool general = needs_general_kernels(p);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.mu.scalar_type(),
@@ -332,7 +343,7 @@ void forward(const ReparamGmmKlProblem& p, at::Tensor& z, at::Tensor& kl) {
                   p.prior.w.data_ptr<acc_t>(), p.prior.m.data_ptr<acc_t>(),
                   p.prior.prec.data_ptr<acc_t>(), numel, p.K, p.row_stride,
                   static_cast<int>(p.C), launch.stride, z.data_ptr<scalar_t>(),
-                  row ? nullptr : kl.data_ptr<scalar_t>(),
+                  row ? nullptr : kl_out.data_ptr<scalar_t>(),
                   row ? kl_row.data_ptr<acc_t>() : nullptr);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
@@ -347,13 +358,14 @@ void forward(const ReparamGmmKlProblem& p, at::Tensor& z, at::Tensor& kl) {
                 kSampled ? p.seed.data_ptr<int64_t>() : nullptr, p.prior.w.data_ptr<acc_t>(),
                 p.prior.m.data_ptr<acc_t>(), p.prior.prec.data_ptr<acc_t>(), numel, p.K,
                 p.row_stride, static_cast<int>(p.C), launch.stride, z.data_ptr<scalar_t>(),
-                kRow ? nullptr : kl.data_ptr<scalar_t>(),
+                kRow ? nullptr : kl_out.data_ptr<scalar_t>(),
                 kRow ? kl_row.data_ptr<acc_t>() : nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
     if (row && !kSameType) kl.copy_(kl_row);
   });
+  if (sum_after) at::sum_out(kl, kl_elements, at::IntArrayRef{1});
 }
 
 void backward(const ReparamGmmKlProblem& p, const at::Tensor& grad_z, const at::Tensor& grad_kl,
@@ -363,6 +375,10 @@ void backward(const ReparamGmmKlProblem& p, const at::Tensor& grad_z, const at::
   const Launch launch = plan_launch(numel, p.K);
   const bool row = p.reduction == kReductionRow;
   const bool prior_grads = prior_sums.defined();
+  // The prior's gradients are sums over all elements, added by atomics in an order that varies.
+  if (prior_grads)
+    at::globalContext().alertNotDeterministic(
+        "halfvae_ext reparam_gmm_kl backward on CUDA (the prior's gradients)");
   // [U*K, 3C+1]: one row of sums per (group, latent dimension); U = 1 for one prior.
   const int64_t table_size = p.prior.U * p.K * num_prior_sums(static_cast<int>(p.C));
   const SumsTable table{prior_grads ? prior_sums.data_ptr<double>() : nullptr, table_size,

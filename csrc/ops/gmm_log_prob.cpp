@@ -12,7 +12,7 @@ namespace {
 
 void check_arguments(const Kernels& kernels, const at::Tensor& z, const at::Tensor& prior_logits,
                      const at::Tensor& prior_means, const at::Tensor& prior_logvars,
-                     const c10::optional<at::Tensor>& prior_index) {
+                     const c10::optional<at::Tensor>& prior_index, bool range_checked) {
   check_prior(prior_logits, prior_means, prior_logvars);
   check_latent(z, "z", prior_logits);
   check_same(prior_logits, "prior_logits", z, "z");
@@ -20,13 +20,17 @@ void check_arguments(const Kernels& kernels, const at::Tensor& z, const at::Tens
   check_same(prior_logvars, "prior_logvars", z, "z");
   check_kernel_dtype(kernels, z.scalar_type(), "z has dtype");
   check_prior_index(prior_index, z.size(0), prior_logits, z);
+  if (prior_index.has_value() && !range_checked)
+    check_index_ranges({{&*prior_index, prior_logits.size(0), "prior_index",
+                         " (the number of prior groups)"}});
 }
 
 at::Tensor gmm_log_prob(const at::Tensor& z, const at::Tensor& prior_logits,
                         const at::Tensor& prior_means, const at::Tensor& prior_logvars,
                         const c10::optional<at::Tensor>& prior_index) {
   const Kernels& kernels = kernels_for(z);
-  check_arguments(kernels, z, prior_logits, prior_means, prior_logvars, prior_index);
+  check_arguments(kernels, z, prior_logits, prior_means, prior_logvars, prior_index,
+                  /*range_checked=*/false);
   const auto zc = z.contiguous();
   auto out = kernels.empty(zc.sizes(), zc.options());
   if (zc.numel() > 0)
@@ -38,9 +42,10 @@ at::Tensor gmm_log_prob(const at::Tensor& z, const at::Tensor& prior_logits,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gmm_log_prob_backward(
     const at::Tensor& grad, const at::Tensor& z, const at::Tensor& prior_logits,
     const at::Tensor& prior_means, const at::Tensor& prior_logvars, bool prior_grads,
-    const c10::optional<at::Tensor>& prior_index) {
+    const c10::optional<at::Tensor>& prior_index, bool range_checked) {
   const Kernels& kernels = kernels_for(z);
-  check_arguments(kernels, z, prior_logits, prior_means, prior_logvars, prior_index);
+  check_arguments(kernels, z, prior_logits, prior_means, prior_logvars, prior_index,
+                  range_checked);
   TORCH_CHECK_VALUE(grad.sizes() == z.sizes(), "grad must have the shape of z ", z.sizes(),
                     ", got ", grad.sizes());
   TORCH_CHECK_VALUE(grad.device() == z.device(), "grad is on ", grad.device(), " but z is on ",
@@ -69,10 +74,13 @@ TORCH_LIBRARY_FRAGMENT(halfvae_ext, m) {
   m.def(
       "gmm_log_prob(Tensor z, Tensor prior_logits, Tensor prior_means, Tensor prior_logvars, "
       "Tensor? prior_index=None) -> Tensor");
+  // range_checked: prior_index was checked by the forward (autograd passes True: the tensor is
+  // saved, and autograd refuses one modified since), so the check, a synchronization on CUDA, is
+  // skipped; direct calls check.
   m.def(
       "gmm_log_prob_backward(Tensor grad, Tensor z, Tensor prior_logits, Tensor prior_means, "
-      "Tensor prior_logvars, bool prior_grads, Tensor? prior_index=None) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor prior_logvars, bool prior_grads, Tensor? prior_index=None, "
+      "bool range_checked=False) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(halfvae_ext, CPU, m) { halfvae::impls(m); }

@@ -73,6 +73,7 @@ void latent_rows_update_(const at::Tensor& mu, const at::Tensor& logvar, const a
   if (idx.numel() == 0) return;
   u.idx = idx.to(at::kLong).contiguous();
   check_idx_range(u.idx, mu.size(0));  // before anything is written
+  if (mu.size(1) == 0) return;  // K == 0: no element to step
   u.grad_mu = grad_mu.contiguous();
   u.grad_logvar = grad_logvar.contiguous();
   kernels.latent_rows_update(u);

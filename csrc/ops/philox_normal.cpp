@@ -20,7 +20,7 @@ at::Tensor philox_normal(const at::Tensor& seed, int64_t numel, at::ScalarType d
   TORCH_CHECK_VALUE(numel >= 0, "numel must be non-negative, got ", numel);
   check_kernel_dtype(kernels, dtype, "dtype is");
   auto out = at::empty({numel}, seed.options().dtype(dtype));
-  if (numel > 0) kernels.philox_normal(seed, out);
+  if (numel > 0) kernels.philox_normal(seed.contiguous(), out);  // kernels read seed[0], seed[1]
   return out;
 }
 
@@ -46,7 +46,7 @@ at::Tensor philox_normal_rows(const at::Tensor& seed, const at::Tensor& rows, in
   TORCH_CHECK_INDEX(min_r >= 0 && max_r < limit, "rows values must be in [0, ", limit,
                     ") (row ids; element rows[b] * K + k of the stream), got min ", min_r,
                     " and max ", max_r);
-  kernels.philox_normal_rows(seed, r, out);
+  kernels.philox_normal_rows(seed.contiguous(), r, out);
   return out;
 }
 

@@ -20,7 +20,7 @@ ReparamGmmKlProblem prepare_reparam_gmm_kl(const Kernels& kernels, const at::Ten
                                            int64_t reduction,
                                            const c10::optional<at::Tensor>& idx,
                                            const c10::optional<at::Tensor>& prior_index,
-                                           int64_t kl_kind) {
+                                           int64_t kl_kind, bool range_checked) {
   check_prior(prior_logits, prior_means, prior_logvars);
   check_latent(mu, "mu", prior_logits);
   check_latent(logvar, "logvar", prior_logits);
@@ -59,12 +59,14 @@ ReparamGmmKlProblem prepare_reparam_gmm_kl(const Kernels& kernels, const at::Ten
   if (eps.has_value()) check_same(*eps, "eps", mu, "mu");
   check_kernel_dtype(kernels, mu.scalar_type(), "mu has dtype");
   check_prior_index(prior_index, p.N, prior_logits, mu);
-  if (idx.has_value()) {
-    p.idx = idx->to(at::kLong).contiguous();
-    check_idx_range(p.idx, mu.size(0));
-  }
+  if (idx.has_value()) p.idx = idx->to(at::kLong).contiguous();
+  if (!range_checked)  // both in one synchronization (CUDA)
+    check_index_ranges({{idx.has_value() ? &p.idx : nullptr, mu.size(0), "idx", ""},
+                        {prior_index.has_value() ? &*prior_index : nullptr,
+                         prior_logits.dim() == 3 ? prior_logits.size(0) : 0, "prior_index",
+                         " (the number of prior groups)"}});
   if (eps.has_value()) p.eps = eps->contiguous();
-  else p.seed = *seed;
+  else p.seed = seed->contiguous();  // the kernels read seed[0] and seed[1]
   // Gathered tables may be row-strided views (rows of mu and logvar the same distance apart,
   // elements within a row contiguous): the kernels index them as they are, without a copy.
   const bool strided_ok = idx.has_value() && mu.stride(0) == logvar.stride(0) &&
@@ -121,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& mu, const at::Tenso
   const Kernels& kernels = kernels_for(mu);
   const auto p = prepare_reparam_gmm_kl(kernels, mu, logvar, prior_logits, prior_means,
                                         prior_logvars, eps, seed, reduction, idx, prior_index,
-                                        kl_kind);
+                                        kl_kind, /*range_checked=*/false);
   auto z = kernels.empty(p.latent_shape(), p.options());
   auto kl = kernels.empty(p.reduction == kReductionRow ? std::vector<int64_t>{p.N}
                                                        : p.latent_shape(),
@@ -139,11 +141,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& logvar, const at::Tensor& prior_logits, const at::Tensor& prior_means,
     const at::Tensor& prior_logvars, const OptTensor& eps, const OptTensor& seed,
     int64_t reduction, bool prior_grads, const OptTensor& idx, const OptTensor& prior_index,
-    int64_t kl_kind) {
+    int64_t kl_kind, bool range_checked) {
   const Kernels& kernels = kernels_for(mu);
   const auto p = prepare_reparam_gmm_kl(kernels, mu, logvar, prior_logits, prior_means,
                                         prior_logvars, eps, seed, reduction, idx, prior_index,
-                                        kl_kind);
+                                        kl_kind, range_checked);
   const auto g = reparam_gmm_kl_backward_of(kernels, p, grad_z, grad_kl, prior_grads);
   auto [gl, gm, gv] =
       prior_grads_or_zeros(g.prior_sums, p.prior, -1.0, prior_logits, prior_means, prior_logvars);
@@ -165,9 +167,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> reparam_g
     const at::Tensor& grad_z, const at::Tensor& grad_kl, const at::Tensor& mu,
     const at::Tensor& logvar, const at::Tensor& prior_logits, const at::Tensor& prior_means,
     const at::Tensor& prior_logvars, const OptTensor& eps, const OptTensor& seed,
-    int64_t reduction, bool prior_grads, const OptTensor& prior_index, int64_t kl_kind) {
+    int64_t reduction, bool prior_grads, const OptTensor& prior_index, int64_t kl_kind,
+    bool range_checked) {
   return backward(grad_z, grad_kl, mu, logvar, prior_logits, prior_means, prior_logvars, eps,
-                  seed, reduction, prior_grads, c10::nullopt, prior_index, kl_kind);
+                  seed, reduction, prior_grads, c10::nullopt, prior_index, kl_kind,
+                  range_checked);
 }
 
 std::tuple<at::Tensor, at::Tensor> reparam_gmm_kl_rows(
@@ -186,9 +190,10 @@ reparam_gmm_kl_rows_backward(const at::Tensor& grad_z, const at::Tensor& grad_kl
                              const at::Tensor& idx, const at::Tensor& prior_logits,
                              const at::Tensor& prior_means, const at::Tensor& prior_logvars,
                              const OptTensor& eps, const OptTensor& seed, int64_t reduction,
-                             bool prior_grads, const OptTensor& prior_index, int64_t kl_kind) {
+                             bool prior_grads, const OptTensor& prior_index, int64_t kl_kind,
+                             bool range_checked) {
   return backward(grad_z, grad_kl, mu, logvar, prior_logits, prior_means, prior_logvars, eps,
-                  seed, reduction, prior_grads, idx, prior_index, kl_kind);
+                  seed, reduction, prior_grads, idx, prior_index, kl_kind, range_checked);
 }
 
 void impls(torch::Library& m) {
@@ -211,8 +216,8 @@ TORCH_LIBRARY_FRAGMENT(halfvae_ext, m) {
   m.def(
       "reparam_gmm_kl_backward(Tensor grad_z, Tensor grad_kl, Tensor mu, Tensor logvar, "
       "Tensor prior_logits, Tensor prior_means, Tensor prior_logvars, Tensor? eps, Tensor? seed, "
-      "int reduction, bool prior_grads, Tensor? prior_index=None, int kl=0) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int reduction, bool prior_grads, Tensor? prior_index=None, int kl=0, "
+      "bool range_checked=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The same on rows idx of latent tables mu, logvar [rows, K], gathered inside the kernel.
   // table_grad (0 dense, 1 sparse) only tells the autograd formula what to build. prior_index:
   // one group per gathered row, [len(idx)].
@@ -221,11 +226,12 @@ TORCH_LIBRARY_FRAGMENT(halfvae_ext, m) {
       "Tensor prior_means, Tensor prior_logvars, Tensor? eps, Tensor? seed, int reduction, "
       "int table_grad, Tensor? prior_index=None, int kl=0) -> (Tensor, Tensor)");
   // Gradients with respect to the gathered rows ([B, K], one per index, duplicates not summed).
+  // range_checked (both backward ops): see prepare_reparam_gmm_kl; autograd passes True.
   m.def(
       "reparam_gmm_kl_rows_backward(Tensor grad_z, Tensor grad_kl, Tensor mu, Tensor logvar, "
       "Tensor idx, Tensor prior_logits, Tensor prior_means, Tensor prior_logvars, Tensor? eps, "
-      "Tensor? seed, int reduction, bool prior_grads, Tensor? prior_index=None, int kl=0) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? seed, int reduction, bool prior_grads, Tensor? prior_index=None, int kl=0, "
+      "bool range_checked=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(halfvae_ext, CPU, m) { halfvae::impls(m); }

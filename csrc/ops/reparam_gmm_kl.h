@@ -43,7 +43,10 @@ struct ReparamGmmKlProblem {
   std::vector<int64_t> latent_shape() const { return {N, K}; }
 };
 
-// Checks every argument (idx's range last) and prepares the problem for `kernels`.
+// Checks every argument (the index ranges last) and prepares the problem for `kernels`.
+// range_checked: the values of idx and prior_index were checked by the forward of this very call
+// (autograd's backward: the tensors are saved, and autograd refuses ones modified since), so the
+// range check, a host synchronization on CUDA, is skipped; direct calls leave it false.
 ReparamGmmKlProblem prepare_reparam_gmm_kl(const Kernels& kernels, const at::Tensor& mu,
                                            const at::Tensor& logvar,
                                            const at::Tensor& prior_logits,
@@ -54,7 +57,7 @@ ReparamGmmKlProblem prepare_reparam_gmm_kl(const Kernels& kernels, const at::Ten
                                            int64_t reduction,
                                            const c10::optional<at::Tensor>& idx,
                                            const c10::optional<at::Tensor>& prior_index,
-                                           int64_t kl_kind);
+                                           int64_t kl_kind, bool range_checked);
 
 // The backward of a prepared problem: gradients of the (gathered) rows [N, K] and, when
 // prior_grads, the prior sums [U*K, 3C+1] (else undefined).
