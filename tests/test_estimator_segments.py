@@ -1,0 +1,146 @@
+"""HalfVAEICA with segment labels u (issue 14): the conditional prior, u in fit/transform, bad u,
+files and resume with u, and that u makes nonlinear ICA work on nonstationary data."""
+import numpy as np
+import pytest
+import torch
+
+from halfvae_ext.estimator import HalfVAEICA
+from halfvae_ext.ica import make_linear, make_nonstationary, mean_corr_coef
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL = dict(max_iter=60, n_restarts=1, n_eval_samples=1, tol=None, random_state=0)
+
+
+@pytest.fixture(scope="module")
+def ns():
+    """A small nonstationary problem: 3 sources, 8 segments of 150 rows, 2-layer leaky ReLU."""
+    return make_nonstationary(150, 8, 3, n_layers=2, random_state=0)
+
+
+@pytest.fixture(scope="module")
+def fitted_u(ns):
+    est = HalfVAEICA(3, decoder="mlp", hidden=(16,), transform_max_iter=50, **SMALL)
+    return est.fit(ns.X, u=ns.u)
+
+
+def test_fit_with_u_builds_the_conditional_prior(fitted_u, ns):
+    est = fitted_u
+    np.testing.assert_array_equal(est.segments_, np.arange(8))
+    prior = est.model_.prior
+    assert prior.conditional and prior.num_groups == 8
+    assert tuple(prior.logvars.shape) == (8, 3, est.n_mixture)
+    # The segments' mixtures learned apart from their common start.
+    assert prior.logvars.detach().std(0).max() > 1e-3
+    assert est.posterior_means_.shape == (ns.X.shape[0], 3)
+
+
+def test_without_u_nothing_changes(ns):
+    est = HalfVAEICA(3, decoder="mlp", hidden=(16,), **SMALL).fit(ns.X)
+    assert not hasattr(est, "segments_") and not est.model_.prior.conditional
+    # The same fit as before u existed: fit(X) and fit(X, u=None) are one computation.
+    again = HalfVAEICA(3, decoder="mlp", hidden=(16,), **SMALL).fit(ns.X, u=None)
+    np.testing.assert_array_equal(est.posterior_means_, again.posterior_means_)
+
+
+def test_arbitrary_labels_are_mapped_to_segments(ns):
+    labels = np.array([10, -3, 7, 42, 5, 8, 100, 0])[ns.u]  # any integers, any order
+    a = HalfVAEICA(3, decoder="mlp", hidden=(16,), **SMALL).fit(ns.X, u=labels)
+    np.testing.assert_array_equal(a.segments_, np.sort(np.unique(labels)))
+    # The same partition of the rows gives the same fit up to the numbering of the segments:
+    # relabel so that the sorted labels get the order of 0..7 and compare.
+    order = np.argsort(np.argsort(np.array([10, -3, 7, 42, 5, 8, 100, 0])))
+    b = HalfVAEICA(3, decoder="mlp", hidden=(16,), **SMALL).fit(ns.X, u=order[ns.u])
+    np.testing.assert_array_equal(a.posterior_means_, b.posterior_means_)
+
+
+def test_transform_with_u_on_new_rows(fitted_u, ns):
+    est = fitted_u
+    new = make_nonstationary(150, 8, 3, n_layers=2, random_state=0)  # same data: same mixing
+    rows = np.arange(5, new.X.shape[0], 7)
+    S = est.transform(new.X[rows], u=new.u[rows])
+    assert S.shape == (rows.size, 3) and np.all(np.isfinite(S))
+    # Each row's result is its own: a subset in another order gives the same rows.
+    sub = rows[::-3]
+    S_sub = est.transform(new.X[sub], u=new.u[sub])
+    pos = {r: i for i, r in enumerate(rows)}
+    np.testing.assert_allclose(S_sub, S[[pos[r] for r in sub]], rtol=1e-6, atol=1e-6)
+    # The segment matters: the same rows with other segments give other modes.
+    S_other = est.transform(new.X[rows], u=(new.u[rows] + 3) % 8)
+    assert np.abs(S_other - S).max() > 1e-3
+    # fit_transform passes u to both halves.
+    ft = HalfVAEICA(3, decoder="mlp", hidden=(16,), transform_max_iter=5, **SMALL)
+    out = ft.fit_transform(ns.X, u=ns.u)
+    np.testing.assert_allclose(out, ft.transform(ns.X, u=ns.u), rtol=1e-6, atol=1e-6)
+
+
+def test_torch_and_list_u_are_accepted(ns):
+    a = HalfVAEICA(3, decoder="mlp", hidden=(16,), **SMALL).fit(ns.X, u=torch.from_numpy(ns.u))
+    b = HalfVAEICA(3, decoder="mlp", hidden=(16,), **SMALL).fit(ns.X, u=ns.u.tolist())
+    np.testing.assert_array_equal(a.posterior_means_, b.posterior_means_)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda u: u[:-1], r"u must have one segment label per row of X \(1200\), got 1199"),
+    (lambda u: u.astype(np.float64), "u must hold integer segment labels, got dtype float64"),
+    (lambda u: u.astype(bool), "u must hold integer segment labels, got dtype bool"),
+    (lambda u: u.reshape(-1, 1), "u must be a 1-D array"),
+    (lambda u: "segments", "u must be a 1-D array"),
+])
+def test_bad_u_in_fit(ns, bad, match):
+    est = HalfVAEICA(3, **SMALL)
+    with pytest.raises(ValueError, match=match):
+        est.fit(ns.X, u=bad(ns.u))
+    assert not hasattr(est, "model_")  # refused before anything was fitted
+
+
+def test_bad_u_in_transform(fitted_u, ns):
+    est = fitted_u
+    X = ns.X[:10]
+    with pytest.raises(ValueError, match=r"u has segment label\(s\) not seen in fit: \[8, 9\]"):
+        est.transform(X, u=np.array([0, 1, 2, 8, 9, 8, 0, 1, 2, 3]))
+    with pytest.raises(ValueError, match=r"u must have one segment label per row of X \(10\)"):
+        est.transform(X, u=ns.u[:11])
+    with pytest.raises(ValueError, match="u must hold integer"):
+        est.transform(X, u=np.zeros(10))
+    with pytest.raises(ValueError, match="u is required"):
+        est.transform(X)
+    plain = HalfVAEICA(3, **SMALL).fit(ns.X)
+    with pytest.raises(ValueError, match="u: this estimator was fitted without u"):
+        plain.transform(X, u=ns.u[:10])
+
+
+def test_linear_decoder_with_u(ns):
+    lin = make_linear(800, 3, "laplace", random_state=2)
+    u = np.repeat(np.arange(4), 200)
+    est = HalfVAEICA(3, **SMALL).fit(lin.X, u=u)
+    # The linear projection does not use the prior: u is optional in transform, and checked.
+    np.testing.assert_array_equal(est.transform(lin.X[:5]), est.transform(lin.X[:5], u=u[:5]))
+    with pytest.raises(ValueError, match="not seen in fit"):
+        est.transform(lin.X[:2], u=np.array([0, 4]))
+
+
+def test_save_load_and_resume_with_u(fitted_u, ns, tmp_path):
+    path = tmp_path / "est.pt"
+    fitted_u.save(path)
+    back = HalfVAEICA.load(path)
+    np.testing.assert_array_equal(back.segments_, fitted_u.segments_)
+    rows = np.arange(0, 1200, 97)
+    np.testing.assert_array_equal(back.transform(ns.X[rows], u=ns.u[rows]),
+                                  fitted_u.transform(ns.X[rows], u=ns.u[rows]))
+    # Stopped, saved, loaded and resumed equals uninterrupted; other segments are other data.
+    params = dict(decoder="mlp", hidden=(16,), transform_max_iter=50, **SMALL)
+    stopped = HalfVAEICA(3, **params).fit(ns.X, u=ns.u, stop_after=25)
+    stopped.save(tmp_path / "run.pt")
+    resumed = HalfVAEICA.load(tmp_path / "run.pt")
+    with pytest.raises(ValueError, match=r"X \(or u\) is not the data"):
+        resumed.fit(ns.X, u=(ns.u + 1) % 8, resume=True)
+    resumed.fit(ns.X, u=ns.u, resume=True)
+    np.testing.assert_array_equal(resumed.posterior_means_, fitted_u.posterior_means_)
+
+
+def test_kl_bound_option(ns):
+    est = HalfVAEICA(3, decoder="mlp", hidden=(16,), kl="bound", **SMALL).fit(ns.X, u=ns.u)
+    assert est.model_.kl == "bound" and np.isfinite(est.elbo_)
+    with pytest.raises(Exception, match="kl"):
+        HalfVAEICA(3, kl="exact", **SMALL).fit(ns.X)
