@@ -227,7 +227,8 @@ def fit_ivae(X, u, n_components, *, decoder="mlp", hidden=(32,), activation="lea
     """The iVAE baseline on X [n, d] with segments u [n] (integers), trained with Half-VAE's
     recipe as :func:`fit_vae` is (PCA whitening to all dimensions, restarts chosen by final
     ELBO, the learning-rate tail; no prior warm-up by default: a one-component prior has no
-    positions to protect). Returns (sources [n, K] = the encoder means, info dict)."""
+    positions to protect). Returns (sources [n, K] = the encoder means, info dict with the
+    kept ``model``)."""
     X = check_data(X)
     segments, codes = np.unique(np.asarray(u), return_inverse=True)
     whitening, Xw_np = fit_whitening(X, n_components, "pca", keep_all_dims=decoder != "linear")
@@ -248,7 +249,7 @@ def fit_ivae(X, u, n_components, *, decoder="mlp", hidden=(32,), activation="lea
     with torch.no_grad():
         S = model.encode(Xw, ut)[0].double().numpy().copy()
     return S, {"elbo": best.elbo, "best_restart": best.restart,
-               "restart_elbos": [f.elbo for f in run.finished]}
+               "restart_elbos": [f.elbo for f in run.finished], "model": model}
 
 
 # ----------------------------------------------------------------------------- nonstationary
@@ -257,19 +258,22 @@ NONSTATIONARY_METHODS = ("halfvae_u", "halfvae", "ivae", "fastica")
 
 def run_nonstationary_method(method, P, seed, *, uncentered=False, max_iter=1500, n_restarts=4, decoder="mlp",
                              hidden=(32,), n_mixture=3, kl="mc", batch_size=None,
-                             ivae_batch_size=None):
-    """Recovered sources [n, K] of one method on a nonstationary problem P (X, S, u)."""
+                             ivae_batch_size=None, halfvae_params=None, ivae_params=None):
+    """Recovered sources [n, K] of one method on a nonstationary problem P (X, S, u).
+    halfvae_params: more HalfVAEICA parameters (a dict) for the Half-VAE methods; ivae_params:
+    :func:`fit_ivae` arguments that replace the shared ones for iVAE (e.g. its own max_iter,
+    which counts epochs, and a mini-batch epoch is many steps)."""
     K = P.S.shape[1]
     if method in ("halfvae_u", "halfvae"):
         est = HalfVAEICA(K, decoder=decoder, hidden=hidden, n_mixture=n_mixture, kl=kl,
                          max_iter=max_iter, n_restarts=n_restarts, batch_size=batch_size,
-                         tol=None, random_state=seed)
+                         tol=None, random_state=seed, **(halfvae_params or {}))
         return est.fit(P.X, u=P.u if method == "halfvae_u" else None).posterior_means_
     if method == "ivae":
-        return fit_ivae(P.X, P.u, K, decoder=decoder, hidden=hidden, max_iter=max_iter,
-                        n_restarts=n_restarts, batch_size=ivae_batch_size, kl=kl,
-                        learn_means=uncentered,
-                        random_state=seed)[0]
+        args = dict(decoder=decoder, hidden=hidden, max_iter=max_iter, n_restarts=n_restarts,
+                    batch_size=ivae_batch_size, kl=kl, learn_means=uncentered)
+        args.update(ivae_params or {})
+        return fit_ivae(P.X, P.u, K, random_state=seed, **args)[0]
     if method == "fastica":
         from sklearn.decomposition import FastICA
         with warnings.catch_warnings():
