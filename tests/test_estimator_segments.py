@@ -180,3 +180,17 @@ def test_u_improves_nonlinear_ica_on_nonstationary_sources():
     mcc_plain = mean_corr_coef(p.S, HalfVAEICA(3, **params).fit(p.X).posterior_means_)
     assert mcc_u >= 0.85
     assert mcc_plain <= 0.75
+
+
+@pytest.mark.parametrize("table_optimizer", ["torch", "fused"])
+def test_minibatches_with_u(ns, table_optimizer):
+    """Mini-batches take their rows' own segments (u[idx]): a fit on shuffled batches of 150
+    rows learns per-segment prior variances, and stopping and resuming gives the same result."""
+    params = dict(decoder="residual", hidden=(8,), n_mixture=1, batch_size=150,
+                  table_optimizer=table_optimizer, **SMALL)
+    est = HalfVAEICA(3, **params).fit(ns.X, u=ns.u)
+    lv = est.model_.prior.logvars.detach()[:, :, 0]  # [segments, latents]
+    assert lv.std(0).max() > 1e-3 and np.all(np.isfinite(est.posterior_means_))
+    stopped = HalfVAEICA(3, **params).fit(ns.X, u=ns.u, stop_after=20)
+    stopped.fit(ns.X, u=ns.u, resume=True)
+    np.testing.assert_array_equal(stopped.posterior_means_, est.posterior_means_)
