@@ -18,6 +18,12 @@ Methods:
   expected log-likelihood for the linear decoder, prior warm-up, restarts chosen by ELBO).
 - ``fastica``: scikit-learn's FastICA (``whiten="unit-variance"``).
 
+Nonstationary nonlinear ICA (issue 14; :func:`run_nonstationary`): the iVAE / ICE-BeeM benchmark
+(``make_nonstationary``: segments, a mixing MLP) with Half-VAE given the segments u
+(``halfvae_u``: the conditional prior), Half-VAE without u (``halfvae``), the iVAE baseline
+(:func:`fit_ivae`: encoder q(z | x, u), Gaussian prior with per-segment variances) and FastICA,
+on the same data and seeds; metric MCC.
+
 Metrics: the paper's per-component RMSE (standardize, match by |corr|, fix signs) and the mean
 correlation coefficient (MCC). ``run_experiments`` returns a dict of all numbers; ``main`` (and
 ``halfvae demo``) prints a table, writes ``results.json`` and ``sources.png`` (atomically).
@@ -37,16 +43,18 @@ from sklearn.exceptions import ConvergenceWarning
 
 from .atomic_io import atomic_write
 from .estimator import HalfVAEICA
-from .ica import make_nonlinear, make_paper_linear, mean_corr_coef, per_component_rmse
+from .ica import (make_nonlinear, make_nonstationary, make_paper_linear, mean_corr_coef,
+                  per_component_rmse)
 from .ica.metrics import align_sources
-from .models import VAE, GMMPrior, ResidualDecoder
+from .models import VAE, GMMPrior, ResidualDecoder, make_mlp
 from .preprocessing import check_data, fit_whitening
 from .recipe import (INIT_NOISE_STD, Recipe, random_orthogonal, reset_parameters, restart_seeds,
                      torch_threads)
 from .restarts import RunState, run_restarts
 
 __all__ = ["run_experiments", "format_table", "plot_sources", "fit_vae", "VAERecipe", "METHODS",
-           "PROBLEMS", "SOURCE_NAMES"]
+           "PROBLEMS", "SOURCE_NAMES", "IVAE", "IVAERecipe", "fit_ivae", "run_nonstationary",
+           "NONSTATIONARY_METHODS"]
 
 SOURCE_NAMES = ("sine", "square", "sawtooth")
 PROBLEMS = ("linear", "nonlinear")
@@ -115,8 +123,9 @@ class VAERecipe(Recipe):
         optimizers[0].param_groups[0]["lr"] = self.encoder_learning_rate * factor
         optimizers[0].param_groups[1]["lr"] = self.learning_rate * factor
 
-    def batch_elbo_terms(self, model: VAE, x, idx, generator):
-        return model.elbo_terms(x, generator=generator)  # full batch: the encoder sees every row
+    def batch_elbo_terms(self, model: VAE, x, idx, generator, u=None):
+        # full batch: the encoder sees every row
+        return model.elbo_terms(x, generator=generator, u=u)
 
 
 def fit_vae(X, n_components, *, decoder="linear", hidden=(32,), activation="leaky_relu",
@@ -148,6 +157,156 @@ def fit_vae(X, n_components, *, decoder="linear", hidden=(32,), activation="leak
         S = model.encode(Xw)[0].double().numpy().copy()
     return S, {"elbo": best.elbo, "best_restart": best.restart,
                "restart_elbos": [f.elbo for f in run.finished]}
+
+
+# ----------------------------------------------------------------------------- iVAE baseline
+class IVAE(VAE):
+    """iVAE (Khemakhem et al. 2020): a VAE whose encoder sees the segment, q(z | x, u), and whose
+    prior is conditional, p(z | u) = prod_k N(z_k; m_uk, exp(v_uk)).
+
+    The prior is a one-component :class:`GMMPrior` with a group per segment: a table of
+    per-segment log-variances (iVAE's lambda(u) for a one-hot u is a linear map, i.e. a table)
+    and means fixed at 0 (``learn_means=False``, centered sources) or learned (uncentered). The
+    encoder is an MLP on [x, one_hot(u)]; decoder and likelihood are those of :class:`VAE` (the
+    same family as Half-VAE's)."""
+
+    def __init__(self, data_dim: int, latent_dim: int, num_segments: int, *,
+                 encoder_hidden=(64, 64), activation="leaky_relu", learn_means=False,
+                 init_logvar: float = -2.0, **kwargs):
+        prior = GMMPrior(latent_dim, 1, num_groups=num_segments)
+        super().__init__(data_dim, latent_dim, encoder_hidden=encoder_hidden, prior=prior,
+                         activation=activation, init_logvar=init_logvar, **kwargs)
+        self.num_segments = int(num_segments)
+        self.learn_means = bool(learn_means)
+        # The encoder reads x and the one-hot segment.
+        self.encoder = make_mlp(data_dim + num_segments, 2 * latent_dim, encoder_hidden,
+                                activation)
+        with torch.no_grad():
+            self.encoder[-1].bias[latent_dim:].fill_(float(init_logvar))
+
+    def encode(self, x: torch.Tensor, u: torch.Tensor):
+        onehot = torch.nn.functional.one_hot(u, self.num_segments).to(x.dtype)
+        h = self.encoder(torch.cat([x, onehot], dim=1))
+        return h[:, :self.latent_dim], h[:, self.latent_dim:]
+
+    def elbo_terms(self, x, generator=None, eps=None, recon="auto", u=None):
+        from .models import elbo_terms
+        if u is None:
+            raise ValueError("u is required: the iVAE encoder and prior condition on the segment")
+        mu, logvar = self.encode(x, u)
+        return elbo_terms(self, x, mu.contiguous(), logvar.contiguous(), generator=generator,
+                          eps=eps, recon=recon, u=u, kl=self.kl)
+
+
+@dataclass(frozen=True)
+class IVAERecipe(VAERecipe):
+    """:class:`VAERecipe` for :class:`IVAE`: the same schedule, restarts by final ELBO and
+    initialization; the prior's means stay at 0 unless ``learn_means`` (they are left out of the
+    optimizer, so the prior warm-up's unfreezing cannot move them)."""
+    learn_means: bool = False
+
+    def build_model(self, n_rows, data_dim, device) -> IVAE:
+        return IVAE(data_dim, self.n_components, self.n_groups,
+                    encoder_hidden=self.encoder_hidden, activation=self.activation,
+                    learn_means=self.learn_means, init_logvar=2 * math.log(INIT_NOISE_STD),
+                    decoder=self.decoder, hidden=self.hidden, noise=self.noise,
+                    init_noise_std=INIT_NOISE_STD, kl=self.kl).to(device)
+
+    def make_optimizers(self, model: IVAE) -> list:
+        prior = [model.prior.logvars] + ([model.prior.means] if self.learn_means else [])
+        return [torch.optim.Adam([
+            dict(params=model.encoder.parameters(), lr=self.encoder_learning_rate),
+            dict(params=list(model.decoder.parameters()) + list(model.likelihood.parameters())
+                 + prior, lr=self.learning_rate)])]
+
+
+def fit_ivae(X, u, n_components, *, decoder="mlp", hidden=(32,), activation="leaky_relu",
+             encoder_hidden=(64, 64), learn_means=False, max_iter=1500, n_restarts=4,
+             batch_size=None, learning_rate=0.01, encoder_learning_rate=0.01, prior_warmup=0.0,
+             lr_decay=0.3, kl="mc", random_state=0):
+    """The iVAE baseline on X [n, d] with segments u [n] (integers), trained with Half-VAE's
+    recipe as :func:`fit_vae` is (PCA whitening to all dimensions, restarts chosen by final
+    ELBO, the learning-rate tail; no prior warm-up by default: a one-component prior has no
+    positions to protect). Returns (sources [n, K] = the encoder means, info dict with the
+    kept ``model``)."""
+    X = check_data(X)
+    segments, codes = np.unique(np.asarray(u), return_inverse=True)
+    whitening, Xw_np = fit_whitening(X, n_components, "pca", keep_all_dims=decoder != "linear")
+    Xw = torch.as_tensor(Xw_np, dtype=torch.float32)
+    ut = torch.as_tensor(codes.reshape(-1), dtype=torch.int64)
+    recipe = IVAERecipe(n_components=whitening.n_components, n_mixture=1, decoder=decoder,
+                        hidden=hidden, activation=activation, max_iter=max_iter,
+                        batch_size=batch_size, learning_rate=learning_rate,
+                        prior_warmup=prior_warmup, lr_decay=lr_decay, kl=kl,
+                        n_groups=len(segments), encoder_hidden=encoder_hidden,
+                        encoder_learning_rate=encoder_learning_rate, learn_means=learn_means)
+    device = torch.device("cpu")
+    run = RunState({}, "", restart_seeds(random_state, n_restarts))
+    run_restarts(run, recipe, Xw, device, u=ut)
+    best = run.best
+    model = recipe.build_model(Xw.shape[0], Xw.shape[1], device)
+    model.load_state_dict(best.snapshot.model)
+    with torch.no_grad():
+        S = model.encode(Xw, ut)[0].double().numpy().copy()
+    return S, {"elbo": best.elbo, "best_restart": best.restart,
+               "restart_elbos": [f.elbo for f in run.finished], "model": model}
+
+
+# ----------------------------------------------------------------------------- nonstationary
+NONSTATIONARY_METHODS = ("halfvae_u", "halfvae", "ivae", "fastica")
+
+
+def run_nonstationary_method(method, P, seed, *, uncentered=False, max_iter=1500, n_restarts=4, decoder="mlp",
+                             hidden=(32,), n_mixture=3, kl="mc", batch_size=None,
+                             ivae_batch_size=None, halfvae_params=None, ivae_params=None):
+    """Recovered sources [n, K] of one method on a nonstationary problem P (X, S, u).
+    halfvae_params: more HalfVAEICA parameters (a dict) for the Half-VAE methods; ivae_params:
+    :func:`fit_ivae` arguments that replace the shared ones for iVAE (e.g. its own max_iter,
+    which counts epochs, and a mini-batch epoch is many steps)."""
+    K = P.S.shape[1]
+    if method in ("halfvae_u", "halfvae"):
+        est = HalfVAEICA(K, decoder=decoder, hidden=hidden, n_mixture=n_mixture, kl=kl,
+                         max_iter=max_iter, n_restarts=n_restarts, batch_size=batch_size,
+                         tol=None, random_state=seed, **(halfvae_params or {}))
+        return est.fit(P.X, u=P.u if method == "halfvae_u" else None).posterior_means_
+    if method == "ivae":
+        args = dict(decoder=decoder, hidden=hidden, max_iter=max_iter, n_restarts=n_restarts,
+                    batch_size=ivae_batch_size, kl=kl, learn_means=uncentered)
+        args.update(ivae_params or {})
+        return fit_ivae(P.X, P.u, K, random_state=seed, **args)[0]
+    if method == "fastica":
+        from sklearn.decomposition import FastICA
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return FastICA(K, whiten="unit-variance", random_state=seed,
+                           max_iter=1000).fit_transform(P.X)
+    raise ValueError(f"unknown method {method!r}; choose from {NONSTATIONARY_METHODS}")
+
+
+def run_nonstationary(seeds=(0, 1, 2), methods=NONSTATIONARY_METHODS, *, n_per_segment=1000,
+                      n_segments=40, n_sources=5, n_layers=2, activation="lrelu",
+                      uncentered=False, progress=None, **settings):
+    """Every method on ``make_nonstationary(..., random_state=seed)`` for every seed (the data
+    seed is also the method's random_state); ``settings`` go to
+    :func:`run_nonstationary_method`. Returns {method: {"mcc": [...], "seconds": [...]}} plus
+    "config"."""
+    out = {"config": dict(seeds=[int(s) for s in seeds], n_per_segment=n_per_segment,
+                          n_segments=n_segments, n_sources=n_sources, n_layers=n_layers,
+                          activation=activation, uncentered=uncentered, **settings)}
+    for seed in seeds:
+        P = make_nonstationary(n_per_segment, n_segments, n_sources, n_layers=n_layers,
+                               activation=activation, uncentered=uncentered, random_state=seed)
+        for method in methods:
+            t0 = time.perf_counter()
+            with torch_threads(1):
+                S = run_nonstationary_method(method, P, seed, uncentered=uncentered, **settings)
+            r = out.setdefault(method, {"mcc": [], "seconds": []})
+            r["mcc"].append(float(mean_corr_coef(P.S, S)))
+            r["seconds"].append(time.perf_counter() - t0)
+            if progress is not None:
+                progress(f"seed {seed:3d} {method:10s} mcc {r['mcc'][-1]:.4f} "
+                         f"{r['seconds'][-1]:6.1f}s")
+    return out
 
 
 # ----------------------------------------------------------------------------- one run

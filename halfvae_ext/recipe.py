@@ -106,14 +106,15 @@ def set_prior_trainable(prior: GMMPrior, frozen: bool) -> None:
 
 
 @torch.no_grad()
-def final_elbo(model, Xw: torch.Tensor, seed: int, n_draws: int) -> float:
+def final_elbo(model, Xw: torch.Tensor, seed: int, n_draws: int, u=None) -> float:
     """ELBO per sample of all rows, averaged over ``n_draws`` Monte-Carlo draws from a generator
     seeded with seed + 1 (a stream the training did not use); -inf if not finite. ``model`` is a
-    HalfVAE or a VAE."""
+    HalfVAE or a VAE; u: the segment of every row, for a conditional prior (None: none)."""
     g = torch.Generator(device=Xw.device).manual_seed((seed + 1) % (2**63))
     vals = []
+    extra = {} if u is None else {"u": u}  # models without groups need not take u
     for _ in range(n_draws):
-        ll, kl = model.elbo_terms(Xw, generator=g)
+        ll, kl = model.elbo_terms(Xw, generator=g, **extra)
         vals.append(float((ll - kl).mean()))
     elbo = float(np.mean(vals))
     return elbo if math.isfinite(elbo) else -math.inf
@@ -132,8 +133,9 @@ def elbo_change(history, fraction: float = 0.1) -> float:
 
 
 def posterior_mode(model, Xw: torch.Tensor, z0: torch.Tensor, n_steps: int,
-                   lr: float = 0.02) -> torch.Tensor:
-    """argmax_z log p(x | z) + log p(z) for every row of Xw [m, dw], from z0 [m, K]: ``n_steps``
+                   lr: float = 0.02, u=None) -> torch.Tensor:
+    """argmax_z log p(x | z) + log p(z | u) for every row of Xw [m, dw], from z0 [m, K]
+    (u [m]: each row's segment for a conditional prior, else None): ``n_steps``
     Adam steps (rate ``lr``, cosine-decayed to 0) on the sum over rows of the negative log joint.
     Adam is elementwise and the sum separates, so each row follows its own trajectory: the result
     of a row depends on that row and its start only. Runs in the dtype of Xw; returns [m, K]."""
@@ -144,7 +146,8 @@ def posterior_mode(model, Xw: torch.Tensor, z0: torch.Tensor, n_steps: int,
     for step in range(n_steps):
         for group in opt.param_groups:
             group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / n_steps))
-        log_joint = model.likelihood.log_prob(Xw, model.decoder(z)) + model.prior.log_prob(z).sum(1)
+        log_joint = model.likelihood.log_prob(Xw, model.decoder(z)) \
+            + model.prior.log_prob(z, u).sum(1)
         opt.zero_grad(set_to_none=True)
         (-log_joint.sum()).backward()
         opt.step()
@@ -180,6 +183,9 @@ class Recipe:
     prior_warmup: float = 0.3
     lr_decay: float = 0.3
     n_eval_samples: int = 8
+    # Segments of a conditional prior (1: the unconditional prior) and the KL estimator.
+    n_groups: int = 1
+    kl: str = "mc"
 
     @property
     def fused_table(self) -> bool:
@@ -191,7 +197,7 @@ class Recipe:
 
     def build_model(self, n_rows: int, data_dim: int, device) -> HalfVAE:
         """A HalfVAE for n_rows rows of data_dim whitened features, not yet initialized."""
-        prior = GMMPrior(self.n_components, self.n_mixture)
+        prior = GMMPrior(self.n_components, self.n_mixture, num_groups=self.n_groups)
         noise = self.noise
         init_lv = 2.0 * math.log(INIT_NOISE_STD if noise == "learned" else min(float(noise), 1.0))
         model = HalfVAE(n_rows, data_dim, self.n_components, decoder=self.decoder, prior=prior,
@@ -200,7 +206,7 @@ class Recipe:
                         init_noise_std=INIT_NOISE_STD,
                         sparse=self.mini_batches(n_rows) and not self.fused_table,
                         table_optimizer="adam" if self.fused_table else None,
-                        table_lr=self.table_learning_rate)
+                        table_lr=self.table_learning_rate, kl=self.kl)
         return model.to(device)
 
     def initialize(self, model: HalfVAE, Xw: torch.Tensor, restart: int, seed: int,
@@ -280,14 +286,15 @@ class Recipe:
         for group in optimizers[-1].param_groups:
             group["lr"] = self.learning_rate * factor
 
-    def batch_elbo_terms(self, model: HalfVAE, x: torch.Tensor, idx, generator):
-        """(log-likelihood, KL) per row of the batch x (rows idx of the data; None: all)."""
-        return model.elbo_terms(x, idx, generator=generator)
+    def batch_elbo_terms(self, model: HalfVAE, x: torch.Tensor, idx, generator, u=None):
+        """(log-likelihood, KL) per row of the batch x (rows idx of the data; None: all); u: the
+        segments of those rows (a conditional prior) or None."""
+        return model.elbo_terms(x, idx, generator=generator, u=u)
 
     def epoch(self, model: HalfVAE, optimizers: list, Xw: torch.Tensor,
-              generator: torch.Generator, epoch: int) -> float:
+              generator: torch.Generator, epoch: int, u=None) -> float:
         """One pass over the data (epoch ``epoch`` of the schedule); returns the epoch's mean
-        one-draw ELBO per sample."""
+        one-draw ELBO per sample. u: the segment of every row of Xw (a conditional prior)."""
         set_prior_trainable(model.prior,
                             epoch < prior_warmup_epochs(self.prior_warmup, self.max_iter))
         self.set_learning_rates(model, optimizers, lr_factor(epoch, self.max_iter, self.lr_decay))
@@ -300,7 +307,8 @@ class Recipe:
         total = 0.0
         for idx in batches:
             x = Xw if idx is None else Xw.index_select(0, idx)
-            ll, kl = self.batch_elbo_terms(model, x, idx, generator)
+            ub = u if u is None or idx is None else u.index_select(0, idx)
+            ll, kl = self.batch_elbo_terms(model, x, idx, generator, ub)
             elbo = ll - kl
             loss = -elbo.mean()
             for opt in optimizers:
@@ -311,5 +319,5 @@ class Recipe:
             total += float(elbo.detach().sum())
         return total / n
 
-    def final_elbo(self, model: HalfVAE, Xw: torch.Tensor, seed: int) -> float:
-        return final_elbo(model, Xw, seed, self.n_eval_samples)
+    def final_elbo(self, model: HalfVAE, Xw: torch.Tensor, seed: int, u=None) -> float:
+        return final_elbo(model, Xw, seed, self.n_eval_samples, u)

@@ -144,8 +144,10 @@ def run_restarts(run: RunState, recipe: Recipe, Xw: torch.Tensor, device, *,
                  stop_after: int | None = None,
                  checkpoint: Callable[[RunState], None] | None = None,
                  checkpoint_every: int | None = None,
-                 progress: Callable[[RunState, float], None] | None = None) -> None:
+                 progress: Callable[[RunState, float], None] | None = None,
+                 u: torch.Tensor | None = None) -> None:
     """Advance ``run`` on the whitened data Xw until it is done or ``stop_after`` epochs have run.
+    u: the segment (0 .. n_groups - 1, int64) of every row of Xw for a conditional prior, or None.
 
     Each epoch is ``recipe.epoch``. checkpoint(state): called with a consistent state (the live restart
     snapshotted into ``current``) every ``checkpoint_every`` epochs, when a restart ends and when
@@ -162,7 +164,10 @@ def run_restarts(run: RunState, recipe: Recipe, Xw: torch.Tensor, device, *,
                 live = recipe.start(Xw, run.restart, run.seeds[run.restart], device)
             run.current = None
         if run.epoch >= recipe.max_iter:
-            run.finish_restart(live, recipe.final_elbo(live.model, Xw, run.seeds[run.restart]))
+            # u only when given, so that recipes (and test doubles) without segments are unchanged.
+            args = () if u is None else (u,)
+            run.finish_restart(live, recipe.final_elbo(live.model, Xw, run.seeds[run.restart],
+                                                       *args))
             live = None
             if checkpoint is not None:
                 checkpoint(run)
@@ -170,7 +175,7 @@ def run_restarts(run: RunState, recipe: Recipe, Xw: torch.Tensor, device, *,
         if budget <= 0:
             break
         live.history.append(recipe.epoch(live.model, live.optimizers, Xw, live.generator,
-                                         run.epoch))
+                                         run.epoch, *(() if u is None else (u,))))
         run.epoch += 1
         budget -= 1
         if progress is not None:

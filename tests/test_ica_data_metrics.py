@@ -332,3 +332,98 @@ def test_underdetermined_is_sparse_and_has_unit_columns():
 def test_generator_argument_errors(make, kw, name):
     with pytest.raises(ValueError, match=name):
         make(**kw)
+
+
+# ----------------------------------------------------------------------------- iVAE benchmark
+
+
+def test_nonstationary_shapes_labels_and_reproducible():
+    p = ica.make_nonstationary(n_per_segment=300, n_segments=6, n_sources=4, random_state=3)
+    assert p.X.shape == (1800, 4) and p.S.shape == (1800, 4) and p.A is None
+    assert p.u.shape == (1800,) and p.u.dtype == np.int64
+    np.testing.assert_array_equal(p.u, np.repeat(np.arange(6), 300))  # contiguous segments
+    assert p.name == "nonstationary_lrelu2"
+    np.testing.assert_allclose(p.mixer(p.S), p.X, rtol=0, atol=0)  # noise-free by default
+    again = ica.make_nonstationary(n_per_segment=300, n_segments=6, n_sources=4, random_state=3)
+    np.testing.assert_array_equal(again.X, p.X)
+    gen = ica.make_nonstationary(n_per_segment=300, n_segments=6, n_sources=4,
+                                 random_state=np.random.default_rng(3))
+    np.testing.assert_array_equal(gen.X, p.X)
+    assert not np.allclose(ica.make_nonstationary(300, 6, 4, random_state=4).X, p.X)
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "laplace"])
+def test_nonstationary_segment_statistics(distribution):
+    # Many rows per segment so that the per-segment std estimates are within a few percent.
+    n_per, n_seg = 20000, 10
+    p = ica.make_nonstationary(n_per, n_seg, 3, distribution=distribution, random_state=1)
+    seg = p.S.reshape(n_seg, n_per, 3)
+    std, mean = seg.std(axis=1), seg.mean(axis=1)
+    # Scales U(0.5, 3), one per (segment, source), and centered sources.
+    assert std.min() > 0.5 * 0.97 and std.max() < 3.0 * 1.03
+    assert np.ptp(std) > 1.0  # the scales really differ across segments
+    assert np.all(np.abs(mean) < 0.1 * std)
+    # Kurtosis tells the two families apart: 0 for Gaussian, 3 for Laplace.
+    z = (seg - mean[:, None]) / std[:, None]
+    kurt = (z ** 4).mean() - 3.0
+    assert abs(kurt - (0.0 if distribution == "gaussian" else 3.0)) < 0.3
+    unc = ica.make_nonstationary(n_per, n_seg, 3, distribution=distribution, uncentered=True,
+                                 random_state=1)
+    means = unc.S.reshape(n_seg, n_per, 3).mean(axis=1)
+    assert np.abs(means).max() < 5.0 + 0.1 and np.abs(means).max() > 2.0  # means U(-5, 5)
+    assert np.ptp(means) > 4.0
+
+
+def test_nonstationary_mixing_matrices_are_well_conditioned():
+    p = ica.make_nonstationary(50, 4, 5, n_layers=4, random_state=7)
+    threshold = ica.data.nonstationary_cond_threshold(5, np.random.default_rng(0))
+    # The 25th percentile of random 5 x 5 unit-column matrices is an order of magnitude below
+    # their median; every layer must come from the best-conditioned quarter.
+    conds = [np.linalg.cond(A) for A in p.mixer.matrices]
+    assert len(conds) == 4
+    assert max(conds) <= 1.05 * threshold  # the threshold re-estimated from another stream
+    for A in p.mixer.matrices:
+        np.testing.assert_allclose(np.linalg.norm(A, axis=0), 1.0, rtol=1e-12)
+    rand = ica.data._unit_column_matrices(np.random.default_rng(1), 5, 4000)
+    assert np.mean(np.linalg.cond(rand) <= threshold) == pytest.approx(0.25, abs=0.03)
+
+
+@pytest.mark.parametrize("activation, slope", [("lrelu", 0.2), ("xtanh", 0.1)])
+def test_nonstationary_mixer_activation_and_inverse(activation, slope):
+    p = ica.make_nonstationary(200, 5, 3, n_layers=3, activation=activation, uncentered=True,
+                               random_state=2)
+    m = p.mixer
+    assert m.activation == activation and m.slope == slope
+    np.testing.assert_allclose(m.inverse(p.X), p.S, atol=1e-9)
+    # Recompute by hand: activation between layers, none after the last.
+    f = (lambda h: np.where(h >= 0, h, 0.2 * h)) if activation == "lrelu" else \
+        (lambda h: np.tanh(h) + 0.1 * h)
+    A1, A2, A3 = m.matrices
+    np.testing.assert_allclose(f(f(p.S @ A1) @ A2) @ A3, p.X, rtol=1e-12, atol=1e-12)
+    # The mix is nonlinear: a linear fit of X on S leaves a clear residual.
+    S1 = np.column_stack([p.S, np.ones(len(p.S))])
+    coef, *_ = np.linalg.lstsq(S1, p.X, rcond=None)
+    assert np.all((p.X - S1 @ coef).std(axis=0) > 0.01 * p.X.std(axis=0))
+    lin = ica.make_nonstationary(200, 5, 3, n_layers=1, random_state=2)
+    np.testing.assert_allclose(lin.S @ lin.mixer.matrices[0], lin.X, rtol=1e-12)
+
+
+def test_nonstationary_noise():
+    clean = ica.make_nonstationary(500, 4, 3, random_state=9)
+    noisy = ica.make_nonstationary(500, 4, 3, noise=0.1, random_state=9)
+    np.testing.assert_array_equal(noisy.S, clean.S)
+    assert (noisy.X - clean.X).std() == pytest.approx(0.1, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "kw, name",
+    [({"n_per_segment": 0}, "n_per_segment"), ({"n_segments": 0}, "n_segments"),
+     ({"n_sources": 0}, "n_sources"), ({"n_layers": 0}, "n_layers"),
+     ({"activation": "relu"}, "activation"), ({"distribution": "cauchy"}, "distribution"),
+     ({"uncentered": 1}, "uncentered"), ({"slope": 0.0}, "slope"), ({"slope": -0.1}, "slope"),
+     ({"noise": -1.0}, "noise"), ({"n_cond_draws": 0}, "n_cond_draws"),
+     ({"random_state": "x"}, "random_state")],
+)
+def test_nonstationary_argument_errors(kw, name):
+    with pytest.raises(ValueError, match=name):
+        ica.make_nonstationary(**{"n_per_segment": 10, "n_segments": 2, **kw})

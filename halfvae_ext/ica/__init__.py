@@ -9,6 +9,8 @@ from .data import (
     make_nonlinear,
     make_paper_linear,
     make_piecewise_stationary,
+    make_nonstationary,
+    NonstationaryMixer,
     make_underdetermined,
 )
 from .metrics import (
@@ -26,6 +28,8 @@ __all__ = [
     "make_linear",
     "make_nonlinear",
     "make_piecewise_stationary",
+    "make_nonstationary",
+    "NonstationaryMixer",
     "make_underdetermined",
     "match_components",
     "align_sources",

@@ -4,7 +4,8 @@ Every generator takes ``n_samples`` and ``random_state`` (an int seed, a ``np.ra
 None) and returns an :class:`ICAProblem`:
 
 - ``X``: [n_samples, n_observed] observed mixtures,
-- ``S``: [n_samples, n_sources] true sources, each column standardized (zero mean, unit variance),
+- ``S``: [n_samples, n_sources] true sources, each column standardized (zero mean, unit variance;
+  except :func:`make_nonstationary`, which returns the raw sources of the iVAE code),
 - ``A``: [n_observed, n_sources] mixing matrix (linear problems, ``X = S @ A.T`` up to noise) or None,
 - ``mixer``: the nonlinear map with ``X = mixer(S)`` (nonlinear problems) or None,
 - ``u``: [n_samples] auxiliary segment labels (piecewise-stationary problem) or None.
@@ -31,6 +32,8 @@ __all__ = [
     "make_linear",
     "make_nonlinear",
     "make_piecewise_stationary",
+    "make_nonstationary",
+    "NonstationaryMixer",
     "make_underdetermined",
 ]
 
@@ -41,6 +44,9 @@ LEAKY_SLOPE = 0.2
 MAX_COND = 10.0
 _SOURCE_KINDS = ("laplace", "uniform", "mixed")
 _DISTRIBUTIONS = ("laplace", "gaussian")
+_MIXER_ACTIVATIONS = ("lrelu", "xtanh")
+# Default slopes of the iVAE / ICE-BeeM benchmark: leaky ReLU 0.2, xtanh(x) = tanh(x) + 0.1 x.
+_DEFAULT_SLOPES = {"lrelu": 0.2, "xtanh": 0.1}
 
 
 @dataclass(eq=False)  # eq=False: element-wise array comparison makes a generated __eq__ useless
@@ -282,6 +288,9 @@ def make_piecewise_stationary(n_samples: int = 5000, n_sources: int = 3, n_segme
     (``n_layers=1``: a linear mix).
     Returns X, S [n_samples, n_sources], A None, ``mixer``, and ``u`` [n_samples] int64 segment
     labels 0 .. n_segments-1 (non-decreasing).
+
+    This is a smaller, standardized variant; :func:`make_nonstationary` is the benchmark of the
+    iVAE / ICE-BeeM papers (scales U(0.5, 3), their mixing matrices), for comparisons with them.
     """
     n_samples = _check_int("n_samples", n_samples, 2)
     n_sources = _check_int("n_sources", n_sources, 1)
@@ -304,6 +313,151 @@ def make_piecewise_stationary(n_samples: int = 5000, n_sources: int = 3, n_segme
     S = _standardize(draw(loc=locs[u], scale=scales[u]))
     mixer = _leaky_mlp(rng, n_sources, n_layers)
     return ICAProblem(X=mixer(S), S=S, A=None, name="piecewise_stationary", mixer=mixer, u=u)
+
+
+@dataclass(eq=False)
+class NonstationaryMixer:
+    """The mixing MLP of the iVAE / ICE-BeeM benchmark, in their row-vector convention.
+
+    ``matrices[i]``: [d, d]; ``mixer(S)`` computes ``H = S``, then for each layer
+    ``H = H @ matrices[i]`` followed by the activation on every layer but the last. Activation:
+    "lrelu" (``x`` if x >= 0 else ``slope * x``) or "xtanh" (``tanh(x) + slope * x``). Both are
+    strictly increasing (slope > 0), so with invertible matrices the map is a bijection and
+    ``inverse`` undoes it.
+    """
+
+    matrices: tuple
+    activation: str = "lrelu"
+    slope: float = 0.2
+
+    def _act(self, H):
+        if self.activation == "lrelu":
+            return np.where(H >= 0, H, self.slope * H)
+        return np.tanh(H) + self.slope * H
+
+    def _act_inverse(self, Y):
+        if self.activation == "lrelu":
+            return np.where(Y >= 0, Y, Y / self.slope)
+        # xtanh has no closed-form inverse. It is increasing with |tanh(x)| < 1, so the root of
+        # tanh(x) + s x = y lies in [(y - 1) / s, (y + 1) / s]: bisection on that bracket, to the
+        # last bit of the (width 2/s) interval after 64 halvings.
+        lo, hi = (Y - 1.0) / self.slope, (Y + 1.0) / self.slope
+        for _ in range(64):
+            mid = 0.5 * (lo + hi)
+            below = np.tanh(mid) + self.slope * mid < Y
+            lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+        return 0.5 * (lo + hi)
+
+    def __call__(self, S: np.ndarray) -> np.ndarray:
+        """S: [n, d] -> X: [n, d]."""
+        H = np.asarray(S, dtype=np.float64)
+        last = len(self.matrices) - 1
+        for i, A in enumerate(self.matrices):
+            H = H @ A
+            if i < last:
+                H = self._act(H)
+        return H
+
+    def inverse(self, X: np.ndarray) -> np.ndarray:
+        """X: [n, d] -> S: [n, d], the inverse of ``__call__`` (up to rounding)."""
+        H = np.asarray(X, dtype=np.float64)
+        last = len(self.matrices) - 1
+        for i in reversed(range(len(self.matrices))):
+            if i < last:
+                H = self._act_inverse(H)
+            H = np.linalg.solve(self.matrices[i].T, H.T).T
+        return H
+
+
+def _unit_column_matrices(rng: np.random.Generator, d: int, count: int) -> np.ndarray:
+    """[count, d, d] matrices with entries U(-1, 1), each column scaled to unit norm (the iVAE
+    code's "uniform" mixing matrices)."""
+    A = rng.uniform(-1.0, 1.0, size=(count, d, d))
+    return A / np.linalg.norm(A, axis=1, keepdims=True)
+
+
+def nonstationary_cond_threshold(d: int, rng: np.random.Generator, n_draws: int = 10000) -> float:
+    """The 25th percentile of the condition number of ``n_draws`` random unit-column d x d
+    matrices: the iVAE code keeps only mixing matrices below it (the best-conditioned quarter),
+    so that no layer makes two outputs nearly collinear."""
+    return float(np.percentile(np.linalg.cond(_unit_column_matrices(rng, d, n_draws)), 25))
+
+
+def _nonstationary_matrix(rng: np.random.Generator, d: int, threshold: float,
+                          max_tries: int = 100000) -> np.ndarray:
+    """A unit-column d x d matrix with cond <= threshold, redrawn until it is (a quarter of the
+    draws pass, by the threshold's definition, so the loop is short)."""
+    for _ in range(max_tries):
+        A = _unit_column_matrices(rng, d, 1)[0]
+        if np.linalg.cond(A) <= threshold:
+            return A
+    raise RuntimeError("could not draw a well-conditioned mixing matrix")  # pragma: no cover
+
+
+def make_nonstationary(n_per_segment: int = 1000, n_segments: int = 40, n_sources: int = 5,
+                       n_layers: int = 2, activation: str = "lrelu",
+                       distribution: str = "gaussian", uncentered: bool = False,
+                       slope: float | None = None, noise: float = 0.0, n_cond_draws: int = 10000,
+                       random_state=None) -> ICAProblem:
+    """The nonstationary nonlinear-ICA benchmark of the iVAE (Khemakhem et al. 2020) and ICE-BeeM
+    (Khemakhem et al. 2020) code, written from its description.
+
+    Sources: ``n_segments`` contiguous segments of ``n_per_segment`` rows. In segment j source i is
+    ``m[j, i] + L[j, i] * e`` with ``e`` standard Gaussian (``distribution="gaussian"``) or
+    Laplace of unit variance (``"laplace"``), the scale ``L[j, i] ~ U(0.5, 3)`` and the mean
+    ``m[j, i] ~ U(-5, 5)`` when ``uncentered`` (else 0). Mixing: ``n_layers`` square matrices with
+    entries U(-1, 1) and unit-norm columns, each redrawn until its condition number is below the
+    25th percentile of ``n_cond_draws`` random draws of the same kind; between layers the
+    activation ``"lrelu"`` (leaky ReLU, ``slope`` 0.2 by default) or ``"xtanh"``
+    (tanh(x) + slope x, ``slope`` 0.1 by default), none after the last layer
+    (:class:`NonstationaryMixer`, row convention ``X = act(S A_1) A_2 ...``). ``noise`` > 0 adds
+    Gaussian noise of that std to X.
+
+    Unlike the other generators the sources are *not* standardized: they are mixed as drawn, as in
+    the iVAE code (with uncentered means, or the xtanh activation, the scale changes how nonlinear
+    the mix is). MCC does not depend on a source's scale or offset.
+
+    Returns X, S [n_per_segment * n_segments, n_sources], A None, ``mixer`` (``mixer(S)`` is the
+    noise-free X) and ``u`` [n] int64 segment labels 0 .. n_segments - 1 (non-decreasing).
+    """
+    n_per_segment = _check_int("n_per_segment", n_per_segment, 1)
+    n_segments = _check_int("n_segments", n_segments, 1)
+    n_sources = _check_int("n_sources", n_sources, 1)
+    n_layers = _check_int("n_layers", n_layers, 1)
+    activation = _check_choice("activation", activation, _MIXER_ACTIVATIONS)
+    distribution = _check_choice("distribution", distribution, _DISTRIBUTIONS)
+    if not isinstance(uncentered, (bool, np.bool_)):
+        raise ValueError(f"uncentered must be a bool, got {uncentered!r}")
+    if slope is None:
+        slope = _DEFAULT_SLOPES[activation]
+    # slope > 0 keeps every activation strictly increasing, hence the mixing invertible.
+    slope = _check_real("slope", slope, 0.0, np.inf, high_open=True)
+    if slope == 0.0:
+        raise ValueError("slope must be a real number > 0 (the mixing must stay invertible), "
+                         "got 0.0")
+    noise = _check_real("noise", noise, 0.0, np.inf, high_open=True)
+    n_cond_draws = _check_int("n_cond_draws", n_cond_draws, 1)
+    rng = _rng(random_state)
+
+    shape = (n_segments, n_sources)
+    scales = rng.uniform(0.5, 3.0, size=shape)
+    means = rng.uniform(-5.0, 5.0, size=shape) if uncentered else np.zeros(shape)
+    u = np.repeat(np.arange(n_segments, dtype=np.int64), n_per_segment)
+    n = u.shape[0]
+    if distribution == "gaussian":
+        e = rng.standard_normal((n, n_sources))
+    else:  # Laplace with scale 1/sqrt(2) has unit variance, so L is the std in both cases
+        e = rng.laplace(scale=1.0 / np.sqrt(2.0), size=(n, n_sources))
+    S = means[u] + scales[u] * e
+    threshold = nonstationary_cond_threshold(n_sources, rng, n_cond_draws)
+    mixer = NonstationaryMixer(
+        tuple(_nonstationary_matrix(rng, n_sources, threshold) for _ in range(n_layers)),
+        activation, slope)
+    X = mixer(S)
+    if noise > 0:
+        X = X + noise * rng.standard_normal(X.shape)
+    return ICAProblem(X=X, S=S, A=None, name=f"nonstationary_{activation}{n_layers}",
+                      mixer=mixer, u=u)
 
 
 def make_underdetermined(n_samples: int = 5000, n_sources: int = 3, n_observed: int = 2,
