@@ -9,31 +9,14 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
 import torch
 
 import halfvae_ext as hv
+from halfvae_ext.bench_ops import time_once
 from halfvae_ext.models import GMMPrior, LatentTable
 
 K, C = 8, 3
-
-
-def timed(device):
-    if device.type == "cuda":
-        def run(fn):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / 1e3
-    else:
-        def run(fn):
-            t0 = time.perf_counter()
-            fn()
-            return time.perf_counter() - t0
-    return run
 
 
 def main(argv=None):
@@ -64,7 +47,8 @@ def main(argv=None):
         (kl.sum() + 0.5 * (z * z).sum()).backward()
         sparse_adam.step()
 
-    run = timed(device)
+    def run(fn):
+        return time_once(fn, device)
     times = {"fused": [], "embedding": []}
     for s in range(args.steps + 3):
         idx = batches[s % len(batches)]
