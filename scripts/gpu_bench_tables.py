@@ -6,13 +6,13 @@ process (the machine's drift does not enter the ratio); median step times and th
     python scripts/gpu_bench_tables.py --device cuda --rows 1e8 [--steps 50] [--json out.json]
 """
 import argparse
-import json
 import statistics
 import sys
 
 import torch
 
 import halfvae_ext as hv
+from halfvae_ext.atomic_io import write_json_atomic
 from halfvae_ext.bench_ops import time_once
 from halfvae_ext.models import GMMPrior, LatentTable
 
@@ -65,8 +65,7 @@ def main(argv=None):
           f"nn.Embedding(sparse)+SparseAdam {result['embedding_sparse_adam_ms']:.3f} ms, "
           f"ratio {result['speedup']:.2f}x")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json_atomic(args.json, result)
     return 0
 
 
