@@ -1,8 +1,13 @@
 """Large latent tables: optimizer step time and memory against the number of rows N at a fixed
-batch (B = 4096, K = 8), for four ways to train a table:
+batch (B = 4096, K = 8), for the ways to train a table:
 
   fused      LatentTable(N, K, fused_optimizer="adam"): the Adam step runs in the backward on the
              touched rows; no table gradient exists; mu|logvar interleaved, huge pages
+  rowwise_adam, rowwise_adam_bf16, rowwise_adagrad
+             the same with compact state (LatentTable(fused_optimizer="rowwise_adam" |
+             "rowwise_adagrad", state_dtype=float32 | bfloat16)): one second moment or sum per row
+             of mu and of logvar, a row's table and state in one record (128 bytes for
+             rowwise_adam_bf16 and rowwise_adagrad, 192 for rowwise_adam and exact Adam)
   sparse     reparam_gmm_kl_rows(table_grad="sparse") + torch.optim.SparseAdam
   embedding  nn.Embedding(N, 2K, sparse=True) rows -> reparam_gmm_kl + torch.optim.SparseAdam
   dense      index_select -> reparam_gmm_kl, dense gradients + torch.optim.Adam
@@ -18,9 +23,8 @@ profiler) next to the bytes of table + optimizer state, and the memory on transp
 pages. Methods whose tables would not fit in memory are skipped and say so; set-ups of 4 GiB or
 more run in a fresh process.
 
-Then the fused table's two speed goals, each measured as a ratio of two set-ups whose steps
-alternate in one process (fused at 1e8 against fused at 1e4; nn.Embedding + SparseAdam against
-fused at 1e7), so that the machine's drift does not enter the ratio.
+Then the speed goals, each measured as a ratio of two set-ups whose steps alternate in one process
+(GOAL_PAIRS), so that the machine's drift does not enter the ratio.
 """
 from __future__ import annotations
 
@@ -35,9 +39,21 @@ import torch
 import halfvae_ext as hv
 from .atomic_io import save_figure_atomic, write_json_atomic
 from .bench_ops import peak_memory
-from .table_memory import empty_table, huge_page_bytes, huge_pages_enabled
+from .table_memory import empty_table, huge_page_bytes, huge_pages_enabled, record_layout
 
 K, C = 8, 3
+# Methods that are LatentTable with a fused optimizer: (fused_optimizer, state_dtype).
+FUSED_METHODS = {"fused": ("adam", None), "rowwise_adam": ("rowwise_adam", None),
+                 "rowwise_adam_bf16": ("rowwise_adam", torch.bfloat16),
+                 "rowwise_adagrad": ("rowwise_adagrad", None)}
+
+
+def fused_bytes_per_row(name):
+    """Bytes a row of LatentTable takes with this method's optimizer (float32, K = 8)."""
+    kind, state_dtype = FUSED_METHODS[name]
+    if kind == "adam" and state_dtype is None:
+        return 2 * K * 4 + 4 * K * 4  # [N, 2, K] table + [N, 4, K] moments
+    return 4 * record_layout(K, torch.float32, kind, state_dtype or torch.float32)[0]
 
 
 def _prior():
@@ -69,8 +85,10 @@ class Method:
                 self.emb.weight[:, K:].mul_(0.1).sub_(2)
             self.opt = torch.optim.SparseAdam(list(self.emb.parameters()), lr=lr)
             self.params = [self.emb.weight]
-        elif name == "fused":  # the product as a user gets it: LatentTable(fused_optimizer=)
-            self.table = hv.LatentTable(N, K, fused_optimizer="adam", lr=lr, init_logvar=-2.0)
+        elif name in FUSED_METHODS:  # the product as a user gets it: LatentTable(fused_optimizer=)
+            kind, state_dtype = FUSED_METHODS[name]
+            self.table = hv.LatentTable(N, K, fused_optimizer=kind, state_dtype=state_dtype, lr=lr,
+                                        init_logvar=-2.0)
             self.gmm = hv.GMMPrior(K, C)
             with torch.no_grad():
                 for dst, src in zip((self.gmm.logits, self.gmm.means, self.gmm.logvars),
@@ -88,6 +106,8 @@ class Method:
 
     def state_bytes(self):
         """Table plus optimizer state (Adam: two moments), whether or not allocated yet."""
+        if self.name in FUSED_METHODS:
+            return self.N * self.table.bytes_per_row
         return 3 * sum(p.numel() * p.element_size() for p in self.params)
 
     def step(self, idx):
@@ -95,7 +115,7 @@ class Method:
             torch.index_select(self.rows, 0, idx, out=self.buf).add_(1e-3)
             self.rows.index_copy_(0, idx, self.buf)
             return
-        if self.name == "fused":
+        if self.name in FUSED_METHODS:
             z, kl = self.table(idx, self.gmm)
             (kl.sum() + 0.5 * (z * z).sum()).backward()
             return
@@ -193,10 +213,16 @@ def measure_isolated(specs, batch, steps, seed):
     return result
 
 
-# The fused table's two speed goals, each a ratio measured with alternating steps: (numerator,
-# denominator, goal). fused(1e8) / fused(1e4) <= 1.3; embedding(1e7) / fused(1e7) >= 5.
+# Speed goals, each a ratio measured with alternating steps: (numerator, denominator, goal).
+# fused(1e8) / fused(1e4) <= 1.3 (exact Adam: accepted as measured against the memory floor);
+# embedding(1e7) / fused(1e7) >= 5; rowwise_adam_bf16 at 1e8 within 1.3x of its step at 1e4, and
+# >= 1.3x faster than exact Adam at the largest N where both tables fit in memory together
+# (1e8: 19.2 + 12.8 GB, more than this 24 GB machine; 5e7 here; the two at 1e8 run one after the
+# other in the table above).
 GOAL_PAIRS = ((("fused", 10**8), ("fused", 10**4), "<=", 1.3),
-              (("embedding", 10**7), ("fused", 10**7), ">=", 5.0))
+              (("embedding", 10**7), ("fused", 10**7), ">=", 5.0),
+              (("rowwise_adam_bf16", 10**8), ("rowwise_adam_bf16", 10**4), "<=", 1.3),
+              (("fused", 5 * 10**7), ("rowwise_adam_bf16", 5 * 10**7), ">=", 1.3))
 
 
 def available_bytes():
@@ -209,6 +235,8 @@ def available_bytes():
 
 
 def needed_bytes(name, N):
+    if name in FUSED_METHODS:
+        return N * fused_bytes_per_row(name)
     table = 2 * N * K * 4
     extra = {"fused": 2 * table, "sparse": 2 * table, "embedding": 2 * table,
              "dense": 3 * table, "touch": 2 * table}[name]  # Adam moments (+ dense gradient)
@@ -220,7 +248,8 @@ def main(argv=None):
     p.add_argument("--rows", default="1e4,1e5,1e6,1e7,1e8")
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--methods", default="fused,sparse,embedding,dense,touch")
+    p.add_argument("--methods", default="fused,rowwise_adam,rowwise_adam_bf16,rowwise_adagrad,"
+                                        "sparse,embedding,dense,touch")
     p.add_argument("--out", default="results/bench")
     p.add_argument("--goal-steps", type=int, default=100,
                    help="steps per set-up in the alternating goal measurements")
@@ -281,10 +310,17 @@ def main(argv=None):
 
 def summarize(rows):
     t = {(r["N"], r["method"]): r["step_seconds"] for r in rows if "step_seconds" in r}
-    fused = sorted((N, s) for (N, m), s in t.items() if m == "fused")
-    if len(fused) >= 2:
-        (n0, s0), (n1, s1) = fused[0], fused[-1]
-        print(f"fused step at N={n1:.0e} / at N={n0:.0e}: {s1 / s0:.2f}x")
+    for method in FUSED_METHODS:
+        steps = sorted((N, s) for (N, m), s in t.items() if m == method)
+        if len(steps) >= 2:
+            (n0, s0), (n1, s1) = steps[0], steps[-1]
+            print(f"{method} step at N={n1:.0e} / at N={n0:.0e}: {s1 / s0:.2f}x "
+                  f"({fused_bytes_per_row(method)} bytes a row)")
+    for N in sorted({N for N, _ in t}):
+        for method in list(FUSED_METHODS)[1:]:
+            if (N, "fused") in t and (N, method) in t:
+                print(f"N={N:.0e}: {method} is {t[(N, 'fused')] / t[(N, method)]:.2f}x as fast as "
+                      f"exact Adam (fused), one after the other")
     for N in sorted({N for N, _ in t}):
         if (N, "fused") in t and (N, "embedding") in t:
             print(f"N={N:.0e}: fused is {t[(N, 'embedding')] / t[(N, 'fused')]:.1f}x faster than "

@@ -55,7 +55,8 @@ from .models import ACTIVATIONS, DECODERS
 from .param_validation import (Device, Interval, InvalidParameterError, Options, PathLike,
                                RandomState, Widths, validate_parameters)
 from .preprocessing import FLOAT_DTYPES, Whitening, check_data, fingerprint, fit_whitening
-from .recipe import Recipe, elbo_change, posterior_mode, restart_seeds, torch_threads
+from .recipe import (FUSED_TABLE_OPTIMIZERS, Recipe, elbo_change, posterior_mode,
+                     restart_seeds, torch_threads)
 from .restarts import RUN_FORMAT, RUN_FORMAT_VERSION, RunState, run_restarts
 
 __all__ = ["HalfVAEICA", "atomic_write", "atomic_torch_save"]
@@ -168,13 +169,17 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
     batch_size : int or None
         None (or at least n_samples): full batch. Else mini-batches (the table then uses sparse
         gradients and SparseAdam, so rows outside a batch are not moved by stale momentum).
-    table_optimizer : {"torch", "fused"}
+    table_optimizer : {"torch", "fused", "rowwise_adam", "rowwise_adam_bf16", "rowwise_adagrad"}
         How the latent table is optimized. "torch": torch.optim.Adam (full batch) or SparseAdam
-        (mini-batches) on the table's gradients. "fused": the row-wise Adam of
-        :class:`~halfvae_ext.LatentTable` (``fused_optimizer="adam"``), which steps the touched rows
-        inside the backward: no gradient of the table is ever created and a mini-batch step costs
-        O(batch_size) whatever n_samples. It follows SparseAdam's formula (lazy moments, eps
-        added to sqrt(v)); its state is saved with the model.
+        (mini-batches) on the table's gradients. The others step the touched rows inside the
+        backward (:class:`~halfvae_ext.LatentTable`'s ``fused_optimizer``): no gradient of the
+        table is ever created and a mini-batch step costs O(batch_size) whatever n_samples; the
+        state is saved with the model. "fused": exact Adam (SparseAdam's formula: lazy moments,
+        eps added to sqrt(v)). "rowwise_adam": FBGEMM's partial row-wise Adam (one second moment
+        per row of mu and of logvar, per-row bias correction); "rowwise_adam_bf16": the same with
+        bfloat16 first moments (128 bytes a row for 8 components, exact Adam 192);
+        "rowwise_adagrad": FBGEMM's row-wise Adagrad. The compact ones are for tables too big for
+        exact Adam's state; on small problems they separate as well (tests/test_compact_table_optim.py).
     learning_rate : float
         Adam learning rate of the decoder, noise and prior.
     table_learning_rate : float
@@ -263,7 +268,7 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         "init": [Options(("pca", "random", "fastica"))],
         "max_iter": [Interval(int, 1)],
         "batch_size": [None, Interval(int, 1)],
-        "table_optimizer": [Options(("torch", "fused"))],
+        "table_optimizer": [Options(("torch", *FUSED_TABLE_OPTIMIZERS))],
         "learning_rate": [_POSITIVE],
         "table_learning_rate": [_POSITIVE],
         "prior_warmup": [Interval(float, 0, 1, closed="left")],

@@ -174,6 +174,7 @@ def fit(args) -> dict:
     if args.out:
         write_means(table, args.out, standardize=args.standardize_out)
     result = {"steps": step, "seconds": time.perf_counter() - t0, "world": world}
+    table.comm.barrier()  # no rank tears down while a peer may still talk to it
     dist.destroy_process_group()
     return result
 

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops import gmm_log_prob, reparam_gmm_kl, reparam_gmm_kl_rows
-from .table_memory import empty_table
-from .table_optim import FusedRowOptimizer, fused_rows_kl
+from .table_memory import empty_record_table, empty_table, record_views
+from .table_optim import FusedRowOptimizer, check_fused_optimizer, fused_rows_kl
 
 __all__ = ["GMMPrior", "LatentTable", "HalfVAE", "VAE", "ResidualDecoder", "make_mlp",
            "elbo_terms", "ACTIVATIONS", "DECODERS", "RECON_ESTIMATORS", "KL_ESTIMATORS"]
@@ -323,10 +323,16 @@ class LatentTable(nn.Module):
 
     Table gradients: dense [N, K] by default; ``sparse=True`` gives coalesced sparse COO gradients
     (for ``torch.optim.SparseAdam``/``SGD``: mini-batches leave other rows' optimizer state alone);
-    ``fused_optimizer="adam"|"sgd"`` (with ``lr``, ``betas``, ``eps``) runs the optimizer step
-    inside the backward on the touched rows only: no gradient of the table is ever created, a step
-    costs O(batch), and the optimizer state (``table_optimizer``, buffers) is part of state_dict.
-    Leave mu/logvar out of any other optimizer in that mode.
+    ``fused_optimizer="adam"|"rowwise_adam"|"rowwise_adagrad"|"sgd"`` (with ``lr``, ``betas``,
+    ``eps``, ``state_dtype``; the rules: :class:`~halfvae_ext.table_optim.FusedRowOptimizer`) runs
+    the optimizer step inside the backward on the touched rows only: no gradient of the table is
+    ever created, a step costs O(batch), and the optimizer state (``table_optimizer``, buffers) is
+    part of state_dict. Leave mu/logvar out of any other optimizer in that mode.
+
+    Memory: with the row-wise optimizers or bfloat16 moments (``state_dtype=torch.bfloat16``), a
+    row's mu, logvar and optimizer state are one record of whole cache lines (mu, logvar and the
+    state are views of it): K = 8 float32 with rowwise_adam and bfloat16 moments is 128 bytes a row,
+    2 cache lines, where exact Adam takes 192 (3). ``bytes_per_row`` tells.
     """
 
     _INIT_BLOCK_ROWS = 1 << 16
@@ -335,7 +341,8 @@ class LatentTable(nn.Module):
                  init_logvar: float = -2.0, init_std: float = 1.0,
                  generator: torch.Generator | None = None, sparse: bool = False,
                  dtype: torch.dtype | None = None, fused_optimizer: str | None = None,
-                 lr: float = 1e-2, betas=(0.9, 0.999), eps: float = 1e-8):
+                 lr: float = 1e-2, betas=(0.9, 0.999), eps: float = 1e-8,
+                 state_dtype: torch.dtype | None = None):
         super().__init__()
         N = _check_pos_int("num_rows", num_rows)
         K = _check_pos_int("num_latents", num_latents)
@@ -343,9 +350,22 @@ class LatentTable(nn.Module):
             raise ValueError("sparse: a table with a fused optimizer has no gradient at all; "
                              "pass sparse=False with fused_optimizer")
         dtype = dtype or torch.get_default_dtype()
+        if fused_optimizer is None and state_dtype is not None:
+            raise ValueError("state_dtype is the dtype of a fused optimizer's moments: pass "
+                             "fused_optimizer too")
+        if fused_optimizer is not None:
+            check_fused_optimizer(fused_optimizer, dtype, state_dtype)
+            state_dtype = state_dtype or dtype
         # Tables are filled in place (huge pages asked for first, see table_memory) and the random
         # start is drawn in blocks of rows, so that a 10^8-row table needs no full-size temporary.
-        if fused_optimizer is not None:
+        self._record = None
+        views = None
+        if _uses_record(fused_optimizer, dtype, state_dtype):
+            # A row's table values and optimizer state in one record of whole cache lines
+            # (table_memory.record_layout): a touched row costs 2 lines with compact state.
+            self._record = empty_record_table(N, K, dtype, fused_optimizer, state_dtype)
+            mu, logvar, *views = record_views(self._record, K, fused_optimizer, state_dtype)
+        elif fused_optimizer is not None:
             # mu and logvar are the halves of one [N, 2, K] table: a touched row's mu and logvar
             # share a cache line (K = 8 float32), one DRAM access where there would be two. The
             # kernels take such row-strided views as they are.
@@ -368,13 +388,15 @@ class LatentTable(nn.Module):
         self.sparse = bool(sparse)
         self.table_optimizer = (None if fused_optimizer is None else
                                 FusedRowOptimizer(N, K, fused_optimizer, lr=lr, betas=betas,
-                                                  eps=eps, dtype=dtype))
+                                                  eps=eps, dtype=dtype, state_dtype=state_dtype,
+                                                  views=views))
 
     def _joint_table(self):
         """The [N, 2, K] table whose halves mu and logvar are (fused optimizer), else None."""
         mu, logvar = self.mu.detach(), self.logvar.detach()
         N, K = mu.shape
-        if (self.table_optimizer is None or mu.dtype != logvar.dtype or mu.device != logvar.device
+        if (self.table_optimizer is None or self._record is not None
+                or mu.dtype != logvar.dtype or mu.device != logvar.device
                 or mu.untyped_storage().data_ptr() != logvar.untyped_storage().data_ptr()
                 or mu.stride() != (2 * K, 1) or logvar.stride() != (2 * K, 1)
                 or logvar.storage_offset() != mu.storage_offset() + K):
@@ -382,9 +404,12 @@ class LatentTable(nn.Module):
         return mu.as_strided((N, 2, K), (2 * K, K, 1), mu.storage_offset())
 
     def _apply(self, fn, recurse=True):
-        # Module.to/cuda/double/... convert every parameter on its own, which would copy the two
-        # halves of the [N, 2, K] table into separate tensors (and lose the shared cache line of a
-        # row's mu and logvar). Convert the joint table once and make mu and logvar its halves.
+        # Module.to/cuda/double/... convert every parameter and buffer on its own, which would copy
+        # the views of one table (the halves of [N, 2, K], or a record's table and state) into
+        # separate tensors. Convert the joint table once, or build the record anew, and make the
+        # parameters and the optimizer's buffers its views again.
+        if self._record is not None:
+            return self._apply_to_record(fn, recurse)
         joint = self._joint_table()
         if joint is None:
             return super()._apply(fn, recurse)
@@ -394,9 +419,52 @@ class LatentTable(nn.Module):
         halves = {id(self.mu): new[:, 0], id(self.logvar): new[:, 1]}
         return super()._apply(lambda t: halves.get(id(t)) if id(t) in halves else fn(t), recurse)
 
+    def _apply_to_record(self, fn, recurse):
+        opt = self.table_optimizer
+        probe = fn(self.mu.detach()[:0])  # where, and as what dtype, the table goes
+        dtype = probe.dtype
+        state_dtype = dtype if opt.state_dtype == opt.table_dtype else opt.state_dtype
+        check_fused_optimizer(opt.kind, dtype, state_dtype)
+        record = empty_record_table(self.num_rows, self.num_latents, dtype, opt.kind, state_dtype,
+                                    device=probe.device)
+        new = record_views(record, self.num_latents, opt.kind, state_dtype)
+        old = (self.mu, self.logvar, opt.state, opt.row_state)
+        with torch.no_grad():
+            for target, source in zip(new, old):
+                if source is not None:
+                    target.copy_(source)
+        views = {id(t): v for t, v in zip(old, new) if t is not None}
+        result = super()._apply(lambda t: views[id(t)] if id(t) in views else fn(t), recurse)
+        self._record = record
+        opt.table_dtype, opt.state_dtype = dtype, state_dtype
+        return result
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A state saved by another optimizer or state dtype: load nothing (the optimizer reports
+        # why), not the table alone.
+        opt = self.table_optimizer
+        if opt is not None and opt.load_problems(state_dict, prefix + "table_optimizer."):
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     @property
     def num_rows(self) -> int:
         return self.mu.shape[0]
+
+    @property
+    def bytes_per_row(self) -> int:
+        """Bytes of memory a row takes: its mu and logvar, and its optimizer state if fused."""
+        if self._record is not None:
+            return self._record.shape[1] * self._record.element_size()
+        size = 2 * self.num_latents * self.mu.element_size()
+        if self.table_optimizer is not None:
+            opt = self.table_optimizer
+            size += opt.state[:1].numel() * opt.state.element_size()
+            if opt.row_state is not None:
+                size += opt.row_state[:1].numel() * opt.row_state.element_size()
+        return size
 
     @property
     def num_latents(self) -> int:
@@ -462,6 +530,15 @@ class LatentTable(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_rows={self.num_rows}, num_latents={self.num_latents}, sparse={self.sparse}"
+
+
+def _uses_record(kind, dtype, state_dtype) -> bool:
+    """One record per row for the compact optimizers and for bfloat16 moments; exact Adam and SGD
+    with state of the table's dtype keep the [N, 2, K] table and a separate state (the layout
+    ShardedLatentTable shares)."""
+    if kind is None:
+        return False
+    return kind in ("rowwise_adam", "rowwise_adagrad") or (state_dtype or dtype) != dtype
 
 
 # ----------------------------------------------------------------------------- ELBO estimators
@@ -544,8 +621,9 @@ class HalfVAE(nn.Module):
     "bound" (its closed-form upper bound: no sampling noise in the KL, the ELBO stays a lower
     bound of log p(x)). noise: "learned" (a per-feature log-variance
     parameter ``likelihood.logvar``, initialized to ``init_noise_std``) or a float, the fixed noise
-    standard deviation. sparse / table_optimizer ("adam" | "sgd", with table_lr): how the latent
-    table is trained, see :class:`LatentTable` (fused_optimizer). latents: a table built by the
+    standard deviation. sparse / table_optimizer ("adam" | "rowwise_adam" | "rowwise_adagrad" |
+    "sgd", with table_lr and table_state_dtype): how the latent table is trained, see
+    :class:`LatentTable` (fused_optimizer, state_dtype). latents: a table built by the
     caller instead, e.g. a ``halfvae_ext.distributed.ShardedLatentTable`` whose rows are split
     across processes (num_samples and latent_dim must match it; the table options above are then
     its own).
@@ -557,6 +635,7 @@ class HalfVAE(nn.Module):
                  init_logvar: float = -2.0, init_noise_std: float = 1.0,
                  generator: torch.Generator | None = None, sparse: bool = False,
                  table_optimizer: str | None = None, table_lr: float = 1e-2,
+                 table_state_dtype: torch.dtype | None = None,
                  num_groups: int = 1, kl: str = "mc", latents: nn.Module | None = None):
         super().__init__()
         self.num_samples = _check_pos_int("num_samples", num_samples)
@@ -567,7 +646,8 @@ class HalfVAE(nn.Module):
         if latents is None:
             latents = LatentTable(num_samples, latent_dim, init_mu=init_mu,
                                   init_logvar=init_logvar, generator=generator, sparse=sparse,
-                                  fused_optimizer=table_optimizer, lr=table_lr)
+                                  fused_optimizer=table_optimizer, lr=table_lr,
+                                  state_dtype=table_state_dtype)
         elif not (hasattr(latents, "sample") and hasattr(latents, "num_rows")):
             raise TypeError(f"latents must be a LatentTable or a ShardedLatentTable, got "
                             f"{type(latents).__name__}")

@@ -129,7 +129,7 @@ def reparam_gmm_kl_rows(mu, logvar, idx, prior_logits, prior_means, prior_logvar
     table_grad: "dense" -> mu.grad/logvar.grad are [rows, K] tensors (zero off the batch);
     "sparse" -> coalesced sparse COO gradients (duplicates summed), for torch.optim.SparseAdam/SGD.
     For an optimizer step fused into the backward (no table gradient at all), use
-    halfvae_ext.LatentTable(..., fused_optimizer="adam"|"sgd").
+    halfvae_ext.LatentTable(..., fused_optimizer="adam"|"rowwise_adam"|"rowwise_adagrad"|"sgd").
     """
     code, seed, kl_code = rows_op_arguments(mu, logvar, idx, prior_logits, prior_means,
                                             prior_logvars, eps, generator, reduction,
@@ -235,9 +235,9 @@ def _reparam_gmm_kl_rows_backward_fake(grad_z, grad_kl, mu, logvar, idx, prior_l
 
 @torch.library.register_fake("halfvae_ext::latent_rows_update_")
 def _latent_rows_update_fake(mu, logvar, state, idx, grad_mu, grad_logvar, optimizer, lr, beta1,
-                             beta2, eps, step):
+                             beta2, eps, step, row_state=None):
     _one_device(mu=mu, logvar=logvar, state=state, idx=idx, grad_mu=grad_mu,
-                grad_logvar=grad_logvar)
+                grad_logvar=grad_logvar, row_state=row_state)
     return None
 
 
@@ -246,9 +246,11 @@ def _reparam_gmm_kl_rows_backward_step_fake(grad_z, grad_kl, grad_mu_rows, grad_
                                             logvar, state, idx, prior_logits, prior_means,
                                             prior_logvars, eps, seed, reduction, prior_grads,
                                             optimizer, lr, beta1, beta2, adam_eps, step,
-                                            prior_index=None, kl=0, range_checked=False):
+                                            prior_index=None, kl=0, range_checked=False,
+                                            row_state=None):
     _one_device(mu=mu, grad_z=grad_z, grad_kl=grad_kl, grad_mu_rows=grad_mu_rows,
                 grad_logvar_rows=grad_logvar_rows, logvar=logvar, state=state, idx=idx,
+                row_state=row_state,
                 prior_logits=prior_logits, prior_means=prior_means, prior_logvars=prior_logvars,
                 eps=eps, seed=seed, prior_index=prior_index)
     return (torch.empty_like(prior_logits), torch.empty_like(prior_means),

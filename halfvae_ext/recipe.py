@@ -164,6 +164,13 @@ class LiveRestart:
     history: list = field(default_factory=list)
 
 
+# HalfVAEICA's table_optimizer values that step the table inside the backward: (LatentTable's
+# fused_optimizer, state_dtype).
+FUSED_TABLE_OPTIMIZERS = {"fused": ("adam", None), "rowwise_adam": ("rowwise_adam", None),
+                          "rowwise_adam_bf16": ("rowwise_adam", torch.bfloat16),
+                          "rowwise_adagrad": ("rowwise_adagrad", None)}
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Settings of one training restart (the HalfVAEICA parameters of the same names) and the
@@ -189,7 +196,7 @@ class Recipe:
 
     @property
     def fused_table(self) -> bool:
-        return self.table_optimizer == "fused"
+        return self.table_optimizer != "torch"
 
     def mini_batches(self, n_rows: int) -> bool:
         """True if an epoch is several steps (a batch_size below n_rows)."""
@@ -205,7 +212,9 @@ class Recipe:
                         init_mu=torch.zeros(n_rows, self.n_components), init_logvar=init_lv,
                         init_noise_std=INIT_NOISE_STD,
                         sparse=self.mini_batches(n_rows) and not self.fused_table,
-                        table_optimizer="adam" if self.fused_table else None,
+                        table_optimizer=FUSED_TABLE_OPTIMIZERS.get(self.table_optimizer, (None,))[0],
+                        table_state_dtype=FUSED_TABLE_OPTIMIZERS.get(self.table_optimizer,
+                                                                     (None, None))[1],
                         table_lr=self.table_learning_rate, kl=self.kl)
         return model.to(device)
 

@@ -92,3 +92,98 @@ def reparam_gmm_kl(mu, logvar, prior_logits, prior_means, prior_logvars, *, eps,
     else:
         raise ValueError(f"kl must be 'mc' or 'bound', got {kl!r}")
     return z, _reduce(kl_value, reduction)
+
+
+# ----------------------------------------------------------------------------- table optimizers
+# The rules of csrc/include/halfvae/row_optimizer.h (what latent_rows_update_ and the fused table
+# step apply to the touched rows), written per row, in the same order of operations.
+
+def _u32(x):
+    return x & 0xFFFFFFFF
+
+
+def rounding_bits(row, e, step):
+    """The kernels' 32 random bits for moment e of `row` at table step `step` (int64 tensors or
+    ints; murmur3's finalizer of a mix), as an int64 tensor of values in [0, 2^32)."""
+    row = torch.as_tensor(row, dtype=torch.int64)
+    lo, hi = _u32(row), (row >> 32) & 0xFFFFFFFF
+    e = torch.as_tensor(e, dtype=torch.int64)
+    h = _u32(_u32(lo * 0x9E3779B1) + _u32(hi * 0x85EBCA77) + _u32(e * 0xC2B2AE3D)
+             + _u32(int(step) * 0x27D4EB2F))
+    h = h ^ (h >> 16)
+    h = _u32(h * 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _u32(h * 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def to_bfloat16_stochastic(x, bits):
+    """x (float32) rounded to bfloat16 by adding the low 16 random bits below its 16 kept bits and
+    truncating; Inf and NaN are truncated as they are."""
+    u = x.float().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    finite = (u & 0x7F800000) != 0x7F800000
+    u = torch.where(finite, u + (bits & 0xFFFF), u) & 0xFFFF0000
+    u = torch.where(u >= 2 ** 31, u - 2 ** 32, u).to(torch.int32)
+    return u.view(torch.float32).to(torch.bfloat16)
+
+
+def _store(target, value, row, e, step):
+    """Write a row's moments `value` (T) into `target` (T or bfloat16, stochastic rounding)."""
+    if target.dtype == torch.bfloat16 and value.dtype != torch.bfloat16:
+        return to_bfloat16_stochastic(value.float(), rounding_bits(row, e, step))
+    return value.to(target.dtype)
+
+
+def latent_rows_update(mu, logvar, state, row_state, idx, grad_mu, grad_logvar, optimizer, lr,
+                       beta1, beta2, eps, step):
+    """latent_rows_update_ in plain PyTorch, on clones: returns (mu, logvar, state, row_state).
+
+    state: adam [rows, 4, K]; rowwise_adam [rows, 2, K] (dtype of mu or bfloat16); row_state:
+    rowwise_adam [rows, 3] (v of mu, v of logvar, the row's step count), rowwise_adagrad [rows, 2]
+    (sums). Duplicate indices are summed in batch order; each touched row is stepped once."""
+    mu, logvar = mu.detach().clone(), logvar.detach().clone()
+    state = None if state is None else state.detach().clone()
+    row_state = None if row_state is None else row_state.detach().clone()
+    T = mu.dtype
+    K = mu.shape[1]
+    idx = idx.long()
+    one = torch.ones((), dtype=T)
+    b1, b2 = torch.tensor(beta1, dtype=T), torch.tensor(beta2, dtype=T)
+    for row in dict.fromkeys(idx.tolist()):  # rows in order of first occurrence
+        where = (idx == row).nonzero().flatten()
+        g = torch.zeros(2 * K, dtype=T)
+        for j in where.tolist():  # batch order
+            g = g + torch.cat([grad_mu[j], grad_logvar[j]]).to(T)
+        w = torch.cat([mu[row], logvar[row]])
+        if optimizer == "sgd":
+            w = w - lr * g
+        elif optimizer == "adam":
+            step_size = lr * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
+            m, v = state[row, :2].reshape(-1).to(T), state[row, 2:].reshape(-1).to(T)
+            m = m + (one - b1) * (g - m)
+            v = v + (one - b2) * (g * g - v)
+            w = w - torch.tensor(step_size, dtype=T) * m / (v.sqrt() + eps)
+            e = torch.arange(2 * K)
+            state[row, :2] = _store(state, m, row, e, step).view(2, K)
+            state[row, 2:] = _store(state, v, row, 2 * K + e, step).view(2, K)
+        elif optimizer == "rowwise_adam":
+            t = row_state[row, 2] + 1
+            row_state[row, 2] = t
+            bc1, bc2 = one - b1 ** t, one - b2 ** t
+            for h in range(2):
+                gh = g[h * K:(h + 1) * K]
+                v = row_state[row, h] + (one - b2) * ((gh * gh).sum() / K - row_state[row, h])
+                row_state[row, h] = v
+                m = state[row, h].to(T)
+                m = m + (one - b1) * (gh - m)
+                state[row, h] = _store(state, m, row, h * K + torch.arange(K), step)
+                w[h * K:(h + 1) * K] -= (lr / bc1) * m / ((v / bc2).sqrt() + eps)
+        elif optimizer == "rowwise_adagrad":
+            for h in range(2):
+                gh = g[h * K:(h + 1) * K]
+                row_state[row, h] = row_state[row, h] + (gh * gh).sum() / K
+                w[h * K:(h + 1) * K] -= lr / (row_state[row, h].sqrt() + eps) * gh
+        else:
+            raise ValueError(f"unknown optimizer {optimizer!r}")
+        mu[row], logvar[row] = w[:K], w[K:]
+    return mu, logvar, state, row_state

@@ -43,3 +43,43 @@ def huge_page_bytes() -> int | None:
     except OSError:
         pass
     return None
+
+
+# Per-element moments and per-row values of each fused optimizer (see table_optim).
+MOMENTS_PER_ELEMENT = {"adam": 4, "rowwise_adam": 2, "rowwise_adagrad": 0, "sgd": 0}
+ROW_STATE_SIZE = {"rowwise_adam": 3, "rowwise_adagrad": 2}
+RECORD_ALIGN_BYTES = 64  # a cache line
+
+
+def record_layout(num_latents: int, dtype: torch.dtype, kind: str, state_dtype: torch.dtype):
+    """(record length, moments offset, moments length) in elements of `dtype` for one row stored
+    as [mu (K) | logvar (K) | per-row state (R) | per-element moments (M*K of state_dtype)], padded
+    to whole cache lines. K = 8 float32 with rowwise_adam and bfloat16 moments: 64 + 12 + 32 = 108
+    bytes -> 128, two cache lines (exact Adam's table and moments: 192)."""
+    K, size = num_latents, torch.empty((), dtype=dtype).element_size()
+    state_size = torch.empty((), dtype=state_dtype).element_size()
+    moments_at = 2 * K + ROW_STATE_SIZE.get(kind, 0)
+    moments_len = -(-MOMENTS_PER_ELEMENT[kind] * K * state_size // size)
+    per_line = RECORD_ALIGN_BYTES // size
+    length = -(-(moments_at + moments_len) // per_line) * per_line
+    return length, moments_at, moments_len
+
+
+def record_views(record: torch.Tensor, num_latents: int, kind: str, state_dtype: torch.dtype):
+    """The tensors a [rows, length] record holds (views, see record_layout): mu [rows, K], logvar
+    [rows, K], moments [rows, M, K] (state_dtype) and per-row state [rows, R] (None when R = 0)."""
+    K, rows = num_latents, record.shape[0]
+    _, at, n = record_layout(K, record.dtype, kind, state_dtype)
+    R, M = ROW_STATE_SIZE.get(kind, 0), MOMENTS_PER_ELEMENT[kind]
+    moments = record[:, at:at + n]
+    if state_dtype != record.dtype:
+        moments = moments.view(state_dtype)
+    moments = moments[:, :M * K].unflatten(1, (M, K))
+    return record[:, :K], record[:, K:2 * K], moments, record[:, 2 * K:2 * K + R] if R else None
+
+
+def empty_record_table(num_rows: int, num_latents: int, dtype: torch.dtype, kind: str,
+                       state_dtype: torch.dtype, device=None) -> torch.Tensor:
+    """An uninitialized [rows, length] record table (huge pages asked for, as empty_table)."""
+    length, _, _ = record_layout(num_latents, dtype, kind, state_dtype)
+    return empty_table((num_rows, length), dtype=dtype, device=device)

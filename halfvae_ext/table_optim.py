@@ -2,11 +2,11 @@
 
 With `FusedRowOptimizer`, the backward of `fused_rows_kl` computes the gradients of the gathered
 rows ([B, K], O(batch) memory), adds what other terms of the loss give the same rows (a likelihood
-that reads them: `return_rows`), sums duplicate indices in batch order and applies Adam or SGD to
+that reads them: `return_rows`), sums duplicate indices in batch order and applies the rule to
 those rows of the table, and of the optimizer state, in place, all in one op. No gradient of the
-table exists at any point, and a step costs O(B) whatever the number of rows. Adam follows
-torch.optim.SparseAdam (moments updated only on touched rows, bias correction by a step count
-shared by the table).
+table exists at any point, and a step costs O(B) whatever the number of rows. The rules
+(FusedRowOptimizer): exact Adam (torch.optim.SparseAdam), FBGEMM's row-wise Adam and row-wise
+Adagrad (one second moment or sum per row: compact state), SGD.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import contextlib
 import torch
 
 from .ops import rows_op_arguments
-from .table_memory import empty_table
+from .table_memory import MOMENTS_PER_ELEMENT, ROW_STATE_SIZE, empty_table
 
 _ops = torch.ops.halfvae_ext
 
@@ -25,15 +25,41 @@ _ops = torch.ops.halfvae_ext
 _below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nullcontext)
 
 
+FUSED_OPTIMIZERS = ("adam", "rowwise_adam", "rowwise_adagrad", "sgd")
+ROWWISE = ("rowwise_adam", "rowwise_adagrad")
+
+
 class FusedRowOptimizer(torch.nn.Module):
     """Optimizer state for latent tables `mu`, `logvar` [rows, K], as buffers (so it round-trips
-    through state_dict). kind: "adam" or "sgd"."""
+    through state_dict). kind:
+
+    - "adam": torch.optim.SparseAdam exactly (both moments per element, bias correction by the
+      table's step count);
+    - "rowwise_adam": FBGEMM's partial row-wise Adam: first moments per element, one second moment
+      per row of each table (v += (1-b2)(mean_k g^2 - v)), bias correction by each row's own step
+      count (a row touched late is corrected as a fresh one, not under-corrected by a shared count,
+      lazy Adam's known flaw);
+    - "rowwise_adagrad": FBGEMM's row-wise Adagrad, one sum of mean_k g^2 per row of each table;
+    - "sgd".
+
+    state_dtype: the dtype of the per-element moments, the table's (default) or torch.bfloat16
+    (updated in float32, stored with stochastic rounding: unbiased, so the small updates of an
+    average are not lost; its random bits are a hash of row, element and step, deterministic).
+    Per-row values (second moments, sums, step counts) have the table's dtype; a row's step count
+    counts exactly up to 2^24 in float32, past which its bias corrections are 1 anyway.
+
+    Buffers: ``state`` [rows, M, K] (adam M = 4: m of mu, m of logvar, v of mu, v of logvar;
+    rowwise_adam M = 2; else 0) and, for the row-wise kinds, ``row_state`` [rows, R]
+    (rowwise_adam: v of mu, v of logvar, step count; rowwise_adagrad: sum of mu, sum of logvar).
+    views: (state, row_state) to use instead of new buffers (LatentTable's one-record-per-row
+    layout); a state dict then holds bfloat16 moments as a copy (torch.save refuses views of one
+    memory as two dtypes)."""
 
     def __init__(self, num_rows: int, num_latents: int, kind: str = "adam", lr: float = 1e-2,
-                 betas=(0.9, 0.999), eps: float = 1e-8, dtype=torch.float32, device=None):
+                 betas=(0.9, 0.999), eps: float = 1e-8, dtype=torch.float32, device=None,
+                 state_dtype=None, views=None):
         super().__init__()
-        if kind not in ("adam", "sgd"):
-            raise ValueError(f"fused_optimizer must be 'adam', 'sgd' or None, got {kind!r}")
+        check_fused_optimizer(kind, dtype, state_dtype)
         if not lr >= 0:
             raise ValueError(f"lr must be non-negative, got {lr}")
         b1, b2 = betas
@@ -42,10 +68,23 @@ class FusedRowOptimizer(torch.nn.Module):
         if not eps > 0:
             raise ValueError(f"eps must be positive, got {eps}")
         self.kind, self.lr, self.betas, self.eps = kind, float(lr), (float(b1), float(b2)), eps
-        # Adam moments in one buffer [rows, 4, K] = m of mu, m of logvar, v of mu, v of logvar: a
-        # row's moments are contiguous (2 cache lines for K = 8), one DRAM burst per touched row.
-        shape = (num_rows, 4 if kind == "adam" else 0, num_latents)
-        self.register_buffer("state", empty_table(shape, dtype=dtype, device=device).zero_())
+        self.table_dtype = dtype
+        self.state_dtype = state_dtype or dtype
+        self.in_record = views is not None
+        if views is not None:
+            state, row_state = views
+        else:
+            # Adam moments in one buffer [rows, 4, K]: a row's moments are contiguous (2 cache
+            # lines for K = 8), one DRAM burst per touched row.
+            state = empty_table((num_rows, MOMENTS_PER_ELEMENT[kind], num_latents),
+                                dtype=self.state_dtype, device=device)
+            row_state = (empty_table((num_rows, ROW_STATE_SIZE[kind]), dtype=dtype, device=device)
+                         if kind in ROWWISE else None)
+        self.register_buffer("state", state.zero_())
+        if row_state is not None:
+            self.register_buffer("row_state", row_state.zero_())
+        else:
+            self.row_state = None
         # The step count (Adam's bias correction) is a Python int: the op takes it as an argument,
         # and reading it from a buffer on the GPU would synchronize every step. state_dict still
         # holds it as the 0-d int64 tensor "step" (what tables saved before this held).
@@ -59,9 +98,15 @@ class FusedRowOptimizer(torch.nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "step"] = torch.tensor(self.num_steps, dtype=torch.int64)
+        if self.in_record and self.state.dtype != self.table_dtype:
+            destination[prefix + "state"] = self.state.detach().clone()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        problems = self.load_problems(state_dict, prefix)
+        if problems:
+            error_msgs.extend(problems)
+            return
         key = prefix + "step"
         if key in state_dict:
             self.num_steps = int(state_dict[key])
@@ -70,6 +115,26 @@ class FusedRowOptimizer(torch.nn.Module):
         rest = {k: v for k, v in state_dict.items() if k != key}
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+    def load_problems(self, state_dict, prefix) -> list[str]:
+        """Why state_dict[prefix...] is not this optimizer's format (kind, shapes, state dtype),
+        or []: a table saved in one format loads only into the same one, and nothing is loaded
+        otherwise."""
+        problems = []
+        for name, buf in self._buffers.items():
+            saved = state_dict.get(prefix + name)
+            if not isinstance(saved, torch.Tensor) or buf is None:
+                continue
+            if saved.shape != buf.shape or saved.dtype != buf.dtype:
+                problems.append(
+                    f"{prefix + name}: saved as {saved.dtype} {tuple(saved.shape)}, this table's is "
+                    f"{buf.dtype} {tuple(buf.shape)} (fused_optimizer={self.kind!r}, "
+                    f"state_dtype={self.state_dtype}); load it into a table built with the "
+                    f"fused optimizer and state_dtype it was saved with")
+        if self.row_state is None and prefix + "row_state" in state_dict:
+            problems.append(f"{prefix}row_state: saved by a row-wise optimizer, this table's is "
+                            f"{self.kind!r}")
+        return problems
 
     @property
     def mu_exp_avg(self):
@@ -85,7 +150,8 @@ class FusedRowOptimizer(torch.nn.Module):
         b1, b2 = self.betas
         with torch.no_grad():
             _ops.latent_rows_update_(mu, logvar, self.state, idx, grad_mu_rows, grad_logvar_rows,
-                                     self.kind, self.lr, b1, b2, self.eps, self.num_steps)
+                                     self.kind, self.lr, b1, b2, self.eps, self.num_steps,
+                                     self.row_state)
 
     def backward_step(self, grad_z, grad_kl, mu, logvar, idx, prior_logits, prior_means,
                       prior_logvars, eps, seed, reduction, prior_grads, grad_mu_rows=None,
@@ -103,10 +169,28 @@ class FusedRowOptimizer(torch.nn.Module):
                 grad_z, grad_kl, grad_mu_rows, grad_logvar_rows, mu, logvar, self.state, idx,
                 prior_logits, prior_means, prior_logvars, eps, seed, reduction, prior_grads,
                 self.kind, self.lr, b1, b2, self.eps, self.num_steps, prior_index, kl,
-                range_checked)
+                range_checked, self.row_state)
 
     def extra_repr(self):
-        return f"kind={self.kind!r}, lr={self.lr}, betas={self.betas}, eps={self.eps}"
+        return (f"kind={self.kind!r}, lr={self.lr}, betas={self.betas}, eps={self.eps}, "
+                f"state_dtype={self.state_dtype}")
+
+
+def check_fused_optimizer(kind, dtype, state_dtype):
+    """Refuse an unknown fused optimizer or a state dtype it cannot use, naming the argument."""
+    if kind not in FUSED_OPTIMIZERS:
+        raise ValueError(f"fused_optimizer must be one of {FUSED_OPTIMIZERS} or None, got "
+                         f"{kind!r}")
+    if state_dtype is None:
+        return
+    if state_dtype not in (dtype, torch.bfloat16):
+        raise ValueError(f"state_dtype must be the table's dtype ({dtype}) or torch.bfloat16, got "
+                         f"{state_dtype}")
+    if state_dtype != dtype and MOMENTS_PER_ELEMENT[kind] == 0:
+        raise ValueError(f"state_dtype={state_dtype}: fused_optimizer={kind!r} keeps no "
+                         f"per-element moments to store in it")
+    if kind in ROWWISE and dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"fused_optimizer={kind!r} steps float32 or float64 tables, got {dtype}")
 
 
 class _FusedRowsKL(torch.autograd.Function):

@@ -35,14 +35,18 @@ def test_bench_tables_runs_all_methods_and_writes_results(tmp_path):
     from halfvae_ext import bench_tables
     rows = bench_tables.main(["--rows", "1000,3000", "--steps", "2", "--batch", "64",
                               "--out", str(tmp_path)])
+    methods = ("fused", "rowwise_adam", "rowwise_adam_bf16", "rowwise_adagrad", "sparse",
+               "embedding", "dense", "touch")
     assert {(r["N"], r["method"]) for r in rows} == {
-        (N, m) for N in (1000, 3000) for m in ("fused", "sparse", "embedding", "dense", "touch")}
+        (N, m) for N in (1000, 3000) for m in methods}
+    # bytes a row (K = 8, float32): table + two Adam moments; the compact records
+    per_row = {"rowwise_adam": 192, "rowwise_adam_bf16": 128, "rowwise_adagrad": 128}
     for r in rows:
         assert r["step_seconds"] > 0
         assert r["method"] == "touch" or r["step_peak_bytes"] > 0
-        assert r["state_bytes"] == 3 * 2 * r["N"] * 8 * 4  # table + two Adam moments, float32
+        assert r["state_bytes"] == r["N"] * per_row.get(r["method"], 3 * 2 * 8 * 4)
     saved = json.loads((tmp_path / "bench_tables.json").read_text())
-    assert len(saved["rows"]) == 10 and saved["goals"] == []  # goal sizes not in --rows
+    assert len(saved["rows"]) == 16 and saved["goals"] == []  # goal sizes not in --rows
     assert (tmp_path / "bench_tables.png").read_bytes()[:4] == b"\x89PNG"
 
 

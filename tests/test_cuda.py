@@ -606,3 +606,45 @@ def test_cuda_conditional_prior_range_checked_by_the_op():
         table(idx, prior, u=torch.tensor([0, 3, 1], device="cuda"))
     z, kl = table(idx, prior, u=torch.tensor([0, 2, 1], device="cuda"))
     assert torch.equal(table.mu.detach(), before) and torch.isfinite(kl).all()
+
+
+@pytest.mark.parametrize("kind,state_dtype", [("rowwise_adam", None),
+                                              ("rowwise_adam", torch.bfloat16),
+                                              ("rowwise_adagrad", None),
+                                              ("adam", torch.bfloat16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_compact_table_step_equals_cpu(kind, state_dtype, dtype):
+    """The compact optimizers' CUDA update (one thread per touched row for the row-wise rules) on
+    a LatentTable's record: the same table and state as the CPU's, duplicates included. bfloat16
+    moments use the same random bits on both devices (a hash of row, element and step)."""
+    from halfvae_ext.models import LatentTable
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, 40, (300,), generator=g)
+    grads = [torch.randn(300, 8, generator=g, dtype=dtype) for _ in range(6)]
+    out = {}
+    for device in ("cpu", "cuda"):
+        t = LatentTable(200, 8, fused_optimizer=kind, state_dtype=state_dtype, dtype=dtype,
+                        generator=torch.Generator().manual_seed(0)).to(device)
+        for s in range(3):
+            with torch.no_grad():
+                t.table_optimizer.step_rows(t.mu, t.logvar, idx.to(device),
+                                            grads[2 * s].to(device), grads[2 * s + 1].to(device))
+        out[device] = {k: v.cpu() for k, v in t.state_dict().items()}
+    tol = (dict(rtol=2 ** -7, atol=1e-6) if state_dtype == torch.bfloat16 else
+           dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12))
+    for k in out["cpu"]:
+        torch.testing.assert_close(out["cuda"][k].float(), out["cpu"][k].float(), **tol)
+
+
+def test_cuda_rowwise_refuses_wide_rows_and_half_tables():
+    from halfvae_ext.models import LatentTable
+    t = LatentTable(10, 65, fused_optimizer="rowwise_adagrad").cuda()
+    opt = t.table_optimizer
+    idx, g = torch.tensor([1], device="cuda"), torch.ones(1, 65, device="cuda")
+    with pytest.raises(ValueError, match="K <= 64"):
+        opt.step_rows(t.mu.detach(), t.logvar.detach(), idx, g, g)
+    h = [x.detach().half() for x in (t.mu, t.logvar)]
+    with pytest.raises(ValueError, match="float32 or float64"):
+        torch.ops.halfvae_ext.latent_rows_update_(*h, opt.state.half(), idx, g.half(), g.half(),
+                                                  "rowwise_adagrad", 0.1, 0.9, 0.999, 1e-8, 1,
+                                                  opt.row_state.half())

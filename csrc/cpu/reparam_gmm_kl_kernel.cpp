@@ -19,8 +19,7 @@ struct Inputs {
   const int64_t* idx = nullptr;  // rows of the tables mu/logvar (reparam_gmm_kl_rows), or null
   int64_t batch_rows = 0;        // length of idx
   int64_t row_stride = 0;        // elements between table rows (ReparamGmmKlProblem::row_stride)
-  const T* adam_state = nullptr;  // the fused step's Adam state [rows, 4K] (prefetched), or null
-  int64_t state_row_size = 0;
+  std::optional<RowStepper<T>> stepper;  // the fused step's (its state rows are prefetched)
   const T* eps = nullptr;        // given eps, or null
   PhiloxSeed seed{0, 0};
   const PhiloxSeed* seed_ptr = nullptr;  // non-null when sampled in the kernel
@@ -30,10 +29,7 @@ struct Inputs {
       idx = p.idx.data_ptr<int64_t>();
       batch_rows = p.N;
       row_stride = p.row_stride;
-      if (p.row_step != nullptr && p.row_step->optimizer == RowOptimizer::kAdam) {
-        adam_state = p.row_step->state.data_ptr<T>();
-        state_row_size = 4 * p.K;
-      }
+      if (p.row_step != nullptr) stepper.emplace(*p.row_step);
     }
     if (p.sampled()) {
       seed = read_seed(p.seed);
@@ -78,8 +74,7 @@ struct ChunkScratch {
     for (int64_t r = first + n; r < std::min(in.batch_rows, first + 2 * n); ++r) {
       prefetch_span<false>(in.mu + in.idx[r] * in.row_stride, adjacent ? 2 * K : K);
       if (!adjacent) prefetch_span<false>(in.logvar + in.idx[r] * in.row_stride, K);
-      if (in.adam_state != nullptr)  // the step will write these rows
-        prefetch_span<true>(in.adam_state + in.idx[r] * in.state_row_size, in.state_row_size);
+      if (in.stepper) in.stepper->prefetch_state(in.idx[r]);  // the step will write these rows
     }
     return {mu_rows.data(), logvar_rows.data()};
   }

@@ -86,47 +86,106 @@ void adam_span(T* w, T* m, T* v, const T* g, int64_t n, T b1, T b2, T eps, T ste
   for (; k < n; ++k) adam_element(w + k, m + k, v + k, g[k], b1, b2, eps, step_size);
 }
 
-// One optimizer step on whole rows of mu and logvar (and their Adam state [rows, 4, K]: first
-// moments of mu and logvar, then second moments, so a row's moments are 4K contiguous values).
+// One optimizer step on whole rows of mu and logvar and their state (RowUpdate; the rules:
+// row_optimizer.h).
 template <typename T>
 struct RowStepper {
   T* table[2];  // mu, logvar
-  T* state;     // Adam state or null (SGD)
   int64_t K, W, stride;  // W = 2K: a row's mu then its logvar, staged side by side
+  RowOptimizer kind;
+  char* state;  // per-element moments (adam, rowwise_adam), or null
+  int64_t state_stride_bytes, state_row_bytes;
+  bool bf16;  // moments in bfloat16 (else T)
+  T* row_state;  // per-row state (rowwise_*), or null
+  int64_t row_state_stride, row_state_size;
   T b1, b2, eps, step_size, lr;
+  int64_t table_step;
 
   explicit RowStepper(const RowUpdate& u)
-      : table{u.mu.data_ptr<T>(), u.logvar.data_ptr<T>()},
-        state(u.optimizer == RowOptimizer::kAdam ? u.state.data_ptr<T>() : nullptr),
-        K(u.mu.size(1)), W(2 * u.mu.size(1)), stride(u.row_stride), b1(T(u.beta1)),
-        b2(T(u.beta2)), eps(T(u.eps)), step_size(T(u.step_size)), lr(T(u.lr)) {}
+      : table{u.mu.data_ptr<T>(), u.logvar.data_ptr<T>()}, K(u.mu.size(1)), W(2 * u.mu.size(1)),
+        stride(u.row_stride), kind(u.optimizer),
+        state(u.state.defined() ? static_cast<char*>(u.state.data_ptr()) : nullptr),
+        state_stride_bytes(u.state.defined() ? u.state_stride * u.state.element_size() : 0),
+        state_row_bytes(u.state.defined() ? u.state.size(1) * K * u.state.element_size() : 0),
+        bf16(u.bf16_state),
+        row_state(u.row_state.defined() ? u.row_state.data_ptr<T>() : nullptr),
+        row_state_stride(u.row_state_stride),
+        row_state_size(u.row_state.defined() ? u.row_state.size(1) : 0), b1(T(u.beta1)),
+        b2(T(u.beta2)), eps(T(u.eps)), step_size(T(u.step_size)), lr(T(u.lr)),
+        table_step(u.step) {}
 
   void prefetch(int64_t row) const {
     prefetch_span<true>(table[0] + row * stride, K);
     prefetch_span<true>(table[1] + row * stride, K);
-    if (state != nullptr) prefetch_span<true>(state + row * 2 * W, 2 * W);
+    prefetch_state(row);
+  }
+
+  // The row's optimizer state (in a record: the cache lines after the row's table values).
+  void prefetch_state(int64_t row) const {
+    if (state != nullptr) prefetch_span<true>(state + row * state_stride_bytes, state_row_bytes);
+    if (row_state != nullptr) prefetch_span<true>(row_state + row * row_state_stride, row_state_size);
   }
 
   // Step `row` by the gradient g = [its mu gradient (K), its logvar gradient (K)]. params: W
   // values of scratch.
   void step(int64_t row, const T* g, T* params) const {
-    T* w0 = table[0] + row * stride;
-    T* w1 = table[1] + row * stride;
-    if (state == nullptr) {
-      for (int64_t k = 0; k < K; ++k) w0[k] -= lr * g[k];
-      for (int64_t k = 0; k < K; ++k) w1[k] -= lr * g[K + k];
+    T* w[2] = {table[0] + row * stride, table[1] + row * stride};
+    switch (kind) {
+      case RowOptimizer::kSgd:
+        for (int h = 0; h < 2; ++h)
+          for (int64_t k = 0; k < K; ++k) w[h][k] -= lr * g[h * K + k];
+        return;
+      case RowOptimizer::kAdam:
+        if (bf16) return adam_bf16(row, w, g);
+        return adam(row, w, g, params);
+      case RowOptimizer::kRowwiseAdam:
+        if (bf16) return rowwise_adam<c10::BFloat16>(row, w, g);
+        return rowwise_adam<T>(row, w, g);
+      case RowOptimizer::kRowwiseAdagrad: {
+        const RowwiseConstants<T> c{lr, b1, b2, eps, table_step};
+        T* rs = row_state + row * row_state_stride;
+        for (int h = 0; h < 2; ++h) rowwise_adagrad_row(w[h], rs + h, g + h * K, K, c);
+        return;
+      }
+    }
+  }
+
+  void adam(int64_t row, T* const* w, const T* g, T* params) const {
+    T* m = reinterpret_cast<T*>(state + row * state_stride_bytes);
+    if (w[1] == w[0] + K) {  // LatentTable's layout [rows, 2, K]: the row's mu|logvar are contiguous
+      adam_span(w[0], m, m + W, g, W, b1, b2, eps, step_size);
       return;
     }
-    T* m = state + row * 2 * W;
-    if (w1 == w0 + K) {  // LatentTable's layout [rows, 2, K]: the row's mu|logvar are contiguous
-      adam_span(w0, m, m + W, g, W, b1, b2, eps, step_size);
-      return;
-    }
-    copy_row(params, w0, K);
-    copy_row(params + K, w1, K);
+    copy_row(params, w[0], K);
+    copy_row(params + K, w[1], K);
     adam_span(params, m, m + W, g, W, b1, b2, eps, step_size);
-    copy_row(w0, params, K);
-    copy_row(w1, params + K, K);
+    copy_row(w[0], params, K);
+    copy_row(w[1], params + K, K);
+  }
+
+  // Adam with bfloat16 moments: each element in T, the moments stored rounded stochastically.
+  void adam_bf16(int64_t row, T* const* w, const T* g) const {
+    using IO = StateIO<T, c10::BFloat16>;
+    auto* s = reinterpret_cast<c10::BFloat16*>(state + row * state_stride_bytes);
+    for (int64_t e = 0; e < W; ++e) {
+      T* we = w[e / K] + e % K;
+      T m = IO::load(s + e), v = IO::load(s + W + e);
+      adam_element(we, &m, &v, g[e], b1, b2, eps, step_size);
+      IO::store(s + e, m, row, e, table_step);
+      IO::store(s + W + e, v, row, W + e, table_step);
+    }
+  }
+
+  template <typename S>
+  void rowwise_adam(int64_t row, T* const* w, const T* g) const {
+    const RowwiseConstants<T> c{lr, b1, b2, eps, table_step};
+    auto* m = reinterpret_cast<S*>(state + row * state_stride_bytes);
+    T* rs = row_state + row * row_state_stride;  // v of mu, v of logvar, the row's step count
+    const T t = rs[2] + T(1);
+    rs[2] = t;
+    const BiasCorrections<T> bc(c, t);
+    for (int h = 0; h < 2; ++h)
+      rowwise_adam_row<T, S>(w[h], m + h * K, rs + h, g + h * K, K, bc, c, row, h * K);
   }
 
   // Step every group of `groups` (only those of 2 or more positions with only_repeated) from the
@@ -141,7 +200,7 @@ struct RowStepper {
     for (int64_t g = 0; g < groups.size(); ++g)
       if (!only_repeated || groups.count[g] > 1) todo.push_back(static_cast<int32_t>(g));
     auto row_of = [&](int64_t i) { return idx[groups.first[todo[i]]]; };
-    constexpr int64_t kChunk = 16;  // rows in flight: ~3-4 cache lines each
+    constexpr int64_t kChunk = 16;  // rows in flight: 2-4 cache lines each
     at::parallel_for(0, static_cast<int64_t>(todo.size()), 256, [&](int64_t i0, int64_t i1) {
       std::vector<T> buf(2 * W);
       T* sum = buf.data();
