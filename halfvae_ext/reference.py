@@ -169,7 +169,9 @@ def latent_rows_update(mu, logvar, state, row_state, idx, grad_mu, grad_logvar, 
         elif optimizer == "rowwise_adam":
             t = row_state[row, 2] + 1
             row_state[row, 2] = t
-            bc1, bc2 = one - b1 ** t, one - b2 ** t
+            # 1 - beta^t as the kernels compute it: 1 - exp(t log beta)
+            bc1 = one - torch.exp(t * torch.tensor(math.log(beta1) if beta1 else -math.inf, dtype=T))
+            bc2 = one - torch.exp(t * torch.tensor(math.log(beta2) if beta2 else -math.inf, dtype=T))
             for h in range(2):
                 gh = g[h * K:(h + 1) * K]
                 v = row_state[row, h] + (one - b2) * ((gh * gh).sum() / K - row_state[row, h])

@@ -100,6 +100,7 @@ struct RowStepper {
   int64_t row_state_stride, row_state_size;
   T b1, b2, eps, step_size, lr;
   int64_t table_step;
+  RowwiseConstants<T> rowwise;  // (logs of the betas computed once per step)
 
   explicit RowStepper(const RowUpdate& u)
       : table{u.mu.data_ptr<T>(), u.logvar.data_ptr<T>()}, K(u.mu.size(1)), W(2 * u.mu.size(1)),
@@ -112,7 +113,7 @@ struct RowStepper {
         row_state_stride(u.row_state_stride),
         row_state_size(u.row_state.defined() ? u.row_state.size(1) : 0), b1(T(u.beta1)),
         b2(T(u.beta2)), eps(T(u.eps)), step_size(T(u.step_size)), lr(T(u.lr)),
-        table_step(u.step) {}
+        table_step(u.step), rowwise(lr, b1, b2, eps, table_step) {}
 
   void prefetch(int64_t row) const {
     prefetch_span<true>(table[0] + row * stride, K);
@@ -142,9 +143,8 @@ struct RowStepper {
         if (bf16) return rowwise_adam<c10::BFloat16>(row, w, g);
         return rowwise_adam<T>(row, w, g);
       case RowOptimizer::kRowwiseAdagrad: {
-        const RowwiseConstants<T> c{lr, b1, b2, eps, table_step};
         T* rs = row_state + row * row_state_stride;
-        for (int h = 0; h < 2; ++h) rowwise_adagrad_row(w[h], rs + h, g + h * K, K, c);
+        for (int h = 0; h < 2; ++h) rowwise_adagrad_row(w[h], rs + h, g + h * K, K, rowwise);
         return;
       }
     }
@@ -178,7 +178,7 @@ struct RowStepper {
 
   template <typename S>
   void rowwise_adam(int64_t row, T* const* w, const T* g) const {
-    const RowwiseConstants<T> c{lr, b1, b2, eps, table_step};
+    const RowwiseConstants<T>& c = rowwise;
     auto* m = reinterpret_cast<S*>(state + row * state_stride_bytes);
     T* rs = row_state + row * row_state_stride;  // v of mu, v of logvar, the row's step count
     const T t = rs[2] + T(1);

@@ -80,14 +80,19 @@ template <typename T>
 struct RowwiseConstants {
   T lr, beta1, beta2, eps;
   int64_t step;  // the table's step count (random bits of bfloat16 rounding)
+  T log_beta1, log_beta2;  // log(beta), or -inf for beta = 0
+  RowwiseConstants(T lr_, T beta1_, T beta2_, T eps_, int64_t step_)
+      : lr(lr_), beta1(beta1_), beta2(beta2_), eps(eps_), step(step_),
+        log_beta1(std::log(beta1_)), log_beta2(std::log(beta2_)) {}
 };
 
-// The bias corrections 1 - beta^t of a row's step count t (the count after this step).
+// The bias corrections 1 - beta^t of a row's step count t (the count after this step), as
+// 1 - exp(t log beta): one exp each, where pow costs a log and an exp per row.
 template <typename T>
 struct BiasCorrections {
   T first, second;
   C10_HOST_DEVICE BiasCorrections(const RowwiseConstants<T>& c, T t)
-      : first(T(1) - ::pow(c.beta1, t)), second(T(1) - ::pow(c.beta2, t)) {}
+      : first(T(1) - ::exp(t * c.log_beta1)), second(T(1) - ::exp(t * c.log_beta2)) {}
 };
 
 // rowwise_adam on one row of one table (n = K values w, gradient g, moments m of type S; v: the
