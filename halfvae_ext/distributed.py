@@ -225,7 +225,8 @@ class ShardedLatentTable(nn.Module):
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if fused_optimizer not in ("adam", "sgd"):
             raise ValueError(f"fused_optimizer must be 'adam' or 'sgd' (a sharded table is "
-                             f"always stepped in its backward), got {fused_optimizer!r}")
+                             f"always stepped in its backward; the compact row-wise optimizers "
+                             f"are LatentTable's only, for now), got {fused_optimizer!r}")
         if isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
         if not dist.is_available() or not dist.is_initialized():

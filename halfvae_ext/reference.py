@@ -179,7 +179,7 @@ def latent_rows_update(mu, logvar, state, row_state, idx, grad_mu, grad_logvar, 
                 m = state[row, h].to(T)
                 m = m + (one - b1) * (gh - m)
                 state[row, h] = _store(state, m, row, h * K + torch.arange(K), step)
-                w[h * K:(h + 1) * K] -= (lr / bc1) * m / ((v / bc2).sqrt() + eps)
+                w[h * K:(h + 1) * K] -= lr / bc1 / ((v / bc2).sqrt() + eps) * m
         elif optimizer == "rowwise_adagrad":
             for h in range(2):
                 gh = g[h * K:(h + 1) * K]

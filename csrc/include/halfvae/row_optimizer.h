@@ -8,7 +8,7 @@
 // rowwise_adam (FBGEMM's partial row-wise Adam): m per element as Adam's; one second moment per
 //   row of each table (mu, logvar): v += (1-b2)(mean_k g^2 - v); bias correction by the row's own
 //   step count t_r (rows are stepped only when touched: a shared count would under-correct a row
-//   touched late, lazy Adam's known flaw): w -= lr/(1-b1^t_r) * m / (sqrt(v/(1-b2^t_r)) + eps).
+//   touched late, lazy Adam's known flaw): w -= lr/(1-b1^t_r) / (sqrt(v/(1-b2^t_r)) + eps) * m.
 // rowwise_adagrad (FBGEMM's row-wise Adagrad): one sum per row of each table:
 //   G += mean_k g^2; w -= lr * g / (sqrt(G) + eps).
 // bfloat16 state (per-element moments only): loaded to float32, updated there, stored with
@@ -75,6 +75,12 @@ struct StateIO<T, c10::BFloat16> {
   }
 };
 
+// exp and sqrt of the type given (::exp of a float is the double function).
+C10_HOST_DEVICE inline float exp_of(float x) { return ::expf(x); }
+C10_HOST_DEVICE inline double exp_of(double x) { return ::exp(x); }
+C10_HOST_DEVICE inline float sqrt_of(float x) { return ::sqrtf(x); }
+C10_HOST_DEVICE inline double sqrt_of(double x) { return ::sqrt(x); }
+
 // The constants of one step of the row-wise rules.
 template <typename T>
 struct RowwiseConstants {
@@ -92,38 +98,42 @@ template <typename T>
 struct BiasCorrections {
   T first, second;
   C10_HOST_DEVICE BiasCorrections(const RowwiseConstants<T>& c, T t)
-      : first(T(1) - ::exp(t * c.log_beta1)), second(T(1) - ::exp(t * c.log_beta2)) {}
+      : first(T(1) - exp_of(t * c.log_beta1)), second(T(1) - exp_of(t * c.log_beta2)) {}
 };
 
 // rowwise_adam on one row of one table (n = K values w, gradient g, moments m of type S; v: the
 // row's second moment, updated in place). e0: the index of m[0] among the row's moments (0 for mu,
 // K for logvar; rounding bits).
+// The scale of the step, lr / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps), is taken once per row.
 template <typename T, typename S>
-C10_HOST_DEVICE inline void rowwise_adam_row(T* w, S* m, T* v, const T* g, int64_t n,
-                                             const BiasCorrections<T>& bc,
+C10_HOST_DEVICE inline void rowwise_adam_row(T* __restrict__ w, S* __restrict__ m,
+                                             T* __restrict__ v, const T* __restrict__ g,
+                                             int64_t n, const BiasCorrections<T>& bc,
                                              const RowwiseConstants<T>& c, int64_t row,
                                              int64_t e0) {
   T sq = 0;
   for (int64_t k = 0; k < n; ++k) sq += g[k] * g[k];
-  *v += (T(1) - c.beta2) * (sq / T(n) - *v);
-  const T step_size = c.lr / bc.first;
-  const T denom = ::sqrt(*v / bc.second) + c.eps;
+  const T v_new = *v + (T(1) - c.beta2) * (sq / T(n) - *v);
+  *v = v_new;
+  const T scale = c.lr / bc.first / (sqrt_of(v_new / bc.second) + c.eps);
   for (int64_t k = 0; k < n; ++k) {
     T mk = StateIO<T, S>::load(m + k);
     mk += (T(1) - c.beta1) * (g[k] - mk);
     StateIO<T, S>::store(m + k, mk, row, e0 + k, c.step);
-    w[k] -= step_size * mk / denom;
+    w[k] -= scale * mk;
   }
 }
 
 // rowwise_adagrad on one row of one table: G, the row's sum, is updated in place.
 template <typename T>
-C10_HOST_DEVICE inline void rowwise_adagrad_row(T* w, T* G, const T* g, int64_t n,
+C10_HOST_DEVICE inline void rowwise_adagrad_row(T* __restrict__ w, T* __restrict__ G,
+                                                const T* __restrict__ g, int64_t n,
                                                 const RowwiseConstants<T>& c) {
   T sq = 0;
   for (int64_t k = 0; k < n; ++k) sq += g[k] * g[k];
-  *G += sq / T(n);
-  const T scale = c.lr / (::sqrt(*G) + c.eps);
+  const T G_new = *G + sq / T(n);
+  *G = G_new;
+  const T scale = c.lr / (sqrt_of(G_new) + c.eps);
   for (int64_t k = 0; k < n; ++k) w[k] -= scale * g[k];
 }
 
