@@ -304,3 +304,31 @@ def test_compact_optimizers_separate_as_well_as_exact_adam(paper, adam_mcc, tabl
     assert est.model_.latents.table_optimizer.kind == "rowwise_adam"
     assert est.model_.latents.table_optimizer.state.dtype == (
         torch.bfloat16 if table_optimizer.endswith("bf16") else torch.float32)
+
+
+@pytest.mark.parametrize("kind,state_dtype", [("rowwise_adam", torch.bfloat16),
+                                              ("rowwise_adagrad", None)])
+def test_functional_api_on_separate_tensors_equals_the_record(kind, state_dtype):
+    """fused_rows_kl with a FusedRowOptimizer of its own buffers (contiguous mu and logvar, state
+    apart) takes the same steps as LatentTable's record layout."""
+    from halfvae_ext import FusedRowOptimizer, fused_rows_kl
+    N, K = 12, 8
+    prior = GMMPrior(K, 3, generator=torch.Generator().manual_seed(5))
+    table = _table(kind, torch.float32, state_dtype, N=N, K=K)
+    mu = table.mu.detach().clone().requires_grad_()
+    logvar = table.logvar.detach().clone().requires_grad_()
+    opt = FusedRowOptimizer(N, K, kind, lr=HP["lr"], state_dtype=state_dtype)
+    assert opt.state.is_contiguous() and not opt.in_record
+    for s in range(3):
+        idx = torch.tensor([3, 1, 3, 11, s])
+        eps = torch.randn(5, K, generator=torch.Generator().manual_seed(s))
+        z, kl = table(idx, prior, eps=eps)
+        kl.sum().backward()
+        z2, kl2 = fused_rows_kl(mu, logvar, idx, prior.logits, prior.means, prior.logvars, opt,
+                                eps=eps)
+        kl2.sum().backward()
+        assert torch.equal(z, z2) and torch.equal(kl, kl2)
+    assert torch.equal(mu.detach(), table.mu.detach())
+    assert torch.equal(logvar.detach(), table.logvar.detach())
+    assert torch.equal(opt.state, table.table_optimizer.state)
+    assert torch.equal(opt.row_state, table.table_optimizer.row_state)
