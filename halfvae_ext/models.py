@@ -26,7 +26,7 @@ from torch import nn
 
 from .ops import gmm_log_prob, reparam_gmm_kl, reparam_gmm_kl_rows
 from .table_memory import empty_record_table, empty_table, record_views
-from .table_optim import FusedRowOptimizer, check_fused_optimizer, fused_rows_kl
+from .table_optim import ROWWISE, FusedRowOptimizer, check_fused_optimizer, fused_rows_kl
 
 __all__ = ["GMMPrior", "LatentTable", "HalfVAE", "VAE", "ResidualDecoder", "make_mlp",
            "elbo_terms", "ACTIVATIONS", "DECODERS", "RECON_ESTIMATORS", "KL_ESTIMATORS"]
@@ -423,6 +423,9 @@ class LatentTable(nn.Module):
         opt = self.table_optimizer
         probe = fn(self.mu.detach()[:0])  # where, and as what dtype, the table goes
         dtype = probe.dtype
+        own = {id(t) for t in (self.mu, self.logvar, opt.state, opt.row_state) if t is not None}
+        if dtype == self.mu.dtype and probe.device == self.mu.device:  # the record stays as it is
+            return super()._apply(lambda t: t if id(t) in own else fn(t), recurse)
         state_dtype = dtype if opt.state_dtype == opt.table_dtype else opt.state_dtype
         check_fused_optimizer(opt.kind, dtype, state_dtype)
         record = empty_record_table(self.num_rows, self.num_latents, dtype, opt.kind, state_dtype,
@@ -538,7 +541,7 @@ def _uses_record(kind, dtype, state_dtype) -> bool:
     ShardedLatentTable shares)."""
     if kind is None:
         return False
-    return kind in ("rowwise_adam", "rowwise_adagrad") or (state_dtype or dtype) != dtype
+    return kind in ROWWISE or (state_dtype or dtype) != dtype
 
 
 # ----------------------------------------------------------------------------- ELBO estimators

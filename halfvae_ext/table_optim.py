@@ -129,7 +129,7 @@ class FusedRowOptimizer(torch.nn.Module):
                 problems.append(
                     f"{prefix + name}: saved as {saved.dtype} {tuple(saved.shape)}, this table's is "
                     f"{buf.dtype} {tuple(buf.shape)} (fused_optimizer={self.kind!r}, "
-                    f"state_dtype={self.state_dtype}); load it into a table built with the "
+                    f"state_dtype={self.state.dtype}); load it into a table built with the "
                     f"fused optimizer and state_dtype it was saved with")
         if self.row_state is None and prefix + "row_state" in state_dict:
             problems.append(f"{prefix}row_state: saved by a row-wise optimizer, this table's is "
@@ -173,7 +173,7 @@ class FusedRowOptimizer(torch.nn.Module):
 
     def extra_repr(self):
         return (f"kind={self.kind!r}, lr={self.lr}, betas={self.betas}, eps={self.eps}, "
-                f"state_dtype={self.state_dtype}")
+                f"state_dtype={self.state.dtype}")
 
 
 def check_fused_optimizer(kind, dtype, state_dtype):

@@ -216,6 +216,9 @@ def test_double_and_back_keeps_the_record(kind, state_dtype):
     with torch.no_grad():
         t.table_optimizer.step_rows(t.mu, t.logvar, idx, g, g)
     saved = {k: v.clone() for k, v in t.state_dict().items()}
+    record = t._record
+    t.float()  # already float32 on the CPU: the same record, no copy
+    assert t._record is record and t.mu.data_ptr() == record.data_ptr()
     t.double()
     assert t.mu.dtype == torch.float64 and t.table_optimizer.row_state.dtype == torch.float64
     assert t.table_optimizer.state.dtype == (state_dtype or torch.float64)

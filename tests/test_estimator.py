@@ -166,8 +166,9 @@ def test_files_from_before_table_optimizer_still_resume(laplace, fitted, tmp_pat
     _state_equal(resumed, ref)
 
 
-def test_fused_table_stop_and_resume_equals_uninterrupted(laplace, tmp_path):
-    params = dict(batch_size=150, table_optimizer="fused", max_iter=30, n_restarts=2,
+@pytest.mark.parametrize("table_optimizer", ["fused", "rowwise_adam_bf16"])
+def test_fused_table_stop_and_resume_equals_uninterrupted(laplace, tmp_path, table_optimizer):
+    params = dict(batch_size=150, table_optimizer=table_optimizer, max_iter=30, n_restarts=2,
                   random_state=5)
     ref = HalfVAEICA(3, **params).fit(laplace.X)
     est = HalfVAEICA(3, **params)
