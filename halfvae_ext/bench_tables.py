@@ -39,7 +39,7 @@ import torch
 import halfvae_ext as hv
 from .atomic_io import save_figure_atomic, write_json_atomic
 from .bench_ops import peak_memory
-from .table_memory import empty_table, huge_page_bytes, huge_pages_enabled, record_layout
+from .table_memory import empty_table, huge_page_bytes, huge_pages_enabled
 
 K, C = 8, 3
 # Methods that are LatentTable with a fused optimizer: (fused_optimizer, state_dtype).
@@ -51,9 +51,7 @@ FUSED_METHODS = {"fused": ("adam", None), "rowwise_adam": ("rowwise_adam", None)
 def fused_bytes_per_row(name):
     """Bytes a row of LatentTable takes with this method's optimizer (float32, K = 8)."""
     kind, state_dtype = FUSED_METHODS[name]
-    if kind == "adam" and state_dtype is None:
-        return 2 * K * 4 + 4 * K * 4  # [N, 2, K] table + [N, 4, K] moments
-    return 4 * record_layout(K, torch.float32, kind, state_dtype or torch.float32)[0]
+    return hv.LatentTable(1, K, fused_optimizer=kind, state_dtype=state_dtype).bytes_per_row
 
 
 def _prior():

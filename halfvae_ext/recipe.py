@@ -207,14 +207,13 @@ class Recipe:
         prior = GMMPrior(self.n_components, self.n_mixture, num_groups=self.n_groups)
         noise = self.noise
         init_lv = 2.0 * math.log(INIT_NOISE_STD if noise == "learned" else min(float(noise), 1.0))
+        table_kind, state_dtype = FUSED_TABLE_OPTIMIZERS.get(self.table_optimizer, (None, None))
         model = HalfVAE(n_rows, data_dim, self.n_components, decoder=self.decoder, prior=prior,
                         hidden=self.hidden, activation=self.activation, noise=noise,
                         init_mu=torch.zeros(n_rows, self.n_components), init_logvar=init_lv,
                         init_noise_std=INIT_NOISE_STD,
                         sparse=self.mini_batches(n_rows) and not self.fused_table,
-                        table_optimizer=FUSED_TABLE_OPTIMIZERS.get(self.table_optimizer, (None,))[0],
-                        table_state_dtype=FUSED_TABLE_OPTIMIZERS.get(self.table_optimizer,
-                                                                     (None, None))[1],
+                        table_optimizer=table_kind, table_state_dtype=state_dtype,
                         table_lr=self.table_learning_rate, kl=self.kl)
         return model.to(device)
 
