@@ -10,7 +10,8 @@ HALFVAE_CUDA ?= AUTO
 # GPU architectures to compile for; 9.0 = H100/H200. Example: make TORCH_CUDA_ARCH_LIST="8.0;9.0"
 TORCH_CUDA_ARCH_LIST ?= 9.0
 export TORCH_CUDA_ARCH_LIST
-DEPS := numpy scikit-build-core cmake ninja pytest hypothesis scipy scikit-learn tqdm matplotlib
+DEPS := numpy scikit-build-core cmake ninja pytest hypothesis scipy scikit-learn tqdm matplotlib \
+	python-picard jamica
 
 SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 
@@ -18,7 +19,13 @@ SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 
 all: build
 
-$(VENV)/.deps-installed:
+# The dependency list, rewritten only when it changes, so that a venv made before a dependency
+# was added gets it (pip skips what is already installed).
+$(VENV)/.deps-list: FORCE
+	@mkdir -p $(VENV)
+	@echo '$(TORCH_SPEC) $(DEPS)' | cmp -s - $@ || echo '$(TORCH_SPEC) $(DEPS)' > $@
+
+$(VENV)/.deps-installed: $(VENV)/.deps-list
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC) $(DEPS)

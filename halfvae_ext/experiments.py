@@ -1,32 +1,43 @@
-"""The Half-VAE paper's ICA experiment: Half-VAE vs a VAE with an encoder vs FastICA.
+"""The ICA experiments behind ``halfvae demo``: Half-VAE against a VAE with an encoder, iVAE and
+the classical linear ICA algorithms (FastICA, Picard, AMICA), on the same data and seeds.
 
-Problems (3 sources: sine, square, sawtooth, standardized):
-- ``linear``: the paper's linear mix (``make_paper_linear``), X = S A^T with a random 3 x 3 A.
-- ``nonlinear``: the same sources through a random invertible 2-layer leaky-ReLU MLP
-  (``make_nonlinear``).
+Problems (``DEMO_PROBLEMS``; sources standardized):
+- ``linear``: the Half-VAE paper's problem, sine, square and sawtooth, X = S A^T with a random
+  3 x 3 A (``make_paper_linear``).
+- ``nonlinear``: the same sources through a random invertible 2-layer leaky-ReLU MLP.
+- ``laplace``, ``assorted``, ``assorted_noisy``: 4 sources, Laplace or assorted (Laplace,
+  uniform, bimodal, periodic), linear mix with cond <= 10, the last with 1% noise
+  (``make_linear``): where FastICA and Picard are strong.
+- ``images``: scikit-learn's two bundled photographs, grayscale, mixed by a random 2 x 2 matrix
+  (``make_sample_images``; real signals, not exactly independent).
+- ``nonstationary``: the iVAE / ICE-BeeM benchmark (``make_nonstationary``: 5 Gaussian sources,
+  40 segments of 1000 rows with per-segment scales, 2-layer leaky-ReLU mix); identifiable only
+  with the segment labels u.
 
 Methods:
 - ``halfvae``: :class:`HalfVAEICA` with its defaults (PCA init, prior warm-up, 4 restarts chosen by
-  ELBO); on the nonlinear problem the residual decoder x = W z + mlp(z) (one hidden layer of 32
+  ELBO); on the nonlinear problems the residual decoder x = W z + mlp(z) (one hidden layer of 32
   leaky-ReLU units). Every Half-VAE method reports the trained posterior means of the rows,
   ``posterior_means_`` (not ``transform``).
 - ``halfvae_random``: the same with ``init="random"`` (random latent means and decoder).
 - ``halfvae_plain``: the straightforward version: random init, no prior warm-up, one restart.
 - ``halfvae_fastica``: Half-VAE warm-started from FastICA's sources (``init="fastica"``, opt-in;
   not the default, which runs no other ICA algorithm).
+- ``halfvae_u`` (nonstationary): Half-VAE given u, one prior mixture component per segment and
+  latent (residual decoder, noise 0.5, 600 epochs, one restart: ICA_EXPERIMENTS.md section 13).
 - ``vae``: a VAE with an MLP encoder, trained with the same recipe (whitening, closed-form
   expected log-likelihood for the linear decoder, prior warm-up, restarts chosen by ELBO).
-- ``fastica``: scikit-learn's FastICA (``whiten="unit-variance"``).
-
-Nonstationary nonlinear ICA (issue 14; :func:`run_nonstationary`): the iVAE / ICE-BeeM benchmark
-(``make_nonstationary``: segments, a mixing MLP) with Half-VAE given the segments u
-(``halfvae_u``: the conditional prior), Half-VAE without u (``halfvae``), the iVAE baseline
-(:func:`fit_ivae`: encoder q(z | x, u), Gaussian prior with per-segment variances) and FastICA,
-on the same data and seeds; metric MCC.
+- ``ivae`` (nonstationary): :func:`fit_ivae`, encoder q(z | x, u), Gaussian prior with
+  per-segment variances, MLP decoder.
+- ``fastica``, ``picard``, ``amica``: scikit-learn's FastICA, Picard (``python-picard``) and
+  AMICA (``jamica``), :func:`fit_linear_peer`.
+:func:`run_nonstationary` runs the nonstationary methods on the benchmark's other settings
+(deeper mixes, xtanh, uncentered sources) for the research log.
 
 Metrics: the paper's per-component RMSE (standardize, match by |corr|, fix signs) and the mean
-correlation coefficient (MCC). ``run_experiments`` returns a dict of all numbers; ``main`` (and
-``halfvae demo``) prints a table, writes ``results.json`` and ``sources.png`` (atomically).
+correlation coefficient (MCC). ``run_experiments`` returns a dict of all numbers; ``run_demo``
+(``halfvae demo``) prints a table and writes ``results.json`` and ``sources_<problem>.png``
+(atomically).
 """
 from __future__ import annotations
 
@@ -43,8 +54,8 @@ from sklearn.exceptions import ConvergenceWarning
 
 from .atomic_io import atomic_write
 from .estimator import HalfVAEICA
-from .ica import (make_nonlinear, make_nonstationary, make_paper_linear, mean_corr_coef,
-                  per_component_rmse)
+from .ica import (make_linear, make_nonlinear, make_nonstationary, make_paper_linear,
+                  make_sample_images, mean_corr_coef, per_component_rmse)
 from .ica.metrics import align_sources
 from .models import VAE, GMMPrior, ResidualDecoder, make_mlp
 from .preprocessing import check_data, fit_whitening
@@ -52,14 +63,19 @@ from .recipe import (INIT_NOISE_STD, Recipe, random_orthogonal, reset_parameters
                      torch_threads)
 from .restarts import RunState, run_restarts
 
-__all__ = ["run_experiments", "format_table", "plot_sources", "fit_vae", "VAERecipe", "METHODS",
-           "PROBLEMS", "SOURCE_NAMES", "IVAE", "IVAERecipe", "fit_ivae", "run_nonstationary",
+__all__ = ["run_experiments", "run_demo", "format_table", "plot_sources", "fit_vae", "VAERecipe",
+           "METHODS", "PROBLEMS", "DEMO_PROBLEMS", "DemoProblem", "SOURCE_NAMES", "IVAE",
+           "IVAERecipe", "fit_ivae", "fit_linear_peer", "run_nonstationary",
            "NONSTATIONARY_METHODS"]
 
 SOURCE_NAMES = ("sine", "square", "sawtooth")
-PROBLEMS = ("linear", "nonlinear")
-METHODS = ("halfvae", "halfvae_random", "halfvae_plain", "halfvae_fastica", "vae", "fastica")
-_N_SOURCES = 3
+ASSORTED_NAMES = ("laplace", "uniform", "bimodal", "periodic")
+# Every method; which of them apply to a problem is DemoProblem.allowed.
+METHODS = ("halfvae", "halfvae_random", "halfvae_plain", "halfvae_fastica", "vae", "fastica",
+           "picard", "amica", "halfvae_u", "ivae")
+_UNSUPERVISED = ("halfvae", "halfvae_random", "halfvae_plain", "halfvae_fastica", "vae",
+                 "fastica", "picard", "amica")
+_LINEAR_PEERS = ("halfvae", "fastica", "picard", "amica")
 
 
 # ----------------------------------------------------------------------------- file helpers
@@ -68,11 +84,71 @@ def write_json(obj, path):
 
 
 # ----------------------------------------------------------------------------- problems
-def make_problem(name: str, n_samples: int, seed: int):
+@dataclass(frozen=True)
+class DemoProblem:
+    """One problem of the demo: a line for its table, its sources' names, the methods that apply
+    to it and those the demo runs by default."""
+    title: str
+    source_names: tuple
+    allowed: tuple
+    default_methods: tuple
+
+
+DEMO_PROBLEMS = {
+    "linear": DemoProblem("the paper's problem: sine, square, sawtooth, linear mix", SOURCE_NAMES,
+                          _UNSUPERVISED, _UNSUPERVISED),
+    "nonlinear": DemoProblem("the paper's sources through a 2-layer leaky-ReLU MLP",
+                             SOURCE_NAMES, _UNSUPERVISED,
+                             ("halfvae", "halfvae_fastica", "vae", "fastica", "picard")),
+    "laplace": DemoProblem("4 Laplace sources, linear mix", tuple(f"laplace{i}" for i in range(4)),
+                           _UNSUPERVISED, _LINEAR_PEERS),
+    "assorted": DemoProblem("4 assorted sources, linear mix", ASSORTED_NAMES, _UNSUPERVISED,
+                            _LINEAR_PEERS),
+    "assorted_noisy": DemoProblem("4 assorted sources, linear mix, 1% noise", ASSORTED_NAMES,
+                                  _UNSUPERVISED, _LINEAR_PEERS),
+    "images": DemoProblem("scikit-learn's two photographs (grayscale), linear mix",
+                          ("china", "flower"), _UNSUPERVISED, _LINEAR_PEERS),
+    "nonstationary": DemoProblem("5 Gaussian sources, 40 segments, 2-layer leaky-ReLU MLP "
+                                 "(segment labels u given to halfvae_u and ivae)",
+                                 tuple(f"s{i}" for i in range(5)),
+                                 _UNSUPERVISED + ("halfvae_u", "ivae"),
+                                 ("halfvae_u", "ivae", "fastica")),
+}
+PROBLEMS = tuple(DEMO_PROBLEMS)
+_N_SEGMENTS = 40
+
+
+def default_samples(name: str, quick: bool = False) -> int:
+    """Rows of a problem when n_samples is not given: 5000 for the synthetic problems, the
+    iVAE benchmark's 40 segments x 1000 (quick: x 250), 17,120 pixels (quick: 4,320)."""
+    if name == "nonstationary":
+        return _N_SEGMENTS * (250 if quick else 1000)
+    if name == "images":
+        return 4320 if quick else 17120
+    return 5000
+
+
+def make_problem(name: str, n_samples, seed: int, quick: bool = False):
+    """The problem ``name`` of about ``n_samples`` rows (None: :func:`default_samples`) drawn
+    with ``seed``."""
+    n = default_samples(name, quick) if n_samples is None else int(n_samples)
     if name == "linear":
-        return make_paper_linear(n_samples, random_state=seed)
+        return make_paper_linear(n, random_state=seed)
     if name == "nonlinear":
-        return make_nonlinear(n_samples, _N_SOURCES, n_layers=2, random_state=seed)
+        return make_nonlinear(n, len(SOURCE_NAMES), n_layers=2, random_state=seed)
+    if name == "laplace":
+        return make_linear(n, 4, "laplace", random_state=seed)
+    if name == "assorted":
+        return make_linear(n, 4, "assorted", random_state=seed)
+    if name == "assorted_noisy":
+        return make_linear(n, 4, "assorted", noise=0.01, random_state=seed)
+    if name == "images":
+        # the subsampling step that leaves at most n pixels of the 427 x 640 photographs
+        stride = max(1, math.ceil(math.sqrt(427 * 640 / max(n, 1))))
+        return make_sample_images(stride, random_state=seed)
+    if name == "nonstationary":
+        return make_nonstationary(max(n // _N_SEGMENTS, 2), _N_SEGMENTS, 5, n_layers=2,
+                                  random_state=seed)
     raise ValueError(f"unknown problem {name!r}; choose from {PROBLEMS}")
 
 
@@ -253,7 +329,7 @@ def fit_ivae(X, u, n_components, *, decoder="mlp", hidden=(32,), activation="lea
 
 
 # ----------------------------------------------------------------------------- nonstationary
-NONSTATIONARY_METHODS = ("halfvae_u", "halfvae", "ivae", "fastica")
+NONSTATIONARY_METHODS = ("halfvae_u", "halfvae", "ivae", "fastica", "picard", "amica")
 
 
 def run_nonstationary_method(method, P, seed, *, uncentered=False, max_iter=1500, n_restarts=4, decoder="mlp",
@@ -274,12 +350,8 @@ def run_nonstationary_method(method, P, seed, *, uncentered=False, max_iter=1500
                     batch_size=ivae_batch_size, kl=kl, learn_means=uncentered)
         args.update(ivae_params or {})
         return fit_ivae(P.X, P.u, K, random_state=seed, **args)[0]
-    if method == "fastica":
-        from sklearn.decomposition import FastICA
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return FastICA(K, whiten="unit-variance", random_state=seed,
-                           max_iter=1000).fit_transform(P.X)
+    if method in ("fastica", "picard", "amica"):
+        return fit_linear_peer(method, P.X, K, seed)
     raise ValueError(f"unknown method {method!r}; choose from {NONSTATIONARY_METHODS}")
 
 
@@ -314,19 +386,56 @@ def _method_settings(quick: bool):
     return dict(max_iter=600 if quick else 1500, n_restarts=2 if quick else 4)
 
 
-def run_method(method: str, problem: str, X, seed: int, quick: bool = False):
-    """Recovered sources [n, 3] of one method on one problem's X."""
+def _nonstationary_settings(quick: bool):
+    """The settings of ICA_EXPERIMENTS.md section 13 (one restart each): Half-VAE with u
+    (residual decoder, one mixture component per segment, noise fixed at 0.5, 600 full-batch
+    epochs) and iVAE (MLP decoder, 30 epochs of mini-batches of 1000); quick: a quarter."""
+    return dict(halfvae_u=dict(max_iter=150 if quick else 600, n_restarts=1),
+                ivae=dict(max_iter=8 if quick else 30, n_restarts=1))
+
+
+def fit_linear_peer(method: str, X, n_components: int, seed: int):
+    """Sources [n, K] of a classical linear ICA algorithm: scikit-learn's FastICA
+    (``whiten="unit-variance"``), Picard (``python-picard``'s scikit-learn estimator:
+    orthogonal, extended, so sub- and super-Gaussian sources) or AMICA (``jamica``: one model,
+    3 generalized-Gaussian mixture components per source, its own PCA whitening)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence warnings on the nonlinear problems
+        if method == "fastica":
+            from sklearn.decomposition import FastICA
+            return FastICA(n_components, whiten="unit-variance", random_state=seed,
+                           max_iter=1000).fit_transform(X)
+        if method == "picard":
+            from picard import Picard
+            return Picard(n_components, random_state=seed, max_iter=1000).fit_transform(X)
+        if method == "amica":
+            import jamica
+            X = np.asarray(X, dtype=np.float64)
+            return jamica.amica(X.T, n_components=n_components, whiten=True,
+                                random_state=seed)[2].T
+    raise ValueError(f"unknown linear ICA method {method!r}")
+
+
+def run_method(method: str, problem: str, P, seed: int, quick: bool = False):
+    """Recovered sources [n, K] of one method on one problem P (X, S; u for nonstationary)."""
+    if method not in DEMO_PROBLEMS[problem].allowed:
+        raise ValueError(f"method {method!r} does not apply to problem {problem!r}; choose "
+                         f"from {DEMO_PROBLEMS[problem].allowed}")
+    X, K = P.X, P.S.shape[1]
     s = _method_settings(quick)
-    decoder = "linear" if problem == "linear" else "residual"
+    decoder = "residual" if problem in ("nonlinear", "nonstationary") else "linear"
     if method == "halfvae":
-        est = HalfVAEICA(_N_SOURCES, decoder=decoder, random_state=seed, **s)
+        est = HalfVAEICA(K, decoder=decoder, random_state=seed, **s)
     elif method == "halfvae_random":
-        est = HalfVAEICA(_N_SOURCES, decoder=decoder, init="random", random_state=seed, **s)
+        est = HalfVAEICA(K, decoder=decoder, init="random", random_state=seed, **s)
     elif method == "halfvae_fastica":
-        est = HalfVAEICA(_N_SOURCES, decoder=decoder, init="fastica", random_state=seed, **s)
+        est = HalfVAEICA(K, decoder=decoder, init="fastica", random_state=seed, **s)
     elif method == "halfvae_plain":
-        est = HalfVAEICA(_N_SOURCES, decoder=decoder, init="random", prior_warmup=0.0,
+        est = HalfVAEICA(K, decoder=decoder, init="random", prior_warmup=0.0,
                          n_restarts=1, max_iter=s["max_iter"], random_state=seed)
+    elif method == "halfvae_u":
+        est = HalfVAEICA(K, decoder="residual", n_mixture=1, noise=0.5, tol=None,
+                         random_state=seed, **_nonstationary_settings(quick)["halfvae_u"])
     else:
         est = None
     if est is not None:
@@ -335,55 +444,75 @@ def run_method(method: str, problem: str, X, seed: int, quick: bool = False):
         with warnings.catch_warnings():
             if quick:  # the quick settings are short; the full ones are expected to converge
                 warnings.simplefilter("ignore", ConvergenceWarning)
-            return est.fit(X).posterior_means_
+            return est.fit(X, u=P.u if method == "halfvae_u" else None).posterior_means_
     if method == "vae":
-        return fit_vae(X, _N_SOURCES, decoder=decoder, random_state=seed, **s)[0]
-    if method == "fastica":
-        from sklearn.decomposition import FastICA
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # convergence warnings on the nonlinear problem
-            return FastICA(_N_SOURCES, whiten="unit-variance", random_state=seed,
-                           max_iter=1000).fit_transform(X)
-    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+        return fit_vae(X, K, decoder=decoder, random_state=seed, **s)[0]
+    if method == "ivae":
+        return fit_ivae(X, P.u, K, decoder="mlp", batch_size=1000, random_state=seed,
+                        **_nonstationary_settings(quick)["ivae"])[0]
+    return fit_linear_peer(method, X, K, seed)
 
 
 def _run_task(task):
     """One (problem, seed, method) fit; module-level so that worker processes can run it."""
     problem, seed, method, n_samples, quick, keep = task
     with torch_threads(1):
-        P = make_problem(problem, n_samples, seed)
+        P = make_problem(problem, n_samples, seed, quick)
         t0 = time.perf_counter()
-        S = run_method(method, problem, P.X, seed, quick)
+        S = run_method(method, problem, P, seed, quick)
         dt = time.perf_counter() - t0
     out = {"rmse": [float(v) for v in per_component_rmse(P.S, S)],
-           "mcc": float(mean_corr_coef(P.S, S)), "seconds": dt}
+           "mcc": float(mean_corr_coef(P.S, S)), "seconds": dt, "rows": int(P.X.shape[0])}
     if keep:
         out["true"] = P.S
         out["aligned"] = align_sources(P.S, S)
+        out["image_shape"] = P.image_shape
     return out
 
 
-def run_experiments(seeds=(0, 1, 2), problems=PROBLEMS, methods=METHODS, n_samples=5000,
-                    quick=False, keep_sources_of_seed=None, progress=None, n_jobs=1,
-                    skip=()):
-    """Run every method on every problem for every seed (the data seed is also the method's
-    random_state). Returns ``{"config": ..., "results": {problem: {method: {"rmse": [[3 per
-    seed]], "mcc": [...], "seconds": [...]}}}, "summary": ...}``; with ``keep_sources_of_seed``,
-    also ``"sources"`` (true and recovered, aligned) of that seed for plotting.
+def plan_methods(problems, methods=None):
+    """{problem: methods to run}: each problem's default methods, or those of ``methods`` that
+    apply to it. Raises ValueError naming an unknown problem or method, or a method that applies
+    to none of the problems."""
+    for p in problems:
+        if p not in DEMO_PROBLEMS:
+            raise ValueError(f"unknown problem {p!r}; choose from {', '.join(PROBLEMS)}")
+    if methods is None:
+        return {p: list(DEMO_PROBLEMS[p].default_methods) for p in problems}
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if not any(m in DEMO_PROBLEMS[p].allowed for p in problems):
+            raise ValueError(f"method {m!r} applies to none of the problems "
+                             f"{', '.join(problems)}")
+    return {p: [m for m in methods if m in DEMO_PROBLEMS[p].allowed] for p in problems}
+
+
+def run_experiments(seeds=(0, 1, 2), problems=PROBLEMS, methods=None, n_samples=None,
+                    quick=False, keep_sources_of_seed=None, progress=None, n_jobs=1):
+    """Run the methods on every problem for every seed (the data seed is also the method's
+    random_state). ``methods``: None for each problem's default methods
+    (``DEMO_PROBLEMS[p].default_methods``), or a list (each problem runs those that apply to
+    it). ``n_samples``: rows of every problem (None: :func:`default_samples`). Returns
+    ``{"config": ..., "results": {problem: {method: {"rmse": [[K per seed]], "mcc": [...],
+    "seconds": [...]}}}, "summary": ...}``; with ``keep_sources_of_seed``, also ``"sources"``
+    (true and recovered, aligned) of that seed for plotting.
 
     n_jobs > 1 runs the fits in that many worker processes (each fit uses one thread; the
-    results do not depend on n_jobs). ``skip``: (problem, method) pairs not to run.
+    results do not depend on n_jobs). The longest fits are started first.
     """
     seeds = [int(s) for s in seeds]
+    plan = plan_methods(problems, methods)
+    problems = [p for p in problems if plan[p]]
     tasks = [(p, seed, m, n_samples, bool(quick), seed == keep_sources_of_seed)
-             for p in problems for seed in seeds for m in methods if (p, m) not in set(skip)]
+             for p in problems for seed in seeds for m in plan[p]]
     done = {}
 
     def record(task, r):
         done[task[:3]] = r
         if progress is not None:
             problem, seed, method = task[:3]
-            progress(f"{problem:9s} seed {seed:3d} {method:15s} rmse "
+            progress(f"{problem:14s} seed {seed:3d} {method:15s} rmse "
                      + " ".join(f"{v:.4f}" for v in r["rmse"])
                      + f"  mcc {r['mcc']:.4f}  {r['seconds']:5.1f}s")
 
@@ -393,18 +522,21 @@ def run_experiments(seeds=(0, 1, 2), problems=PROBLEMS, methods=METHODS, n_sampl
     else:
         import concurrent.futures as cf
         import multiprocessing as mp
+
+        # the few long fits first, so that no worker is left with one at the end
+        def expected_cost(task):
+            return {"halfvae_u": 3, "ivae": 2}.get(task[2], 1) * (task[0] == "nonstationary")
+        ordered = sorted(tasks, key=expected_cost, reverse=True)
         # spawn, not fork: forking after OpenMP has started can hang the children.
         with cf.ProcessPoolExecutor(max_workers=n_jobs, mp_context=mp.get_context("spawn")) as ex:
-            futures = {ex.submit(_run_task, t): t for t in tasks}
+            futures = {ex.submit(_run_task, t): t for t in ordered}
             for fut in cf.as_completed(futures):
                 record(futures[fut], fut.result())
     results = {}
     kept = {}
     for problem in problems:
         results[problem] = {}
-        for method in methods:
-            if (problem, method) in set(skip):
-                continue
+        for method in plan[problem]:
             r = results[problem][method] = {"rmse": [], "mcc": [], "seconds": []}
             for seed in seeds:
                 d = done[(problem, seed, method)]
@@ -412,10 +544,15 @@ def run_experiments(seeds=(0, 1, 2), problems=PROBLEMS, methods=METHODS, n_sampl
                 r["mcc"].append(d["mcc"])
                 r["seconds"].append(d["seconds"])
                 if "aligned" in d:
-                    kept.setdefault(problem, {"true": d["true"]})[method] = d["aligned"]
-    out = {"config": {"seeds": seeds, "problems": list(problems), "methods": list(methods),
-                      "skipped": [list(x) for x in skip], "n_samples": n_samples,
+                    k = kept.setdefault(problem, {"true": d["true"]})
+                    k[method] = d["aligned"]
+                    if d["image_shape"] is not None:
+                        k["image_shape"] = d["image_shape"]
+    out = {"config": {"seeds": seeds, "problems": list(problems),
+                      "methods": {p: list(plan[p]) for p in problems},
+                      "n_samples": {p: done[(p, seeds[0], plan[p][0])]["rows"] for p in problems},
                       "quick": bool(quick), "method_settings": _method_settings(quick),
+                      "nonstationary_settings": _nonstationary_settings(quick),
                       "n_jobs": int(n_jobs or 1), "torch": torch.__version__},
            "results": results, "summary": summarize(results)}
     if kept:
@@ -424,74 +561,45 @@ def run_experiments(seeds=(0, 1, 2), problems=PROBLEMS, methods=METHODS, n_sampl
 
 
 def summarize(results):
-    """Mean, std, median (over seeds) of each component's RMSE and of MCC."""
+    """Mean, std, median and worst (over seeds) of each component's RMSE and of MCC."""
     summary = {}
     for problem, by_method in results.items():
         summary[problem] = {}
         for method, r in by_method.items():
-            rmse = np.asarray(r["rmse"], dtype=np.float64).reshape(-1, _N_SOURCES)
+            rmse = np.asarray(r["rmse"], dtype=np.float64)
             mcc = np.asarray(r["mcc"], dtype=np.float64)
             summary[problem][method] = {
                 "rmse_mean": rmse.mean(0).tolist(), "rmse_std": rmse.std(0).tolist(),
-                "rmse_median": np.median(rmse, 0).tolist(),
+                "rmse_median": np.median(rmse, 0).tolist(), "rmse_worst": rmse.max(0).tolist(),
                 "mcc_mean": float(mcc.mean()), "mcc_std": float(mcc.std()),
-                "mcc_median": float(np.median(mcc)),
+                "mcc_median": float(np.median(mcc)), "mcc_worst": float(mcc.min()),
                 "seconds_mean": float(np.mean(r["seconds"])), "n_seeds": int(len(mcc))}
     return summary
 
 
 def format_table(out) -> str:
-    """A text table of per-component RMSE (mean +- std, [median]) and MCC per problem/method."""
+    """A text table per problem: each method's per-component RMSE (mean +- std [median]) and MCC
+    (mean +- std [median, worst]) over the seeds, and its mean fit time."""
     lines = []
     n = len(out["config"]["seeds"])
     for problem, by_method in out["summary"].items():
-        lines.append(f"{problem} mixing, {n} seed(s), {out['config']['n_samples']} samples "
+        spec = DEMO_PROBLEMS[problem]
+        rows = out["config"]["n_samples"].get(problem)
+        lines.append(f"{problem}: {spec.title}; {n} seed(s), {rows} rows "
                      "(per-component RMSE: mean +- std [median]; lower is better)")
-        header = f"  {'method':15s}" + "".join(f"{name:>24s}" for name in SOURCE_NAMES) \
-            + f"{'MCC':>22s}{'time':>8s}"
-        lines.append(header)
+        lines.append(f"  {'method':15s}" + "".join(f"{name:>24s}" for name in spec.source_names)
+                     + f"{'MCC [median, worst]':>35s}{'time':>8s}")
         for method, s in by_method.items():
-            cells = "".join(f"{m:8.4f} +-{sd:7.4f} [{md:.3f}]"
+            cells = "".join(f"{m:.4f} +-{sd:.4f} [{md:.3f}]".rjust(24)
                             for m, sd, md in zip(s["rmse_mean"], s["rmse_std"], s["rmse_median"]))
-            lines.append(f"  {method:15s}{cells}  {s['mcc_mean']:.4f} +-{s['mcc_std']:.4f}"
-                         f"{s['seconds_mean']:7.1f}s")
+            lines.append(f"  {method:15s}{cells}   {s['mcc_mean']:.4f} +-{s['mcc_std']:.4f} "
+                         f"[{s['mcc_median']:.4f}, {s['mcc_worst']:.4f}]{s['seconds_mean']:7.1f}s")
         lines.append("")
     return "\n".join(lines)
 
 
-def plot_sources(sources, path, window=None):
-    """PNG of true vs recovered sources (the first ``window`` samples; None: all): one column per
-    problem, one row per method (the true sources in every panel, dashed)."""
-    import matplotlib
-    matplotlib.use("Agg")
+def _save_figure(fig, path):
     import matplotlib.pyplot as plt
-
-    problems = list(sources)
-    methods = []
-    for p in problems:
-        methods += [m for m in sources[p] if m != "true" and m not in methods]
-    fig, axes = plt.subplots(len(methods), len(problems), figsize=(6.5 * len(problems),
-                                                                  1.9 * len(methods)),
-                             squeeze=False, sharex=True)
-    colors = ("tab:blue", "tab:orange", "tab:green")
-    for j, problem in enumerate(problems):
-        true = sources[problem]["true"][:window]
-        t = np.arange(true.shape[0])
-        for i, method in enumerate(methods):
-            ax = axes[i, j]
-            if method not in sources[problem]:
-                ax.set_axis_off()
-                continue
-            est = sources[problem][method][:window]
-            est = (est - est.mean(0)) / np.maximum(est.std(0), 1e-12)
-            for k in range(true.shape[1]):
-                off = 3.2 * (true.shape[1] - 1 - k)
-                ax.plot(t, true[:, k] + off, color="0.55", lw=1.6, ls="--")
-                ax.plot(t, est[:, k] + off, color=colors[k % 3], lw=0.7)
-            ax.set_yticks([])
-            ax.set_title(f"{problem}: {method}", fontsize=9)
-    fig.suptitle("true sources (grey, dashed) vs recovered (color)", fontsize=10)
-    fig.tight_layout()
 
     def write(f):
         fig.savefig(f, format="png", dpi=90)
@@ -502,19 +610,69 @@ def plot_sources(sources, path, window=None):
         plt.close(fig)
 
 
+def plot_sources(problem, kept, path, window=None):
+    """PNG of one problem's true vs recovered sources (aligned to the truth): a panel per
+    method with the true sources dashed under the recovered ones (the first ``window`` rows;
+    None: all), or for image sources one row of images per method under the true images."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in kept if m not in ("true", "image_shape")]
+    names = DEMO_PROBLEMS[problem].source_names if problem in DEMO_PROBLEMS else None
+    if "image_shape" in kept:
+        shape = tuple(kept["image_shape"])
+        rows = ["true"] + methods
+        K = kept["true"].shape[1]
+        fig, axes = plt.subplots(len(rows), K, figsize=(2.6 * K, 1.9 * len(rows)), squeeze=False)
+        for i, row in enumerate(rows):
+            for k in range(K):
+                ax = axes[i, k]
+                ax.imshow(kept[row][:, k].reshape(shape), cmap="gray")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.set_title(f"{row}: {names[k] if names else k}", fontsize=8)
+        fig.suptitle(f"{problem}: true images (top) and the unmixed ones", fontsize=10)
+        fig.tight_layout()
+        _save_figure(fig, path)
+        return
+    true = kept["true"][:window]
+    true = (true - true.mean(0)) / np.maximum(true.std(0), 1e-12)
+    t = np.arange(true.shape[0])
+    K = true.shape[1]
+    fig, axes = plt.subplots(len(methods), 1, figsize=(9, (0.55 * K + 0.5) * len(methods)),
+                             squeeze=False, sharex=True)
+    colors = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
+    for i, method in enumerate(methods):
+        ax = axes[i, 0]
+        est = kept[method][:window]
+        est = (est - est.mean(0)) / np.maximum(est.std(0), 1e-12)
+        for k in range(K):
+            off = 3.2 * (K - 1 - k)
+            ax.plot(t, true[:, k] + off, color="0.55", lw=1.6, ls="--")
+            ax.plot(t, est[:, k] + off, color=colors[k % len(colors)], lw=0.7)
+        ax.set_yticks([])
+        ax.set_title(f"{problem}: {method}", fontsize=9)
+    fig.suptitle("true sources (grey, dashed) vs recovered (color)", fontsize=10)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
 def _jsonable(out):
     res = {k: v for k, v in out.items() if k != "sources"}
     return res
 
 
-# The init ablations (random, plain) are about the linear problem; on the nonlinear one they
-# would double the demo's time.
-DEMO_SKIP = (("nonlinear", "halfvae_random"), ("nonlinear", "halfvae_plain"))
+def _plot_window(problem, n_rows):
+    """Rows shown in a problem's figure: 3 segments of the nonstationary problem (a whole
+    record is too dense to read), everything otherwise."""
+    return 3 * n_rows // _N_SEGMENTS if problem == "nonstationary" else None
 
 
-def run_demo(out_dir="halfvae_demo", seeds=3, quick=False, n_samples=5000, methods=METHODS,
-             problems=PROBLEMS, n_jobs=None, skip=DEMO_SKIP, first_seed=0, stream=None):
-    """The CLI's ``demo``: run, print the table, write results.json and sources.png."""
+def run_demo(out_dir="halfvae_demo", seeds=3, quick=False, n_samples=None, methods=None,
+             problems=PROBLEMS, n_jobs=None, first_seed=0, stream=None):
+    """The CLI's ``demo``: run, print the table, write results.json and one figure per problem,
+    sources_<problem>.png."""
     import sys
     stream = stream or sys.stdout
     os.makedirs(out_dir, exist_ok=True)
@@ -528,14 +686,17 @@ def run_demo(out_dir="halfvae_demo", seeds=3, quick=False, n_samples=5000, metho
 
     out = run_experiments(seed_list, problems=problems, methods=methods, n_samples=n_samples,
                           quick=quick, keep_sources_of_seed=seed_list[0], progress=progress,
-                          n_jobs=n_jobs, skip=skip)
+                          n_jobs=n_jobs)
     out["config"]["total_seconds"] = time.perf_counter() - t0
     print("", file=stream)
     print(format_table(out), file=stream)
     json_path = os.path.join(out_dir, "results.json")
-    png_path = os.path.join(out_dir, "sources.png")
     write_json(_jsonable(out), json_path)
-    plot_sources(out["sources"], png_path)
-    print(f"wrote {json_path} and {png_path} ({out['config']['total_seconds']:.0f}s)",
-          file=stream)
+    written = [json_path]
+    for problem, kept in out.get("sources", {}).items():
+        path = os.path.join(out_dir, f"sources_{problem}.png")
+        plot_sources(problem, kept, path,
+                     window=_plot_window(problem, out["config"]["n_samples"][problem]))
+        written.append(path)
+    print(f"wrote {', '.join(written)} ({out['config']['total_seconds']:.0f}s)", file=stream)
     return out

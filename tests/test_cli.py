@@ -167,6 +167,8 @@ def test_separate_bad_npy_and_paths(tmp_path, problem):
     (["frobnicate"], "invalid choice"),
     ([], "a command is needed"),
     (["demo", "--methods", "magic"], "unknown method"),
+    (["demo", "--problems", "linear", "--methods", "halfvae_u"], "applies to none"),
+    (["demo", "--problem", "speech"], "unknown problem"),
     (["demo", "--seeds", "-1"], "positive integer"),
 ])
 def test_usage_errors(argv, fragment):
@@ -186,14 +188,40 @@ def test_demo_small(tmp_path):
                            "--samples", "300", "--methods", "fastica,halfvae_plain",
                            "--problems", "linear", "--jobs", "1"])
     assert rc == 0, err
-    assert "linear mixing, 2 seed(s)" in stdout and "sawtooth" in stdout
+    assert "linear: the paper's problem" in stdout and "2 seed(s), 300 rows" in stdout
+    assert "sawtooth" in stdout
     res = json.loads((out_dir / "results.json").read_text())
     assert res["config"]["seeds"] == [0, 1]
     r = res["results"]["linear"]["fastica"]
     assert np.asarray(r["rmse"]).shape == (2, 3) and len(r["mcc"]) == 2
     assert res["summary"]["linear"]["fastica"]["mcc_mean"] > 0.95
-    assert (out_dir / "sources.png").read_bytes()[:4] == b"\x89PNG"
-    assert sorted(os.listdir(out_dir)) == ["results.json", "sources.png"]
+    assert (out_dir / "sources_linear.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(os.listdir(out_dir)) == ["results.json", "sources_linear.png"]
+
+
+def test_demo_nonstationary_and_images(tmp_path):
+    """The two problems with their own data paths: segment labels for halfvae_u and ivae, image
+    sources (a figure of images); small and quick, so the thresholds are loose but real."""
+    out_dir = tmp_path / "demo"
+    rc, stdout, err = run(["demo", "--out", str(out_dir), "--quick", "--seeds", "1",
+                           "--samples", "2000", "--problem", "nonstationary,images",
+                           "--jobs", "1"])
+    assert rc == 0, err
+    res = json.loads((out_dir / "results.json").read_text())
+    assert res["config"]["methods"] == {"nonstationary": ["halfvae_u", "ivae", "fastica"],
+                                        "images": ["halfvae", "fastica", "picard", "amica"]}
+    assert res["config"]["n_samples"] == {"nonstationary": 2000, "images": 1944}
+    ns = res["results"]["nonstationary"]
+    assert np.asarray(ns["halfvae_u"]["rmse"]).shape == (1, 5)
+    assert all(0.0 < r["mcc"][0] <= 1.0 for r in ns.values())
+    im = res["results"]["images"]
+    # the photographs are not independent, but every method unmixes most of them
+    assert all(r["mcc"][0] > 0.9 for r in im.values()), {m: r["mcc"] for m, r in im.items()}
+    assert "china" in stdout and "MCC [median, worst]" in stdout
+    assert sorted(os.listdir(out_dir)) == ["results.json", "sources_images.png",
+                                           "sources_nonstationary.png"]
+    for f in ("sources_images.png", "sources_nonstationary.png"):
+        assert (out_dir / f).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_demo_results_do_not_depend_on_worker_processes():

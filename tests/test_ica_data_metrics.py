@@ -263,6 +263,31 @@ def test_linear_source_kinds_are_non_gaussian():
     assert stats.skew(mixed[:, 2]) > 1.0  # exponential: 2
 
 
+def test_assorted_sources_and_noise():
+    from scipy import stats
+    p = ica.make_linear(N, 6, "assorted", random_state=2)
+    assert p.name == "linear_assorted"
+    S = p.S
+    assert stats.kurtosis(S[:, 0]) > 1.5 and stats.kurtosis(S[:, 4]) > 1.5  # Laplace
+    assert -1.3 < stats.kurtosis(S[:, 1]) < -1.0 and stats.kurtosis(S[:, 5]) < -1.0  # uniform
+    # bimodal: almost no mass near 0, two modes of equal weight
+    assert np.mean(np.abs(S[:, 2]) < 0.3) < 0.02
+    assert abs(np.mean(S[:, 2] > 0) - 0.5) < 0.05
+    # periodic: a pure sine (arcsine distribution, kurtosis -1.5) that repeats
+    assert stats.kurtosis(S[:, 3]) == pytest.approx(-1.5, abs=0.05)
+    spectrum = np.abs(np.fft.rfft(S[:, 3]))
+    assert 3 <= np.argmax(spectrum) <= 15 and spectrum.max() > 0.9 * np.sqrt(np.sum(spectrum ** 2))
+    np.testing.assert_allclose(p.X, S @ p.A.T, rtol=0, atol=1e-12)
+    noisy = ica.make_linear(N, 6, "assorted", noise=0.01, random_state=2)
+    np.testing.assert_array_equal(noisy.S, p.S)
+    np.testing.assert_array_equal(noisy.A, p.A)
+    ratio = (noisy.X - p.X).std(axis=0) / p.X.std(axis=0)
+    np.testing.assert_allclose(ratio, 0.01, rtol=0.1)
+    assert noisy.name == "linear_assorted_noise0.01"
+    with pytest.raises(ValueError, match="noise"):
+        ica.make_linear(N, 3, "assorted", noise=-0.1)
+
+
 def test_nonlinear_mixer_is_invertible_and_nonlinear():
     p = ica.make_nonlinear(N, n_sources=5, random_state=4)
     np.testing.assert_array_equal(p.mixer(p.S), p.X)
@@ -427,3 +452,18 @@ def test_nonstationary_noise():
 def test_nonstationary_argument_errors(kw, name):
     with pytest.raises(ValueError, match=name):
         ica.make_nonstationary(**{"n_per_segment": 10, "n_segments": 2, **kw})
+
+
+def test_sample_images_problem():
+    p = ica.make_sample_images(stride=8, random_state=0)
+    assert p.image_shape == (54, 80) and p.X.shape == (54 * 80, 2) == p.S.shape
+    np.testing.assert_allclose(p.X, p.S @ p.A.T, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(p.S.mean(0), 0, atol=1e-12)
+    np.testing.assert_allclose(p.S.std(0), 1, atol=1e-12)
+    assert np.linalg.cond(p.A) <= 10.0 + 1e-9
+    # column 0 is china.jpg: its top rows are sky, brighter than the image's mean
+    top = p.S[:, 0].reshape(p.image_shape)[:5]
+    assert top.mean() > 0.5
+    np.testing.assert_array_equal(ica.make_sample_images(8, random_state=0).X, p.X)
+    with pytest.raises(ValueError, match="stride"):
+        ica.make_sample_images(stride=0)

@@ -12,6 +12,7 @@ from .data import (
     make_nonstationary,
     NonstationaryMixer,
     make_underdetermined,
+    make_sample_images,
 )
 from .metrics import (
     align_sources,
@@ -31,6 +32,7 @@ __all__ = [
     "make_nonstationary",
     "NonstationaryMixer",
     "make_underdetermined",
+    "make_sample_images",
     "match_components",
     "align_sources",
     "per_component_rmse",

@@ -35,6 +35,7 @@ __all__ = [
     "make_nonstationary",
     "NonstationaryMixer",
     "make_underdetermined",
+    "make_sample_images",
 ]
 
 # Slope of the negative part of the mixing MLPs' leaky ReLU: nonzero, so each layer is invertible.
@@ -42,7 +43,9 @@ LEAKY_SLOPE = 0.2
 # Largest condition number allowed for square mixing / weight matrices: keeps the problems
 # identifiable in practice (an ill-conditioned mix makes two observations nearly collinear).
 MAX_COND = 10.0
-_SOURCE_KINDS = ("laplace", "uniform", "mixed")
+_SOURCE_KINDS = ("laplace", "uniform", "mixed", "assorted")
+# "assorted" cycles these over the columns: the kinds a user's recording mixes together.
+_ASSORTED_KINDS = ("laplace", "uniform", "bimodal", "periodic")
 _DISTRIBUTIONS = ("laplace", "gaussian")
 _MIXER_ACTIVATIONS = ("lrelu", "xtanh")
 # Default slopes of the iVAE / ICE-BeeM benchmark: leaky ReLU 0.2, xtanh(x) = tanh(x) + 0.1 x.
@@ -59,6 +62,7 @@ class ICAProblem:
     name: str
     mixer: Optional[Callable[[np.ndarray], np.ndarray]] = None
     u: Optional[np.ndarray] = None
+    image_shape: Optional[tuple] = None  # (height, width) when each source is an image
 
     @property
     def n_samples(self) -> int:
@@ -209,6 +213,11 @@ def _iid_source(rng: np.random.Generator, kind: str, n_samples: int) -> np.ndarr
         return rng.laplace(size=n_samples)
     if kind == "uniform":  # sub-Gaussian (excess kurtosis -1.2)
         return rng.uniform(-1.0, 1.0, size=n_samples)
+    if kind == "bimodal":  # two well-separated modes at +-1 (excess kurtosis about -1.7)
+        return rng.choice([-1.0, 1.0], size=n_samples) + 0.25 * rng.standard_normal(n_samples)
+    if kind == "periodic":  # a sine of 3-15 cycles over the record at a random phase
+        t = np.arange(n_samples) / n_samples
+        return np.sin(2 * np.pi * rng.uniform(3.0, 15.0) * t + rng.uniform(0.0, 2 * np.pi))
     return rng.exponential(size=n_samples)  # skewed: non-Gaussian through the third moment
 
 
@@ -234,24 +243,34 @@ def make_paper_linear(n_samples: int = 5000, noise: float = 0.0, random_state=No
 
 
 def make_linear(n_samples: int = 5000, n_sources: int = 3, source: str = "laplace",
-                random_state=None) -> ICAProblem:
+                noise: float = 0.0, random_state=None) -> ICAProblem:
     """Square linear ICA with i.i.d. non-Gaussian sources.
 
-    ``source``: "laplace", "uniform" or "mixed" (cycles Laplace, uniform, exponential over the
-    columns). Returns X [n_samples, n_sources], S [n_samples, n_sources], A [n_sources, n_sources]
-    with ``X = S @ A.T`` and cond(A) <= 10.
+    ``source``: "laplace", "uniform", "mixed" (cycles Laplace, uniform, exponential over the
+    columns) or "assorted" (cycles Laplace, uniform, bimodal (+-1 plus N(0, 0.25^2)) and periodic
+    (a sine of 3-15 cycles over the record, random phase)). Returns X [n_samples, n_sources],
+    S [n_samples, n_sources], A [n_sources, n_sources] with ``X = S @ A.T + noise_term`` and
+    cond(A) <= 10. ``noise`` >= 0 adds Gaussian noise whose std is ``noise`` times each clean
+    mixture's std (drawn after A: the same seed gives the same S and A with or without noise).
     """
     n_samples = _check_int("n_samples", n_samples, 2)
     n_sources = _check_int("n_sources", n_sources, 1)
     source = _check_choice("source", source, _SOURCE_KINDS)
+    noise = _check_real("noise", noise, 0.0, np.inf, high_open=True)
     rng = _rng(random_state)
     if source == "mixed":
         kinds = [("laplace", "uniform", "exponential")[j % 3] for j in range(n_sources)]
+    elif source == "assorted":
+        kinds = [_ASSORTED_KINDS[j % len(_ASSORTED_KINDS)] for j in range(n_sources)]
     else:
         kinds = [source] * n_sources
     S = _standardize(np.stack([_iid_source(rng, k, n_samples) for k in kinds], axis=1))
     A = _well_conditioned(rng, n_sources)
-    return ICAProblem(X=S @ A.T, S=S, A=A, name=f"linear_{source}")
+    X = S @ A.T
+    if noise > 0:
+        X = X + noise * X.std(axis=0) * rng.standard_normal(X.shape)
+    name = f"linear_{source}" + (f"_noise{noise:g}" if noise > 0 else "")
+    return ICAProblem(X=X, S=S, A=A, name=name)
 
 
 def make_nonlinear(n_samples: int = 5000, n_sources: int = 3, n_layers: int = 2,
@@ -493,3 +512,26 @@ def make_underdetermined(n_samples: int = 5000, n_sources: int = 3, n_observed: 
     A = rng.standard_normal((n_observed, n_sources))
     A /= np.linalg.norm(A, axis=0)
     return ICAProblem(X=S @ A.T, S=S, A=A, name="underdetermined")
+
+
+def make_sample_images(stride: int = 4, random_state=None) -> ICAProblem:
+    """A real-signal problem with no download: scikit-learn's two bundled photographs
+    (``sklearn.datasets.load_sample_images``: china.jpg, flower.jpg, 427 x 640 RGB) as sources.
+
+    Each photograph is converted to grayscale (ITU-R 601 luma), subsampled by ``stride`` in both
+    directions (4: 107 x 160 = 17,120 pixels), flattened and standardized; the two are mixed by a
+    random 2 x 2 matrix with cond <= 10. Returns X [pixels, 2], S [pixels, 2], A [2, 2] and
+    ``image_shape`` (height, width). The two photographs are not independent (their pixels are
+    correlated, ``np.corrcoef(problem.S.T)``), so ICA's assumption holds only approximately.
+    """
+    stride = _check_int("stride", stride, 1)
+    from sklearn.datasets import load_sample_images
+
+    rng = _rng(random_state)
+    images = load_sample_images().images
+    gray = [img[::stride, ::stride, :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+            for img in images]
+    shape = gray[0].shape
+    S = _standardize(np.stack([g.ravel() for g in gray], axis=1))
+    A = _well_conditioned(rng, 2)
+    return ICAProblem(X=S @ A.T, S=S, A=A, name="sample_images", image_shape=shape)
