@@ -285,9 +285,8 @@ def _cmd_separate(args, out, err):
             print(f"halfvae separate: warning: {w.message}", file=err)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    # The trained posterior means of the rows, the sources the demo reports (est.transform(X)
-    # would give the per-row projection).
-    S = est.posterior_means_
+    from .experiments import halfvae_sources
+    S = halfvae_sources(est, X)  # the sources the demo reports
     S = (S - S.mean(0)) / np.maximum(S.std(0), np.finfo(np.float64).tiny)
     try:
         write_signals(S, args.output, like=info)

@@ -35,17 +35,24 @@ C10_HOST_DEVICE inline void adam_element(T* w, T* m, T* v, T g, T beta1, T beta2
   *w -= step_size * m_new / (::sqrt(v_new) + eps);
 }
 
-// 32 random bits for element e of a row at a table step (murmur3's finalizer of a mix).
-C10_HOST_DEVICE inline uint32_t rounding_bits(int64_t row, int64_t e, int64_t step) {
+// 32 random bits for element e of a row at a table step: murmur3's finalizer of a mix that is a
+// row's and step's base plus e times a constant (so a kernel can take the base once per row).
+constexpr uint32_t kRoundingElementMix = 0xC2B2AE3Du;
+C10_HOST_DEVICE inline uint32_t rounding_base(int64_t row, int64_t step) {
   const uint64_t r = static_cast<uint64_t>(row);
-  uint32_t h = static_cast<uint32_t>(r) * 0x9E3779B1u + static_cast<uint32_t>(r >> 32) * 0x85EBCA77u +
-               static_cast<uint32_t>(e) * 0xC2B2AE3Du + static_cast<uint32_t>(step) * 0x27D4EB2Fu;
+  return static_cast<uint32_t>(r) * 0x9E3779B1u + static_cast<uint32_t>(r >> 32) * 0x85EBCA77u +
+         static_cast<uint32_t>(step) * 0x27D4EB2Fu;
+}
+C10_HOST_DEVICE inline uint32_t rounding_mix(uint32_t h) {
   h ^= h >> 16;
   h *= 0x85EBCA6Bu;
   h ^= h >> 13;
   h *= 0xC2B2AE35u;
   h ^= h >> 16;
   return h;
+}
+C10_HOST_DEVICE inline uint32_t rounding_bits(int64_t row, int64_t e, int64_t step) {
+  return rounding_mix(rounding_base(row, step) + static_cast<uint32_t>(e) * kRoundingElementMix);
 }
 
 // x rounded to bfloat16 stochastically: the 16 bits dropped are compared with the low 16 random
