@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python scripts/nonstationary_bench.py METHODS SEEDS [SETTINGS_JSON [PROBLEM_JSON]]
 
-METHODS: comma-separated, from halfvae_u, halfvae, ivae, fastica; SEEDS: comma-separated ints
+METHODS: comma-separated, from halfvae_u, halfvae, ivae, fastica, picard, amica; SEEDS: comma-separated ints
 (data seed = method seed); SETTINGS_JSON: run_nonstationary_method arguments; PROBLEM_JSON:
 make_nonstationary arguments (defaults: 5 sources, 40 segments of 1000 rows, L = 2 leaky ReLU).
 Example (benchmarks/ICA_EXPERIMENTS.md, section 13):

@@ -46,11 +46,12 @@ def _state(t):
     return state, opt.row_state
 
 
+@pytest.mark.parametrize("K", [5, 8, 19])  # the CPU's 8-wide loops: tail only, one, two + tail
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kind,state_dtype", CONFIGS)
-def test_update_op_equals_reference(kind, state_dtype, dtype):
+def test_update_op_equals_reference(kind, state_dtype, dtype, K):
     """Three steps with duplicate indices (summed in batch order), on the table's own layout."""
-    t = _table(kind, dtype, state_dtype)
+    t = _table(kind, dtype, state_dtype, K=K)
     K = t.num_latents
     g = torch.Generator().manual_seed(1)
     for step in range(1, 4):
@@ -71,7 +72,7 @@ def test_update_op_equals_reference(kind, state_dtype, dtype):
         if row_state is not None:
             torch.testing.assert_close(row_state, want[3], **tol)
     untouched = [r for r in range(t.num_rows) if r not in (0, 3, 7, 10)]
-    fresh = _table(kind, dtype, state_dtype)
+    fresh = _table(kind, dtype, state_dtype, K=K)
     assert torch.equal(t.mu.detach()[untouched], fresh.mu.detach()[untouched])
     if row_state is not None and kind == "rowwise_adam":
         # each row counts its own steps: row 7 and 10 were touched 3 times, row 1 never
