@@ -1,7 +1,7 @@
 // CUDA kernel of latent_rows_update_: indices grouped by a stable sort (ATen), then the first
 // thread of each run of equal indices (one per k for the element-wise rules, one per row for the
-// row-wise ones) sums that row's gradient in batch order and takes the step on mu and logvar. Deterministic: no atomics. No host synchronization: the
-// grid covers the worst case (every index its own row), so the number of distinct rows is never
+// row-wise ones) sums that row's gradient in batch order and takes the step on mu and logvar.
+// Deterministic: no atomics. No host synchronization: the grid covers the worst case (every index its own row), so the number of distinct rows is never
 // needed on the host; threads that do not start a run return at once.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -65,7 +65,8 @@ __device__ T run_sum(const T* __restrict__ grad, const int64_t* __restrict__ per
 // Row-wise rules (rowwise_adam, rowwise_adagrad): one thread per position in the sorted indices;
 // the first of each run steps the whole row (its per-row moment needs all K gradients). Tables
 // are float32 or float64 (T), moments T or bfloat16 (S). K <= kMaxRowwiseCudaLatents (checked by
-// make_row_update): the row's gradient is staged in registers.
+// make_row_update): the row's gradient is staged in a per-thread array (local memory, cached:
+// it is indexed at run time, so it does not live in registers).
 template <typename T, typename S, bool kAdamRule>
 __global__ void __launch_bounds__(kThreads) rowwise_kernel(
     const int64_t* __restrict__ sorted, const int64_t* __restrict__ perm,
