@@ -1,8 +1,9 @@
 // CUDA kernel of latent_rows_update_: indices grouped by a stable sort (ATen), then the first
 // thread of each run of equal indices (one per k for the element-wise rules, one per row for the
 // row-wise ones) sums that row's gradient in batch order and takes the step on mu and logvar.
-// Deterministic: no atomics. No host synchronization: the grid covers the worst case (every index its own row), so the number of distinct rows is never
-// needed on the host; threads that do not start a run return at once.
+// Deterministic: no atomics. No host synchronization: the grid covers the worst case (every index
+// its own row), so the number of distinct rows is never needed on the host; threads that do not
+// start a run return at once.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
