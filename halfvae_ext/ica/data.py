@@ -159,6 +159,15 @@ def _standardize(S: np.ndarray) -> np.ndarray:
     return S / std
 
 
+def _add_relative_noise(X: np.ndarray, noise: float, rng: np.random.Generator) -> np.ndarray:
+    """X plus Gaussian noise of std ``noise`` times each column's std (a noise-to-signal ratio).
+    Drawn last, after the sources and the mix, so a seed gives the same S and A with or without
+    noise."""
+    if noise > 0:
+        X = X + noise * X.std(axis=0) * rng.standard_normal(X.shape)
+    return X
+
+
 def _orthogonal(rng: np.random.Generator, d: int) -> np.ndarray:
     """A Haar-random d x d orthogonal matrix."""
     q, r = np.linalg.qr(rng.standard_normal((d, d)))
@@ -236,10 +245,7 @@ def make_paper_linear(n_samples: int = 5000, noise: float = 0.0, random_state=No
     rng = _rng(random_state)
     S = _standardize(_paper_sources(n_samples, 3, rng))
     A = _paper_mixing(rng)
-    X = S @ A.T
-    if noise > 0:  # drawn after A, so the same seed gives the same A with or without noise
-        X = X + noise * X.std(axis=0) * rng.standard_normal(X.shape)
-    return ICAProblem(X=X, S=S, A=A, name="paper_linear")
+    return ICAProblem(X=_add_relative_noise(S @ A.T, noise, rng), S=S, A=A, name="paper_linear")
 
 
 def make_linear(n_samples: int = 5000, n_sources: int = 3, source: str = "laplace",
@@ -266,11 +272,8 @@ def make_linear(n_samples: int = 5000, n_sources: int = 3, source: str = "laplac
         kinds = [source] * n_sources
     S = _standardize(np.stack([_iid_source(rng, k, n_samples) for k in kinds], axis=1))
     A = _well_conditioned(rng, n_sources)
-    X = S @ A.T
-    if noise > 0:
-        X = X + noise * X.std(axis=0) * rng.standard_normal(X.shape)
     name = f"linear_{source}" + (f"_noise{noise:g}" if noise > 0 else "")
-    return ICAProblem(X=X, S=S, A=A, name=name)
+    return ICAProblem(X=_add_relative_noise(S @ A.T, noise, rng), S=S, A=A, name=name)
 
 
 def make_nonlinear(n_samples: int = 5000, n_sources: int = 3, n_layers: int = 2,
