@@ -1,7 +1,23 @@
+import os
+import tempfile
+
 import pytest
 import torch
 
 import halfvae_ext  # noqa: F401
+
+
+# torch 2.14.1's inductor keys its FX-graph cache without the vector ISA it wrote the code for: a
+# graph cached at the CPU's own capability (AVX-512, 16 floats a vector) and reused under
+# ATEN_CPU_CAPABILITY=avx2 is built for 8-float vectors and sums every other 8 elements (x.sum()
+# of arange(64.) gives 880, not 2016), and under =default it does not compile ("'at::vec' has not
+# been declared"). A forced capability therefore gets a cache directory of its own (set before
+# anything compiles; inductor reads the variable when it first needs the cache, and child
+# processes inherit it). benchmarks/NOTES.md, "torch.compile under a forced capability".
+_FORCED_CAPABILITY = os.environ.get("ATEN_CPU_CAPABILITY")
+if _FORCED_CAPABILITY and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_halfvae_{os.getuid()}_{_FORCED_CAPABILITY.lower()}")
 
 
 def make_problem(N, K, C, dtype=torch.float32, device="cpu", seed=0, requires_grad=True,
@@ -42,14 +58,6 @@ def assert_float32_close_to_truth(actual, truth):
                                    msg=lambda m: f"output {i}: {m}")
 
 
-# Under ATEN_CPU_CAPABILITY=default, inductor (torch 2.14.1) emits at::vec reduction code for these
-# graphs into a kernel whose prelude does not declare at::vec, and g++ refuses it ("'at::vec' has
-# not been declared", in inductor's own sum kernel). It happens with the code before the ops moved
-# to C++ checks too; the ops themselves run under that capability.
-needs_inductor_vec = pytest.mark.skipif(
-    torch.backends.cpu.get_cpu_capability() == "DEFAULT",
-    reason="torch inductor's C++ codegen fails under ATEN_CPU_CAPABILITY=default (at::vec "
-           "undeclared in its reduction kernels)")
 
 
 def has_cuda():

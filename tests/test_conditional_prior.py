@@ -7,7 +7,7 @@ import halfvae_ext as hv
 from halfvae_ext import reference as ref
 from halfvae_ext.table_optim import FusedRowOptimizer, fused_rows_kl
 
-from conftest import assert_float32_close_to_truth, needs_inductor_vec
+from conftest import assert_float32_close_to_truth
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -246,7 +246,6 @@ def test_opcheck_new_arguments():
                            "adam", 0.1, 0.9, 0.999, 1e-8, 1, pi_rows, 1))
 
 
-@needs_inductor_vec
 def test_torch_compile_fullgraph_with_prior_index_and_bound():
     mu, logvar, eps, prior, pi = conditional_problem(64, 8, 3, 5, dtype=torch.float32, seed=6)
     inputs = [mu, logvar, *prior]

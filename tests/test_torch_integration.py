@@ -9,7 +9,7 @@ import torch
 import halfvae_ext as hv
 from halfvae_ext import reference as ref
 
-from conftest import make_problem, needs_inductor_vec
+from conftest import make_problem
 
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("reduction", [0, 1])
@@ -39,7 +39,6 @@ def test_opcheck_backward_ops_and_philox():
     torch.library.opcheck(torch.ops.halfvae_ext.philox_normal, (seed, 10, torch.float32))
 
 
-@needs_inductor_vec
 def test_torch_compile_fullgraph_forward_and_backward():
     mu, logvar, eps, prior = make_problem(64, 8, 3)
     inputs = [mu, logvar, *prior]
@@ -64,7 +63,6 @@ def test_torch_compile_fullgraph_forward_and_backward():
         torch.testing.assert_close(g, gr, rtol=1e-3, atol=1e-3)
 
 
-@needs_inductor_vec
 def test_torch_compile_fullgraph_in_kernel_eps():
     mu, logvar, _, prior = make_problem(32, 4, 3)
     fn = torch.compile(lambda *a: hv.reparam_gmm_kl(*a)[1].sum(), fullgraph=True)
@@ -73,7 +71,6 @@ def test_torch_compile_fullgraph_in_kernel_eps():
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
 
 
-@needs_inductor_vec
 def test_torch_compile_with_a_generator_is_a_graph_break():
     """Known limitation (torch 2.14): dynamo cannot put a torch.Generator into a graph, so the seed
     draw of generator=... (torch.randint(..., generator=g)) breaks the graph: fullgraph=True
