@@ -24,7 +24,8 @@ Methods:
 - ``halfvae_fastica``: Half-VAE warm-started from FastICA's sources (``init="fastica"``, opt-in;
   not the default, which runs no other ICA algorithm).
 - ``halfvae_u`` (nonstationary): Half-VAE given u, one prior mixture component per segment and
-  latent (residual decoder, noise 0.5, 600 epochs, one restart: ICA_EXPERIMENTS.md section 13).
+  latent (residual decoder, the noise schedule (0.5, 0.05), 600 epochs, one restart:
+  ICA_EXPERIMENTS.md sections 13 and 15).
 - ``vae``: a VAE with an MLP encoder, trained with the same recipe (whitening, closed-form
   expected log-likelihood for the linear decoder, prior warm-up, restarts chosen by ELBO).
 - ``ivae`` (nonstationary): :func:`fit_ivae`, encoder q(z | x, u), Gaussian prior with
@@ -167,7 +168,7 @@ class VAERecipe(Recipe):
         K = self.n_components
         return VAE(data_dim, K, encoder_hidden=self.encoder_hidden, decoder=self.decoder,
                    prior=GMMPrior(K, self.n_mixture), hidden=self.hidden,
-                   activation=self.activation, noise=self.noise,
+                   activation=self.activation, noise=self.initial_noise,
                    init_logvar=2 * math.log(INIT_NOISE_STD),
                    init_noise_std=INIT_NOISE_STD).to(device)
 
@@ -286,7 +287,7 @@ class IVAERecipe(VAERecipe):
         return IVAE(data_dim, self.n_components, self.n_groups,
                     encoder_hidden=self.encoder_hidden, activation=self.activation,
                     learn_means=self.learn_means, init_logvar=2 * math.log(INIT_NOISE_STD),
-                    decoder=self.decoder, hidden=self.hidden, noise=self.noise,
+                    decoder=self.decoder, hidden=self.hidden, noise=self.initial_noise,
                     init_noise_std=INIT_NOISE_STD, kl=self.kl).to(device)
 
     def make_optimizers(self, model: IVAE) -> list:
@@ -300,11 +301,11 @@ class IVAERecipe(VAERecipe):
 def fit_ivae(X, u, n_components, *, decoder="mlp", hidden=(32,), activation="leaky_relu",
              encoder_hidden=(64, 64), learn_means=False, max_iter=1500, n_restarts=4,
              batch_size=None, learning_rate=0.01, encoder_learning_rate=0.01, prior_warmup=0.0,
-             lr_decay=0.3, kl="mc", random_state=0):
+             lr_decay=0.3, kl="mc", noise="learned", random_state=0):
     """The iVAE baseline on X [n, d] with segments u [n] (integers), trained with Half-VAE's
     recipe as :func:`fit_vae` is (PCA whitening to all dimensions, restarts chosen by final
     ELBO, the learning-rate tail; no prior warm-up by default: a one-component prior has no
-    positions to protect). Returns (sources [n, K] = the encoder means, info dict with the
+    positions to protect; ``noise`` as HalfVAEICA's). Returns (sources [n, K] = the encoder means, info dict with the
     kept ``model``)."""
     X = check_data(X)
     segments, codes = np.unique(np.asarray(u), return_inverse=True)
@@ -314,7 +315,7 @@ def fit_ivae(X, u, n_components, *, decoder="mlp", hidden=(32,), activation="lea
     recipe = IVAERecipe(n_components=whitening.n_components, n_mixture=1, decoder=decoder,
                         hidden=hidden, activation=activation, max_iter=max_iter,
                         batch_size=batch_size, learning_rate=learning_rate,
-                        prior_warmup=prior_warmup, lr_decay=lr_decay, kl=kl,
+                        prior_warmup=prior_warmup, lr_decay=lr_decay, kl=kl, noise=noise,
                         n_groups=len(segments), encoder_hidden=encoder_hidden,
                         encoder_learning_rate=encoder_learning_rate, learn_means=learn_means)
     device = torch.device("cpu")
@@ -388,9 +389,9 @@ def _method_settings(quick: bool):
 
 
 def _nonstationary_settings(quick: bool):
-    """The settings of ICA_EXPERIMENTS.md section 13 (one restart each): Half-VAE with u
-    (residual decoder, one mixture component per segment, noise fixed at 0.5, 600 full-batch
-    epochs) and iVAE (MLP decoder, 30 epochs of mini-batches of 1000); quick: a quarter."""
+    """The settings of ICA_EXPERIMENTS.md sections 13 and 15 (one restart each): Half-VAE with u
+    (residual decoder, one mixture component per segment, the noise schedule (0.5, 0.05), 600
+    full-batch epochs) and iVAE (MLP decoder, 30 epochs of mini-batches of 1000); quick: a quarter."""
     return dict(halfvae_u=dict(max_iter=150 if quick else 600, n_restarts=1),
                 ivae=dict(max_iter=8 if quick else 30, n_restarts=1))
 
@@ -447,7 +448,7 @@ def run_method(method: str, problem: str, P, seed: int, quick: bool = False):
         est = HalfVAEICA(K, decoder=decoder, init="random", prior_warmup=0.0,
                          n_restarts=1, max_iter=s["max_iter"], random_state=seed)
     elif method == "halfvae_u":
-        est = HalfVAEICA(K, decoder="residual", n_mixture=1, noise=0.5, tol=None,
+        est = HalfVAEICA(K, decoder="residual", n_mixture=1, noise=(0.5, 0.05), tol=None,
                          random_state=seed, **_nonstationary_settings(quick)["halfvae_u"])
     else:
         est = None

@@ -87,6 +87,18 @@ class Widths:
         return "a sequence of positive layer widths"
 
 
+class PositivePair:
+    """A pair (a tuple or list of two) of positive finite numbers, e.g. a schedule (start, end)."""
+
+    def __call__(self, v) -> bool:
+        if not isinstance(v, (tuple, list)) or len(v) != 2:
+            return False
+        return all(Interval(float, 0, None, closed="neither")(x) and math.isfinite(x) for x in v)
+
+    def __str__(self):
+        return "a pair (start, end) of positive floats"
+
+
 class PathLike:
     def __call__(self, v) -> bool:
         return isinstance(v, (str, os.PathLike))

@@ -2,12 +2,14 @@
 (Laplace, uniform, bimodal, periodic; ``make_linear(..., "assorted")``), 3-6 sources, noise-free
 and with 1% noise; worst per-component RMSE per data set (issue 14's goal).
 
-    OMP_NUM_THREADS=1 python scripts/linear_peers_bench.py SEEDS [SOURCES [NOISES]]
+    OMP_NUM_THREADS=1 python scripts/linear_peers_bench.py SEEDS [SOURCES [NOISES [PARAMS_JSON]]]
 
-SEEDS, SOURCES (default 3,4,5,6), NOISES (default 0,0.01): comma-separated. Half-VAE: defaults,
+SEEDS, SOURCES (default 3,4,5,6), NOISES (default 0,0.01): comma-separated; PARAMS_JSON: more
+HalfVAEICA parameters (e.g. '{"noise": [0.5, 0.05]}'). Half-VAE: its defaults and PARAMS,
 reported as the demo reports it (experiments.halfvae_sources: the unmixing transform(X)), and
 its posterior means beside it. One line per data set.
 """
+import json
 import sys
 import time
 
@@ -21,12 +23,13 @@ torch.set_num_threads(1)
 seeds = [int(s) for s in sys.argv[1].split(",")]
 sources = [int(s) for s in (sys.argv[2] if len(sys.argv) > 2 else "3,4,5,6").split(",")]
 noises = [float(s) for s in (sys.argv[3] if len(sys.argv) > 3 else "0,0.01").split(",")]
+params = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
 for k in sources:
     for noise in noises:
         for seed in seeds:
             P = make_linear(5000, k, "assorted", noise=noise, random_state=seed)
             t0 = time.perf_counter()
-            est = HalfVAEICA(k, random_state=seed).fit(P.X)
+            est = HalfVAEICA(k, random_state=seed, **params).fit(P.X)
             dt = time.perf_counter() - t0
             worst = {"halfvae": per_component_rmse(P.S, halfvae_sources(est, P.X)).max(),
                      "halfvae_means": per_component_rmse(P.S, est.posterior_means_).max()}

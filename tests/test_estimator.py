@@ -8,7 +8,7 @@ from sklearn.base import clone
 
 from halfvae_ext.estimator import HalfVAEICA, atomic_torch_save
 from halfvae_ext.ica import make_linear, make_paper_linear, mean_corr_coef, per_component_rmse
-from halfvae_ext.recipe import Recipe
+from halfvae_ext.recipe import Recipe, noise_schedule_std
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -383,6 +383,12 @@ def test_n_components_too_large(laplace):
     (dict(init="ica"), ValueError, "init"),
     (dict(noise="fixed"), ValueError, "noise"),
     (dict(noise=-1.0), ValueError, "noise"),
+    (dict(noise=(0.5,)), ValueError, "noise"),
+    (dict(noise=(0.5, 0.05, 0.01)), ValueError, "noise"),
+    (dict(noise=(0.5, 0.0)), ValueError, "noise"),
+    (dict(noise=(0.5, float("nan"))), ValueError, "noise"),
+    (dict(noise=(0.5, float("inf"))), ValueError, "noise"),
+    (dict(noise=("0.5", 0.05)), ValueError, "noise"),
     (dict(prior_warmup=1.0), ValueError, "prior_warmup"),
     (dict(lr_decay=-0.1), ValueError, "lr_decay"),
     (dict(max_iter=0), ValueError, "max_iter"),
@@ -651,7 +657,7 @@ def test_numpy_scalar_parameters_save_load_and_resume(laplace, tmp_path):
 
 
 def test_every_restart_diverged_leaves_nothing_to_save_or_resume(laplace, tmp_path, monkeypatch):
-    from halfvae_ext.recipe import Recipe
+    from halfvae_ext.recipe import Recipe, noise_schedule_std
     X = laplace.X[:200]
     ckpt = tmp_path / "ckpt.pt"
     kw = dict(max_iter=5, n_restarts=2, tol=None, random_state=0, checkpoint_path=ckpt)
@@ -706,3 +712,37 @@ def test_output_dtype_follows_fastica_for_every_decoder(laplace, decoder):
             S = est.transform(Xi)
             assert S.dtype == expected, (fit_dtype, in_dtype)
             assert est.inverse_transform(S).dtype == ica.inverse_transform(S).dtype
+
+
+# ----------------------------------------------------------------------------- noise schedule
+def test_noise_schedule_std_holds_then_falls_geometrically():
+    stds = [noise_schedule_std(e, 11, 0.5, 0.05) for e in range(11)]
+    assert stds[:6] == [0.5] * 6  # the first half, through epoch max_iter // 2
+    assert stds[-1] == 0.05  # reached at the last epoch
+    np.testing.assert_allclose(np.diff(np.log(stds[5:])), np.log(0.1) / 5, rtol=1e-12)
+    assert noise_schedule_std(0, 1, 0.5, 0.05) == 0.05  # one epoch: the last one
+    assert [noise_schedule_std(e, 2, 0.5, 0.05) for e in (0, 1)] == [0.5, 0.05]
+
+
+def test_noise_schedule_fit_ends_at_the_end_noise_and_resumes_exactly(laplace, tmp_path):
+    """The schedule depends on the epoch only: a fit stopped in the falling half, saved, loaded
+    and resumed equals the uninterrupted fit, and the model keeps the end noise (the one
+    transform uses)."""
+    X = laplace.X[:300]
+    kw = dict(noise=(0.5, 0.05), max_iter=40, n_restarts=2, random_state=3, tol=None)
+    ref = HalfVAEICA(3, **kw).fit(X)
+    np.testing.assert_allclose(ref.model_.likelihood.logvar.exp().sqrt().numpy(), 0.05,
+                               rtol=1e-6)
+    assert not ref.model_.likelihood.logvar.requires_grad
+    fixed = HalfVAEICA(3, **{**kw, "noise": 0.5}).fit(X)
+    assert not np.array_equal(fixed.posterior_means_, ref.posterior_means_)
+    stopped = HalfVAEICA(3, **kw).fit(X, stop_after=30)
+    stopped.save(tmp_path / "stopped.pt")
+    loaded = HalfVAEICA.load(tmp_path / "stopped.pt")
+    assert loaded.noise == (0.5, 0.05) and loaded.get_params() == stopped.get_params()
+    _state_equal(loaded.fit(X, resume=True), ref)
+    listed = HalfVAEICA(3, **{**kw, "noise": [0.5, 0.05]}).fit(X, stop_after=30)
+    _state_equal(listed.fit(X, resume=True), ref)
+    other = HalfVAEICA.load(tmp_path / "stopped.pt").set_params(noise=(0.5, 0.1))
+    with pytest.raises(ValueError, match="differ from the run's: noise"):
+        other.fit(X, resume=True)
