@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python scripts/nonstationary_bench.py METHODS SEEDS [SETTINGS_JSON [PROBLEM_JSON]]
 
-METHODS: comma-separated, from halfvae_u, halfvae, ivae, fastica, picard, amica; SEEDS: comma-separated ints
+METHODS: comma-separated, from halfvae_u, halfvae, ivae, tcl, fastica, picard, amica; SEEDS: comma-separated ints
 (data seed = method seed); SETTINGS_JSON: run_nonstationary_method arguments; PROBLEM_JSON:
 make_nonstationary arguments (defaults: 5 sources, 40 segments of 1000 rows, L = 2 leaky ReLU).
 Example (benchmarks/ICA_EXPERIMENTS.md, section 13):
@@ -20,4 +20,6 @@ if "hidden" in settings: settings["hidden"] = tuple(settings["hidden"])
 kw = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
 out = run_nonstationary(seeds, methods, progress=lambda m: print(m, flush=True), **kw, **settings)
 for m in methods:
-    print(m, "mcc", np.round(out[m]["mcc"], 4), "median", round(float(np.median(out[m]["mcc"])), 4))
+    print(m, "mcc", np.round(out[m]["mcc"], 4), "median", round(float(np.median(out[m]["mcc"])), 4),
+          "|s| mcc", np.round(out[m]["mcc_abs"], 4), "median",
+          round(float(np.median(out[m]["mcc_abs"])), 4))
