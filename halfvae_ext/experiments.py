@@ -61,8 +61,7 @@ from .ica.metrics import align_sources
 from .models import VAE, GMMPrior, ResidualDecoder, make_mlp
 from .preprocessing import check_data, fit_whitening
 from .recipe import (INIT_NOISE_STD, Recipe, lr_factor, random_orthogonal, reset_parameters,
-                     restart_seeds,
-                     torch_threads)
+                     restart_seeds, torch_threads)
 from .restarts import RunState, run_restarts
 
 __all__ = ["run_experiments", "run_demo", "format_table", "plot_sources", "fit_vae", "VAERecipe",
