@@ -192,11 +192,18 @@ class _Plan:
         return out
 
 
+# The fused optimizers a sharded table can use (LatentTable's, but bfloat16 state).
+SHARDED_OPTIMIZERS = ("adam", "rowwise_adam", "rowwise_adagrad", "sgd")
+
+
 class ShardedLatentTable(nn.Module):
     """q(z_n) = N(mu[n], diag(exp(logvar[n]))) for num_rows data points, rows split across the
     ranks of `process_group` (default: the world) in contiguous blocks (:func:`row_block`); each
-    rank holds only its rows and their optimizer state (fused: ``fused_optimizer`` "adam" or
-    "sgd", with ``lr``, ``betas``, ``eps``, as in LatentTable).
+    rank holds only its rows and their optimizer state (fused: ``fused_optimizer`` "adam",
+    "rowwise_adam", "rowwise_adagrad" or "sgd", with ``lr``, ``betas``, ``eps``, as in
+    LatentTable; the row-wise ones keep their state per rank too, so a row's step count lives
+    with its owner). bfloat16 moments (LatentTable's ``state_dtype``) are not offered here yet:
+    their stochastic rounding hashes the row number, which a shard knows only locally.
 
     init_mu: None (init_std * N(0, 1), drawn per global row from ``seed``: any number of ranks
     starts from the same table), a callable ``rows (int64 global row ids) -> [len(rows), K]`` that
@@ -214,7 +221,8 @@ class ShardedLatentTable(nn.Module):
     """
 
     def __init__(self, num_rows: int, num_latents: int, *, process_group=None,
-                 fused_optimizer: str = "adam", lr: float = 1e-2, betas=(0.9, 0.999),
+                 fused_optimizer: str = "adam", state_dtype=None, lr: float = 1e-2,
+                 betas=(0.9, 0.999),
                  eps: float = 1e-8, init_mu: Callable | torch.Tensor | None = None,
                  init_std: float = 1.0, init_logvar: float = -2.0, seed: int = 0,
                  dtype: torch.dtype | None = None, device=None,
@@ -223,10 +231,13 @@ class ShardedLatentTable(nn.Module):
         for name, v in (("num_rows", num_rows), ("num_latents", num_latents)):
             if isinstance(v, bool) or not isinstance(v, Integral) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        if fused_optimizer not in ("adam", "sgd"):
-            raise ValueError(f"fused_optimizer must be 'adam' or 'sgd' (a sharded table is "
-                             f"always stepped in its backward; the compact row-wise optimizers "
-                             f"are LatentTable's only, for now), got {fused_optimizer!r}")
+        if fused_optimizer not in SHARDED_OPTIMIZERS:
+            raise ValueError(f"fused_optimizer must be one of {SHARDED_OPTIMIZERS} (a sharded "
+                             f"table is always stepped in its backward), got {fused_optimizer!r}")
+        if state_dtype is not None and state_dtype != (dtype or torch.get_default_dtype()):
+            raise ValueError(f"state_dtype={state_dtype}: a sharded table keeps its optimizer "
+                             f"state in the table's dtype (bfloat16 moments are LatentTable's "
+                             f"only, for now: their rounding hashes the global row number)")
         if isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
         if not dist.is_available() or not dist.is_initialized():
@@ -321,14 +332,26 @@ class ShardedLatentTable(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "rows"] = self._sharded(self.rows)
         destination[prefix + "optimizer_state"] = self._sharded(self.table_optimizer.state)
+        if self.table_optimizer.row_state is not None:
+            destination[prefix + "optimizer_row_state"] = self._sharded(
+                self.table_optimizer.row_state)
         destination[prefix + "optimizer_step"] = torch.tensor(self.table_optimizer.num_steps)
         destination[prefix + "draws"] = self.draws
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        step = torch.tensor(self.table_optimizer.num_steps)  # the count is a Python int
-        targets = {"rows": self.rows, "optimizer_state": self.table_optimizer.state,
-                   "optimizer_step": step, "draws": self.draws}
+        opt = self.table_optimizer
+        step = torch.tensor(opt.num_steps)  # the count is a Python int
+        targets = {"rows": self.rows, "optimizer_state": opt.state, "optimizer_step": step,
+                   "draws": self.draws}
+        if opt.row_state is not None:
+            targets["optimizer_row_state"] = opt.row_state
+        # Every value is checked before any is copied: a state of another format (optimizer,
+        # dtype, shape) loads nothing, not the rows alone.
+        values, problems = {}, []
+        if opt.row_state is None and prefix + "optimizer_row_state" in state_dict:
+            problems.append(f"{prefix}optimizer_row_state: saved by a row-wise optimizer, this "
+                            f"table's is {opt.kind!r}")
         for name, target in targets.items():
             key = prefix + name
             if key not in state_dict:
@@ -339,15 +362,23 @@ class ShardedLatentTable(nn.Module):
                 value = value.to_local()
             elif value.dim() and value.shape[0] == self.num_rows and target.dim():
                 value = value[self.row_start:self.row_stop]  # a full table: take our rows
-            if value.shape != target.shape:
-                error_msgs.append(f"{key}: shape {tuple(value.shape)} does not match this "
-                                  f"rank's {tuple(target.shape)}")
+            if value.shape != target.shape or (target.is_floating_point()
+                                               and value.dtype != target.dtype):
+                problems.append(f"{key}: saved as {value.dtype} {tuple(value.shape)}, this "
+                                f"rank's is {target.dtype} {tuple(target.shape)} "
+                                f"(fused_optimizer={opt.kind!r}); load it into a table built "
+                                f"with the fused optimizer and dtype it was saved with")
                 continue
-            with torch.no_grad():
-                if value.data_ptr() != target.data_ptr():
-                    target.copy_(value)
-        if prefix + "optimizer_step" in state_dict:
-            self.table_optimizer.num_steps = int(step)
+            values[name] = value
+        if problems:
+            error_msgs.extend(problems)
+            return
+        with torch.no_grad():
+            for name, value in values.items():
+                if value.data_ptr() != targets[name].data_ptr():
+                    targets[name].copy_(value)
+        if "optimizer_step" in values:
+            opt.num_steps = int(step)
         if strict:
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix)
                                    and k[len(prefix):] not in targets)

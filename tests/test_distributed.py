@@ -117,7 +117,7 @@ def test_sharded_table_needs_an_initialized_group():
     from halfvae_ext.distributed import ShardedLatentTable
     with pytest.raises(RuntimeError, match="needs torch.distributed initialized"):
         ShardedLatentTable(10, 3)
-    with pytest.raises(ValueError, match="fused_optimizer must be 'adam' or 'sgd'"):
+    with pytest.raises(ValueError, match="fused_optimizer must be one of"):
         ShardedLatentTable(10, 3, fused_optimizer=None)
 
 
@@ -170,10 +170,10 @@ def initial_mu():
     return (philox_normal_rows(key, torch.arange(N), K, torch.float64)).float()
 
 
-def reference_run(steps, groups=1, kl="mc"):
+def reference_run(steps, groups=1, kl="mc", optimizer="adam"):
     """One process, a plain LatentTable fed the global batches and the row-keyed eps."""
     torch.set_num_threads(1)
-    table = LatentTable(N, K, init_mu=initial_mu(), init_logvar=-2.0, fused_optimizer="adam",
+    table = LatentTable(N, K, init_mu=initial_mu(), init_logvar=-2.0, fused_optimizer=optimizer,
                         lr=TABLE_LR)
     net = Net(table, groups)
     opt = torch.optim.Adam(net.replicated(), lr=LR)
@@ -188,7 +188,8 @@ def reference_run(steps, groups=1, kl="mc"):
         loss_of(net, z, k, m, lv, x).backward()
         opt.step()
     return dict(zs=zs, kls=kls, mu=table.mu.detach().clone(), logvar=table.logvar.detach().clone(),
-                state=table.table_optimizer.state.clone(), step=int(table.table_optimizer.step),
+                state=table.table_optimizer.state.clone(), row_state=_row_state(table),
+                step=int(table.table_optimizer.step),
                 prior={k: v.detach().clone() for k, v in net.prior.state_dict().items()},
                 dec=net.dec.weight.detach().clone(), opt=opt.state_dict())
 
@@ -210,10 +211,17 @@ def _train_steps(net, opt, first, last, world, rank, groups, kl="mc"):
     return zs, kls
 
 
+def _row_state(table):
+    """The per-row optimizer state (row-wise kinds) as a plain copy, else None."""
+    rs = table.table_optimizer.row_state
+    return None if rs is None else rs.clone()
+
+
 def _dump(net, opt, out, rank, **more):
     mu, logvar = net.table.read_rows(torch.arange(N))
     t = net.table
     torch.save(dict(mu=mu, logvar=logvar, state=t.table_optimizer.state.clone(),
+                    row_state=_row_state(t),
                     row_start=t.row_start, step=int(t.table_optimizer.step),
                     draws=int(t.draws),
                     prior={k: v.detach().clone() for k, v in net.prior.state_dict().items()},
@@ -221,16 +229,16 @@ def _dump(net, opt, out, rank, **more):
                os.path.join(out, f"rank{rank}.pt"))
 
 
-def _sharded_net(groups=1, timeout=60):
+def _sharded_net(groups=1, timeout=60, optimizer="adam"):
     from halfvae_ext.distributed import ShardedLatentTable
-    table = ShardedLatentTable(N, K, fused_optimizer="adam", lr=TABLE_LR, seed=SEED,
+    table = ShardedLatentTable(N, K, fused_optimizer=optimizer, lr=TABLE_LR, seed=SEED,
                                init_logvar=-2.0, timeout=timeout)
     net = Net(table, groups)
     return net, torch.optim.Adam(net.replicated(), lr=LR)
 
 
-def scenario_train(rank, world, out, steps, groups, kl):
-    net, opt = _sharded_net(int(groups))
+def scenario_train(rank, world, out, steps, groups, kl, optimizer="adam"):
+    net, opt = _sharded_net(int(groups), optimizer=optimizer)
     zs, kls = _train_steps(net, opt, 0, int(steps), world, rank, int(groups), kl)
     _dump(net, opt, out, rank, zs=zs, kls=kls)
 
@@ -291,6 +299,34 @@ def scenario_bad_id(rank, world, out):
     all_reduce_gradients(net.replicated())
     report["after_good_step"] = int(net.table.table_optimizer.step)
     torch.save(report, os.path.join(out, f"rank{rank}.pt"))
+
+
+def scenario_formats(rank, world, out):
+    """A rowwise_adam table's state dict into tables of the other kinds: refused, nothing
+    loaded; into a rowwise_adam table: loaded."""
+    from halfvae_ext.distributed import ShardedLatentTable
+    saved, _ = _sharded_net(optimizer="rowwise_adam")
+    lo, hi = rank_share(0, world, rank)
+    idx, x, _ = global_batch(0)
+    z, k, m, lv = saved.table.sample(idx[lo:hi], saved.prior)
+    loss_of(saved, z, k, m, lv, x[lo:hi]).backward()  # a step: non-zero moments and counts
+    state = saved.table.state_dict()
+    errors, untouched = {}, True
+    for kind in ("adam", "sgd", "rowwise_adagrad"):
+        other = ShardedLatentTable(N, K, fused_optimizer=kind, seed=SEED + 1)
+        before = (other.rows.clone(), other.table_optimizer.state.clone())
+        try:
+            other.load_state_dict(state)
+        except RuntimeError as e:
+            errors[kind] = str(e)
+        untouched &= bool(torch.equal(other.rows, before[0])
+                          and torch.equal(other.table_optimizer.state, before[1]))
+    same = ShardedLatentTable(N, K, fused_optimizer="rowwise_adam", seed=SEED + 1)
+    same.load_state_dict(state)
+    same_kind_loads = bool(torch.equal(same.rows, saved.table.rows) and torch.equal(
+        same.table_optimizer.row_state, saved.table.table_optimizer.row_state))
+    torch.save(dict(errors=errors, untouched=untouched, same_kind_loads=same_kind_loads),
+               os.path.join(out, f"rank{rank}.pt"))
 
 
 def scenario_edges(rank, world, out):
@@ -364,7 +400,7 @@ def scenario_nccl(rank, world, out, steps):
                os.path.join(out, f"rank{rank}.pt"))
 
 
-SCENARIOS = {"edges": scenario_edges, "nccl": scenario_nccl, "train": scenario_train, "resume": scenario_resume, "bad_id": scenario_bad_id,
+SCENARIOS = {"formats": scenario_formats, "edges": scenario_edges, "nccl": scenario_nccl, "train": scenario_train, "resume": scenario_resume, "bad_id": scenario_bad_id,
              "dead_rank": scenario_dead_rank}
 
 
@@ -468,6 +504,11 @@ def assert_matches_reference(dumps, ref, world, steps, exact_first=True):
         start = d["row_start"]
         torch.testing.assert_close(d["state"], ref["state"][start:start + d["state"].shape[0]],
                                    rtol=RTOL, atol=ATOL)
+        assert (d["row_state"] is None) == (ref["row_state"] is None)
+        if d["row_state"] is not None:  # per-row second moments and step counts
+            torch.testing.assert_close(d["row_state"],
+                                       ref["row_state"][start:start + d["row_state"].shape[0]],
+                                       rtol=RTOL, atol=ATOL)
         assert d["step"] == ref["step"] == steps
         assert d["draws"] == steps
         for k, v in ref["prior"].items():
@@ -495,6 +536,31 @@ def test_sharded_equals_one_process(world, groups, kl, out_dir):
     check_ok(run_ranks("train", world, out_dir, steps, groups, kl))
     assert_matches_reference(load_dumps(out_dir, world), reference_run(steps, groups, kl), world,
                              steps)
+
+
+@pytest.mark.parametrize("optimizer", ["rowwise_adam", "rowwise_adagrad", "sgd"])
+def test_sharded_compact_optimizers_equal_one_process(optimizer, out_dir):
+    """The row-wise optimizers keep their per-row state (second moments, step counts) with the
+    row's owner: 2 ranks step exactly as one process's LatentTable with the same optimizer."""
+    steps = 4
+    check_ok(run_ranks("train", 2, out_dir, steps, 1, "mc", optimizer))
+    assert_matches_reference(load_dumps(out_dir, 2), reference_run(steps, 1, "mc", optimizer), 2,
+                             steps)
+
+
+def test_sharded_table_refuses_bfloat16_state_and_other_formats(out_dir):
+    """No bfloat16 moments on a sharded table (an error naming the argument, before any group
+    is needed), and a state dict of another optimizer loads nothing (2 ranks)."""
+    from halfvae_ext.distributed import ShardedLatentTable
+    with pytest.raises(ValueError, match="state_dtype"):
+        ShardedLatentTable(10, 3, fused_optimizer="rowwise_adam", state_dtype=torch.bfloat16)
+    check_ok(run_ranks("formats", 2, out_dir))
+    for r, d in enumerate(load_dumps(out_dir, 2)):
+        for kind, error in d["errors"].items():
+            assert "fused_optimizer" in error, (r, kind, error)
+        assert set(d["errors"]) == {"adam", "sgd", "rowwise_adagrad"}
+        assert d["untouched"], r
+        assert d["same_kind_loads"], r
 
 
 def test_checkpoint_2_to_3_to_1_ranks_equals_uninterrupted(out_dir):
