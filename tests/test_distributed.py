@@ -243,10 +243,10 @@ def scenario_train(rank, world, out, steps, groups, kl, optimizer="adam"):
     _dump(net, opt, out, rank, zs=zs, kls=kls)
 
 
-def scenario_resume(rank, world, out, load, first, last, save):
+def scenario_resume(rank, world, out, load, first, last, save, optimizer="adam"):
     """Load (unless "-"), train steps [first, last), save (unless "-"), dump."""
     from halfvae_ext.distributed import load_checkpoint, save_checkpoint
-    net, opt = _sharded_net()
+    net, opt = _sharded_net(optimizer=optimizer)
     first, last = int(first), int(last)
     if load != "-":
         extra = load_checkpoint(load, net, opt, extra={"step": torch.tensor(0)})
@@ -563,20 +563,23 @@ def test_sharded_table_refuses_bfloat16_state_and_other_formats(out_dir):
         assert d["same_kind_loads"], r
 
 
-def test_checkpoint_2_to_3_to_1_ranks_equals_uninterrupted(out_dir):
+@pytest.mark.parametrize("optimizer", ["adam", "rowwise_adam"])
+def test_checkpoint_2_to_3_to_1_ranks_equals_uninterrupted(optimizer, out_dir):
+    """DCP checkpoints reshard the table and its optimizer state (rowwise_adam: the per-row
+    second moments and step counts too) across 2, 3 and 1 ranks."""
     ck1, ck2 = os.path.join(out_dir, "ck1"), os.path.join(out_dir, "ck2")
     plan = [(2, "-", 0, 2, ck1), (3, ck1, 2, 4, ck2), (1, ck2, 4, 5, "-")]
     for world, load, first, last, save in plan:
         run_dir = os.path.join(out_dir, f"run{world}")
         os.mkdir(run_dir)
-        check_ok(run_ranks("resume", world, run_dir, load, first, last, save))
+        check_ok(run_ranks("resume", world, run_dir, load, first, last, save, optimizer))
         if save != "-":
             assert os.path.isdir(save) and not os.path.exists(save + ".partial")
         dumps = load_dumps(run_dir, world)
-        assert_matches_reference(dumps, reference_run(last), world, last,
-                                 exact_first=first == 0)
+        ref = reference_run(last, optimizer=optimizer)
+        assert_matches_reference(dumps, ref, world, last, exact_first=first == 0)
         # the replicated Adam state came through the checkpoint too
-        ref_opt = reference_run(last)["opt"]
+        ref_opt = ref["opt"]
         for i, s in ref_opt["state"].items():
             for name in ("exp_avg", "exp_avg_sq"):
                 torch.testing.assert_close(dumps[0]["opt"]["state"][i][name], s[name],
