@@ -119,24 +119,26 @@ inline void rowwise_adam_bf16_row(float* const* w, c10::BFloat16* m, float* rs, 
   const float lr_bc = c.lr / bc.first;
   const float scale[2] = {lr_bc / (sqrt_of(v0 / bc.second) + c.eps),
                           lr_bc / (sqrt_of(v1 / bc.second) + c.eps)};
+#ifdef __AVX2__
   const float one_b1 = 1.0f - c.beta1;
   const uint32_t base = rounding_base(row, c.step);
-  const uint32_t len = static_cast<uint32_t>(K);
+#endif
   for (int h = 0; h < 2; ++h) {
     float* __restrict__ wh = w[h];
     const float* __restrict__ gh = g + h * K;
-    uint16_t* __restrict__ bits16 = reinterpret_cast<uint16_t*>(m + h * K);
     const float sh = scale[h];
-    const uint32_t base_h = base + static_cast<uint32_t>(h * K) * kRoundingElementMix;
-    uint32_t k = 0;
+    int64_t k = 0;
 #ifdef __AVX2__
+    uint16_t* __restrict__ bits16 = reinterpret_cast<uint16_t*>(m + h * K);
+    const uint32_t base_h = base + static_cast<uint32_t>(h * K) * kRoundingElementMix;
     // 8 elements at a time (also in the AVX-512 build: a row of K = 8 is one such vector). The
-    // compiler leaves the loop below scalar; this is it, lane for lane, with the same FMAs.
+    // compiler leaves the generic element loop scalar; this is it, lane for lane, with the same
+    // FMAs and rounding bits.
     const __m256 one_b1_v = _mm256_set1_ps(one_b1), sh_v = _mm256_set1_ps(sh);
     const __m256i mix = _mm256_set1_epi32(static_cast<int>(kRoundingElementMix));
     const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i exponent = _mm256_set1_epi32(0x7F800000);
-    for (; k + 8 <= len; k += 8) {
+    for (; k + 8 <= K; k += 8) {
       const __m256i old_bits = _mm256_slli_epi32(
           _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bits16 + k))), 16);
       __m256 mk = _mm256_castsi256_ps(old_bits);
@@ -159,18 +161,8 @@ inline void rowwise_adam_bf16_row(float* const* w, c10::BFloat16* m, float* rs, 
       _mm_storeu_si128(reinterpret_cast<__m128i*>(bits16 + k), _mm256_castsi256_si128(packed));
     }
 #endif
-    for (; k < len; ++k) {
-      const uint32_t old_bits = uint32_t(bits16[k]) << 16;
-      float mk;
-      std::memcpy(&mk, &old_bits, sizeof(mk));
-      mk += one_b1 * (gh[k] - mk);
-      wh[k] -= sh * mk;
-      uint32_t u;
-      std::memcpy(&u, &mk, sizeof(u));
-      const uint32_t random = rounding_mix(base_h + k * kRoundingElementMix) & 0xFFFFu;
-      u += (u & 0x7F800000u) != 0x7F800000u ? random : 0u;  // Inf and NaN truncated as they are
-      bits16[k] = static_cast<uint16_t>(u >> 16);
-    }
+    // The rest (all of it without AVX2): the generic element step, the same bits.
+    rowwise_adam_elements(wh, m + h * K, gh, k, K, sh, c, row, h * K);
   }
 }
 

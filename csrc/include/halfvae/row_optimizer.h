@@ -114,9 +114,24 @@ struct BiasCorrections {
       : first(one_minus_exp(t * c.log_beta1)), second(one_minus_exp(t * c.log_beta2)) {}
 };
 
+// rowwise_adam's element step on elements [k0, n) of one row of one table: the first moment
+// (type S) and w -= scale * m. e0: the index of m[0] among the row's moments (0 for mu, K for
+// logvar; rounding bits). Also the tail of the CPU's vectorized bfloat16 loop (cpu/row_step.h).
+template <typename T, typename S>
+C10_HOST_DEVICE inline void rowwise_adam_elements(T* __restrict__ w, S* __restrict__ m,
+                                                  const T* __restrict__ g, int64_t k0, int64_t n,
+                                                  T scale, const RowwiseConstants<T>& c,
+                                                  int64_t row, int64_t e0) {
+  for (int64_t k = k0; k < n; ++k) {
+    T mk = StateIO<T, S>::load(m + k);
+    mk += (T(1) - c.beta1) * (g[k] - mk);
+    StateIO<T, S>::store(m + k, mk, row, e0 + k, c.step);
+    w[k] -= scale * mk;
+  }
+}
+
 // rowwise_adam on one row of one table (n = K values w, gradient g, moments m of type S; v: the
-// row's second moment, updated in place). e0: the index of m[0] among the row's moments (0 for mu,
-// K for logvar; rounding bits).
+// row's second moment, updated in place). e0 as above.
 // The scale of the step, lr / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps), is taken once per row.
 template <typename T, typename S>
 C10_HOST_DEVICE inline void rowwise_adam_row(T* __restrict__ w, S* __restrict__ m,
@@ -129,12 +144,7 @@ C10_HOST_DEVICE inline void rowwise_adam_row(T* __restrict__ w, S* __restrict__ 
   const T v_new = *v + (T(1) - c.beta2) * (sq / T(n) - *v);
   *v = v_new;
   const T scale = c.lr / bc.first / (sqrt_of(v_new / bc.second) + c.eps);
-  for (int64_t k = 0; k < n; ++k) {
-    T mk = StateIO<T, S>::load(m + k);
-    mk += (T(1) - c.beta1) * (g[k] - mk);
-    StateIO<T, S>::store(m + k, mk, row, e0 + k, c.step);
-    w[k] -= scale * mk;
-  }
+  rowwise_adam_elements(w, m, g, 0, n, scale, c, row, e0);
 }
 
 // rowwise_adagrad on one row of one table: G, the row's sum, is updated in place.
