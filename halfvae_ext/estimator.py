@@ -133,7 +133,7 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
     identifiable under nonlinear mixing (the iVAE setting); use ``decoder="residual"`` there
     (see ``decoder``), ``n_mixture=1`` for Gaussian sources and the noise schedule
     ``noise=(0.5, 0.05)`` (the default learned noise shrinks and holds the table rows in place;
-    on the iVAE benchmark's dev seeds learned noise reached MCC 0.78, a fixed 0.5 0.87, the
+    on the iVAE benchmark's dev seed 100 learned noise reached MCC 0.78, a fixed 0.5 0.87, the
     schedule 0.92: benchmarks/ICA_EXPERIMENTS.md sections 13 and 15). ``transform(X, u=u)``
     takes the new rows' segments, which must be among those seen in fit (``segments_``).
     Without u nothing changes.
