@@ -657,7 +657,7 @@ def test_numpy_scalar_parameters_save_load_and_resume(laplace, tmp_path):
 
 
 def test_every_restart_diverged_leaves_nothing_to_save_or_resume(laplace, tmp_path, monkeypatch):
-    from halfvae_ext.recipe import Recipe, noise_schedule_std
+    from halfvae_ext.recipe import Recipe
     X = laplace.X[:200]
     ckpt = tmp_path / "ckpt.pt"
     kw = dict(max_iter=5, n_restarts=2, tol=None, random_state=0, checkpoint_path=ckpt)
