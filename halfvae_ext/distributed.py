@@ -70,7 +70,7 @@ from torch import nn
 from . import _C  # noqa: F401  (registers the operators)
 from .ops import _kl_code, philox_normal_rows
 from .table_memory import empty_table
-from .table_optim import FusedRowOptimizer
+from .table_optim import FusedRowOptimizer, check_fused_optimizer
 
 __all__ = ["ShardedLatentTable", "all_reduce_gradients", "init_process_group", "save_checkpoint",
            "load_checkpoint", "row_block"]
@@ -192,7 +192,7 @@ class _Plan:
         return out
 
 
-# The fused optimizers a sharded table can use (LatentTable's, but bfloat16 state).
+# The fused optimizers a sharded table can use (LatentTable's).
 SHARDED_OPTIMIZERS = ("adam", "rowwise_adam", "rowwise_adagrad", "sgd")
 
 
@@ -202,8 +202,9 @@ class ShardedLatentTable(nn.Module):
     rank holds only its rows and their optimizer state (fused: ``fused_optimizer`` "adam",
     "rowwise_adam", "rowwise_adagrad" or "sgd", with ``lr``, ``betas``, ``eps``, as in
     LatentTable; the row-wise ones keep their state per rank too, so a row's step count lives
-    with its owner). bfloat16 moments (LatentTable's ``state_dtype``) are not offered here yet:
-    their stochastic rounding hashes the row number, which a shard knows only locally.
+    with its owner). state_dtype: the dtype of the per-element moments, the table's (default) or
+    torch.bfloat16 (as LatentTable's; their stochastic rounding takes the bits of the global row,
+    so any number of ranks steps bit for bit as one process).
 
     init_mu: None (init_std * N(0, 1), drawn per global row from ``seed``: any number of ranks
     starts from the same table), a callable ``rows (int64 global row ids) -> [len(rows), K]`` that
@@ -234,10 +235,7 @@ class ShardedLatentTable(nn.Module):
         if fused_optimizer not in SHARDED_OPTIMIZERS:
             raise ValueError(f"fused_optimizer must be one of {SHARDED_OPTIMIZERS} (a sharded "
                              f"table is always stepped in its backward), got {fused_optimizer!r}")
-        if state_dtype is not None and state_dtype != (dtype or torch.get_default_dtype()):
-            raise ValueError(f"state_dtype={state_dtype}: a sharded table keeps its optimizer "
-                             f"state in the table's dtype (bfloat16 moments are LatentTable's "
-                             f"only, for now: their rounding hashes the global row number)")
+        check_fused_optimizer(fused_optimizer, dtype or torch.get_default_dtype(), state_dtype)
         if isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
         if not dist.is_available() or not dist.is_initialized():
@@ -265,9 +263,9 @@ class ShardedLatentTable(nn.Module):
         self.rows = empty_table((n, 2, K), dtype=dtype, device=device)
         # Not a registered submodule: its buffers are this rank's rows only, and the state dict
         # carries them as a sharded tensor instead (_save_to_state_dict).
-        self.__dict__["table_optimizer"] = FusedRowOptimizer(n, K, fused_optimizer, lr=lr,
-                                                             betas=betas, eps=eps, dtype=dtype,
-                                                             device=device)
+        self.__dict__["table_optimizer"] = FusedRowOptimizer(
+            n, K, fused_optimizer, lr=lr, betas=betas, eps=eps, dtype=dtype, device=device,
+            state_dtype=state_dtype, row_offset=self.row_start)
         self.draws = torch.zeros((), dtype=torch.int64)  # calls that drew eps: the Philox offset
         self._grad_anchor = torch.zeros((), requires_grad=True)  # makes every call differentiable
         self._init_rows(init_mu, float(init_std), float(init_logvar))
@@ -346,38 +344,41 @@ class ShardedLatentTable(nn.Module):
                    "draws": self.draws}
         if opt.row_state is not None:
             targets["optimizer_row_state"] = opt.row_state
-        # Every value is checked before any is copied: a state of another format (optimizer,
-        # dtype, shape) loads nothing, not the rows alone.
-        values, problems = {}, []
-        if opt.row_state is None and prefix + "optimizer_row_state" in state_dict:
-            problems.append(f"{prefix}optimizer_row_state: saved by a row-wise optimizer, this "
-                            f"table's is {opt.kind!r}")
-        for name, target in targets.items():
+        # This rank's part of every value, then every check before any copy: a state of another
+        # format (optimizer, dtype, shape) loads nothing, not the rows alone.
+        local = {}
+        for name in (*targets, "optimizer_row_state"):
             key = prefix + name
             if key not in state_dict:
-                missing_keys.append(key)
+                if name in targets:
+                    missing_keys.append(key)
                 continue
             value = state_dict[key]
             if hasattr(value, "to_local"):  # a DTensor of this layout (as DCP loads it)
                 value = value.to_local()
-            elif value.dim() and value.shape[0] == self.num_rows and target.dim():
+            elif value.dim() and value.shape[0] == self.num_rows and value.dim() > 1:
                 value = value[self.row_start:self.row_stop]  # a full table: take our rows
-            if value.shape != target.shape or (target.is_floating_point()
-                                               and value.dtype != target.dtype):
-                problems.append(f"{key}: saved as {value.dtype} {tuple(value.shape)}, this "
-                                f"rank's is {target.dtype} {tuple(target.shape)} "
-                                f"(fused_optimizer={opt.kind!r}); load it into a table built "
-                                f"with the fused optimizer and dtype it was saved with")
-                continue
-            values[name] = value
+            local[name] = value
+        # The optimizer's state: FusedRowOptimizer's own checks (its buffers "state" and
+        # "row_state" are saved here as "optimizer_state" and "optimizer_row_state").
+        problems = opt.load_problems({prefix + name: v for name, v in local.items()},
+                                     prefix + "optimizer_")
+        rows = local.get("rows")
+        if rows is not None and (rows.shape != self.rows.shape or rows.dtype != self.rows.dtype):
+            problems.append(f"{prefix}rows: saved as {rows.dtype} {tuple(rows.shape)}, this "
+                            f"rank's is {self.rows.dtype} {tuple(self.rows.shape)}; load it into "
+                            f"a table of the dtype it was saved with")
+        problems += [f"{prefix}{name}: saved with shape {tuple(local[name].shape)}, expected a "
+                     f"single count" for name in ("optimizer_step", "draws")
+                     if name in local and local[name].dim() != 0]
         if problems:
             error_msgs.extend(problems)
             return
         with torch.no_grad():
-            for name, value in values.items():
+            for name, value in local.items():
                 if value.data_ptr() != targets[name].data_ptr():
                     targets[name].copy_(value)
-        if "optimizer_step" in values:
+        if "optimizer_step" in local:
             opt.num_steps = int(step)
         if strict:
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix)

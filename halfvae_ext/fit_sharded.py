@@ -132,7 +132,8 @@ def fit(args) -> dict:
     N, D = data.shape
     K = args.latent_dim
     torch.manual_seed(args.seed)  # the decoder's start: the same on every rank
-    table = ShardedLatentTable(N, K, fused_optimizer="adam", lr=args.table_lr, seed=args.seed,
+    table = ShardedLatentTable(N, K, fused_optimizer=args.table_optimizer, lr=args.table_lr,
+                               state_dtype=getattr(torch, args.state_dtype), seed=args.seed,
                                init_std=args.init_std, device=device, timeout=args.timeout)
     model = HalfVAE(N, D, K, decoder=args.decoder, num_components=args.components,
                     latents=table).to(device)
@@ -194,7 +195,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder", default="linear", choices=["linear", "mlp", "residual"])
     p.add_argument("--components", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-2, help="prior and decoder (Adam)")
-    p.add_argument("--table-lr", type=float, default=5e-2, help="latent table (fused Adam)")
+    p.add_argument("--table-lr", type=float, default=5e-2, help="latent table (fused step)")
+    p.add_argument("--table-optimizer", default="adam",
+                   choices=["adam", "rowwise_adam", "rowwise_adagrad", "sgd"],
+                   help="the latent table's fused optimizer (rowwise_*: one second moment per "
+                        "row, 2 of 3 cache lines a row)")
+    p.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the table optimizer's per-element moments (adam, rowwise_adam)")
     p.add_argument("--init-std", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", help="DCP checkpoint directory")
@@ -210,6 +217,9 @@ def main(argv=None):
     for name in ("latent_dim", "batch_size", "checkpoint_every"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.state_dtype == "bfloat16" and args.table_optimizer in ("sgd", "rowwise_adagrad"):
+        raise SystemExit(f"--state-dtype bfloat16: --table-optimizer {args.table_optimizer} keeps "
+                         f"no per-element moments (bfloat16 is for adam and rowwise_adam)")
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise SystemExit(f"--out: no directory for {args.out!r}")
     fit(args)

@@ -235,7 +235,7 @@ def _reparam_gmm_kl_rows_backward_fake(grad_z, grad_kl, mu, logvar, idx, prior_l
 
 @torch.library.register_fake("halfvae_ext::latent_rows_update_")
 def _latent_rows_update_fake(mu, logvar, state, idx, grad_mu, grad_logvar, optimizer, lr, beta1,
-                             beta2, eps, step, row_state=None):
+                             beta2, eps, step, row_state=None, row_offset=0):
     _one_device(mu=mu, logvar=logvar, state=state, idx=idx, grad_mu=grad_mu,
                 grad_logvar=grad_logvar, row_state=row_state)
     return None
@@ -247,7 +247,7 @@ def _reparam_gmm_kl_rows_backward_step_fake(grad_z, grad_kl, grad_mu_rows, grad_
                                             prior_logvars, eps, seed, reduction, prior_grads,
                                             optimizer, lr, beta1, beta2, adam_eps, step,
                                             prior_index=None, kl=0, range_checked=False,
-                                            row_state=None):
+                                            row_state=None, row_offset=0):
     _one_device(mu=mu, grad_z=grad_z, grad_kl=grad_kl, grad_mu_rows=grad_mu_rows,
                 grad_logvar_rows=grad_logvar_rows, logvar=logvar, state=state, idx=idx,
                 row_state=row_state,

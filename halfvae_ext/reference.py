@@ -135,12 +135,14 @@ def _store(target, value, row, e, step):
 
 
 def latent_rows_update(mu, logvar, state, row_state, idx, grad_mu, grad_logvar, optimizer, lr,
-                       beta1, beta2, eps, step):
+                       beta1, beta2, eps, step, row_offset=0):
     """latent_rows_update_ in plain PyTorch, on clones: returns (mu, logvar, state, row_state).
 
     state: adam [rows, 4, K]; rowwise_adam [rows, 2, K] (dtype of mu or bfloat16); row_state:
     rowwise_adam [rows, 3] (v of mu, v of logvar, the row's step count), rowwise_adagrad [rows, 2]
-    (sums). Duplicate indices are summed in batch order; each touched row is stepped once."""
+    (sums). Duplicate indices are summed in batch order; each touched row is stepped once.
+    row_offset: the global number of row 0 (a shard's bfloat16 rounding bits are the global
+    row's)."""
     mu, logvar = mu.detach().clone(), logvar.detach().clone()
     state = None if state is None else state.detach().clone()
     row_state = None if row_state is None else row_state.detach().clone()
@@ -164,8 +166,8 @@ def latent_rows_update(mu, logvar, state, row_state, idx, grad_mu, grad_logvar, 
             v = v + (one - b2) * (g * g - v)
             w = w - torch.tensor(step_size, dtype=T) * m / (v.sqrt() + eps)
             e = torch.arange(2 * K)
-            state[row, :2] = _store(state, m, row, e, step).view(2, K)
-            state[row, 2:] = _store(state, v, row, 2 * K + e, step).view(2, K)
+            state[row, :2] = _store(state, m, row + row_offset, e, step).view(2, K)
+            state[row, 2:] = _store(state, v, row + row_offset, 2 * K + e, step).view(2, K)
         elif optimizer == "rowwise_adam":
             t = row_state[row, 2] + 1
             row_state[row, 2] = t
@@ -178,7 +180,7 @@ def latent_rows_update(mu, logvar, state, row_state, idx, grad_mu, grad_logvar, 
                 row_state[row, h] = v
                 m = state[row, h].to(T)
                 m = m + (one - b1) * (gh - m)
-                state[row, h] = _store(state, m, row, h * K + torch.arange(K), step)
+                state[row, h] = _store(state, m, row + row_offset, h * K + torch.arange(K), step)
                 w[h * K:(h + 1) * K] -= lr / bc1 / ((v / bc2).sqrt() + eps) * m
         elif optimizer == "rowwise_adagrad":
             for h in range(2):

@@ -53,13 +53,18 @@ class FusedRowOptimizer(torch.nn.Module):
     (rowwise_adam: v of mu, v of logvar, step count; rowwise_adagrad: sum of mu, sum of logvar).
     views: (state, row_state) to use instead of new buffers (LatentTable's one-record-per-row
     layout); a state dict then holds bfloat16 moments as a copy (torch.save refuses views of one
-    memory as two dtypes)."""
+    memory as two dtypes). row_offset: the global number of row 0 when these rows are one shard of
+    a larger table (ShardedLatentTable): the rounding bits are the global row's, so a sharded
+    table steps bit for bit as one process."""
 
     def __init__(self, num_rows: int, num_latents: int, kind: str = "adam", lr: float = 1e-2,
                  betas=(0.9, 0.999), eps: float = 1e-8, dtype=torch.float32, device=None,
-                 state_dtype=None, views=None):
+                 state_dtype=None, views=None, row_offset: int = 0):
         super().__init__()
         check_fused_optimizer(kind, dtype, state_dtype)
+        if isinstance(row_offset, bool) or not isinstance(row_offset, int) or row_offset < 0:
+            raise ValueError(f"row_offset must be an integer >= 0, got {row_offset!r}")
+        self.row_offset = row_offset
         if not lr >= 0:
             raise ValueError(f"lr must be non-negative, got {lr}")
         b1, b2 = betas
@@ -151,7 +156,7 @@ class FusedRowOptimizer(torch.nn.Module):
         with torch.no_grad():
             _ops.latent_rows_update_(mu, logvar, self.state, idx, grad_mu_rows, grad_logvar_rows,
                                      self.kind, self.lr, b1, b2, self.eps, self.num_steps,
-                                     self.row_state)
+                                     self.row_state, self.row_offset)
 
     def backward_step(self, grad_z, grad_kl, mu, logvar, idx, prior_logits, prior_means,
                       prior_logvars, eps, seed, reduction, prior_grads, grad_mu_rows=None,
@@ -169,7 +174,7 @@ class FusedRowOptimizer(torch.nn.Module):
                 grad_z, grad_kl, grad_mu_rows, grad_logvar_rows, mu, logvar, self.state, idx,
                 prior_logits, prior_means, prior_logvars, eps, seed, reduction, prior_grads,
                 self.kind, self.lr, b1, b2, self.eps, self.num_steps, prior_index, kl,
-                range_checked, self.row_state)
+                range_checked, self.row_state, self.row_offset)
 
     def extra_repr(self):
         return (f"kind={self.kind!r}, lr={self.lr}, betas={self.betas}, eps={self.eps}, "

@@ -97,6 +97,52 @@ def test_bfloat16_rounding_is_the_reference_bit_for_bit():
     assert not torch.equal(t.table_optimizer.state[:, 0].float(), m.bfloat16().float())
 
 
+@pytest.mark.parametrize("kind", ["rowwise_adam", "adam"])
+def test_a_shard_with_its_row_offset_rounds_as_the_whole_table(kind):
+    """Rows [a, N) of a table held as a shard of their own (ShardedLatentTable's layout) and
+    stepped with row_offset=a store the very bfloat16 moments of the whole table's rows a..N:
+    the rounding bits are the global row's. With row_offset 0 they are other bits."""
+    from halfvae_ext.table_optim import FusedRowOptimizer
+    N, K, a = 40, 8, 17
+    gen = torch.Generator().manual_seed(4)
+    mu, logvar = torch.randn(N, K, generator=gen), torch.randn(N, K, generator=gen)
+    idx = torch.randint(0, N, (60,), generator=gen)
+    grads = [torch.randn(60, K, generator=gen) for _ in range(3)]
+
+    def run(rows, offset):
+        opt = FusedRowOptimizer(N - rows.start if rows.start else N, K, kind, dtype=torch.float32,
+                                state_dtype=torch.bfloat16, row_offset=offset, lr=HP["lr"],
+                                betas=(HP["beta1"], HP["beta2"]), eps=HP["eps"])
+        m, lv = mu[rows].clone(), logvar[rows].clone()
+        keep = (idx >= rows.start) if rows.start else torch.ones_like(idx, dtype=torch.bool)
+        for g in grads:  # three steps: the moments are rounded from non-zero values too
+            opt.step_rows(m, lv, idx[keep] - (rows.start or 0), g[keep], -g[keep])
+        return m, lv, opt.state
+
+    whole = run(slice(None), 0)
+    shard = run(slice(a, N), a)
+    for w, s in zip(whole, shard):
+        assert torch.equal(w[a:], s)
+    local_bits = run(slice(a, N), 0)[2]
+    assert not torch.equal(local_bits, whole[2][a:])
+    # the reference takes row_offset too: a first step from zero moments (one rounding each)
+    opt = FusedRowOptimizer(N - a, K, kind, state_dtype=torch.bfloat16, row_offset=a, lr=HP["lr"],
+                            betas=(HP["beta1"], HP["beta2"]), eps=HP["eps"])
+    rows = torch.arange(N - a)
+    want = reference.latent_rows_update(mu[a:], logvar[a:], opt.state, opt.row_state, rows,
+                                        grads[0][:N - a], grads[1][:N - a], kind, HP["lr"],
+                                        HP["beta1"], HP["beta2"], HP["eps"], 1, row_offset=a)
+    m, lv = mu[a:].clone(), logvar[a:].clone()
+    opt.step_rows(m, lv, rows, grads[0][:N - a], grads[1][:N - a])
+    assert torch.equal(opt.state[:, :2], want[2][:, :2])  # the first moments
+    with pytest.raises(ValueError, match="row_offset"):
+        FusedRowOptimizer(N, K, kind, state_dtype=torch.bfloat16, row_offset=-1)
+    opt = FusedRowOptimizer(N, K, kind, state_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="row_offset"):
+        ops.latent_rows_update_(mu, logvar, opt.state, idx, grads[0], grads[0], kind, 0.1, 0.9,
+                                0.999, 1e-8, 1, opt.row_state, -1)
+
+
 def test_stochastic_rounding_is_unbiased():
     x = torch.full((200_000,), 1.0 + 1e-3)  # between two bfloat16 values (spacing 2^-7)
     bits = reference.rounding_bits(torch.arange(200_000), 3, 5)

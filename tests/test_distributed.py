@@ -170,11 +170,17 @@ def initial_mu():
     return (philox_normal_rows(key, torch.arange(N), K, torch.float64)).float()
 
 
+def table_optimizer(spec):
+    """A test's optimizer spec, "kind" or "kind:bf16", as table arguments."""
+    kind, _, state = spec.partition(":")
+    return dict(fused_optimizer=kind, state_dtype=torch.bfloat16 if state == "bf16" else None)
+
+
 def reference_run(steps, groups=1, kl="mc", optimizer="adam"):
     """One process, a plain LatentTable fed the global batches and the row-keyed eps."""
     torch.set_num_threads(1)
-    table = LatentTable(N, K, init_mu=initial_mu(), init_logvar=-2.0, fused_optimizer=optimizer,
-                        lr=TABLE_LR)
+    table = LatentTable(N, K, init_mu=initial_mu(), init_logvar=-2.0, lr=TABLE_LR,
+                        **table_optimizer(optimizer))
     net = Net(table, groups)
     opt = torch.optim.Adam(net.replicated(), lr=LR)
     zs, kls = [], []
@@ -231,8 +237,8 @@ def _dump(net, opt, out, rank, **more):
 
 def _sharded_net(groups=1, timeout=60, optimizer="adam"):
     from halfvae_ext.distributed import ShardedLatentTable
-    table = ShardedLatentTable(N, K, fused_optimizer=optimizer, lr=TABLE_LR, seed=SEED,
-                               init_logvar=-2.0, timeout=timeout)
+    table = ShardedLatentTable(N, K, lr=TABLE_LR, seed=SEED, init_logvar=-2.0, timeout=timeout,
+                               **table_optimizer(optimizer))
     net = Net(table, groups)
     return net, torch.optim.Adam(net.replicated(), lr=LR)
 
@@ -301,9 +307,12 @@ def scenario_bad_id(rank, world, out):
     torch.save(report, os.path.join(out, f"rank{rank}.pt"))
 
 
+FORMATS_REFUSED = ("adam", "sgd", "rowwise_adagrad", "rowwise_adam:bf16", "adam:bf16")
+
+
 def scenario_formats(rank, world, out):
-    """A rowwise_adam table's state dict into tables of the other kinds: refused, nothing
-    loaded; into a rowwise_adam table: loaded."""
+    """A rowwise_adam table's state dict into tables of the other kinds (bfloat16 moments
+    included): refused, nothing loaded; into a rowwise_adam table: loaded."""
     from halfvae_ext.distributed import ShardedLatentTable
     saved, _ = _sharded_net(optimizer="rowwise_adam")
     lo, hi = rank_share(0, world, rank)
@@ -312,8 +321,8 @@ def scenario_formats(rank, world, out):
     loss_of(saved, z, k, m, lv, x[lo:hi]).backward()  # a step: non-zero moments and counts
     state = saved.table.state_dict()
     errors, untouched = {}, True
-    for kind in ("adam", "sgd", "rowwise_adagrad"):
-        other = ShardedLatentTable(N, K, fused_optimizer=kind, seed=SEED + 1)
+    for kind in FORMATS_REFUSED:
+        other = ShardedLatentTable(N, K, seed=SEED + 1, **table_optimizer(kind))
         before = (other.rows.clone(), other.table_optimizer.state.clone())
         try:
             other.load_state_dict(state)
@@ -538,35 +547,41 @@ def test_sharded_equals_one_process(world, groups, kl, out_dir):
                              steps)
 
 
-@pytest.mark.parametrize("optimizer", ["rowwise_adam", "rowwise_adagrad", "sgd"])
+@pytest.mark.parametrize("optimizer", ["rowwise_adam", "rowwise_adagrad", "sgd",
+                                       "rowwise_adam:bf16", "adam:bf16"])
 def test_sharded_compact_optimizers_equal_one_process(optimizer, out_dir):
     """The row-wise optimizers keep their per-row state (second moments, step counts) with the
-    row's owner: 2 ranks step exactly as one process's LatentTable with the same optimizer."""
+    row's owner: 2 ranks step exactly as one process's LatentTable with the same optimizer.
+    bfloat16 moments: each shard rounds with its rows' global numbers (row_offset), so the
+    moments equal one process's to the bit pattern (a shard that hashed its local row numbers
+    would differ by an ulp of bfloat16, far outside RTOL)."""
     steps = 4
     check_ok(run_ranks("train", 2, out_dir, steps, 1, "mc", optimizer))
     assert_matches_reference(load_dumps(out_dir, 2), reference_run(steps, 1, "mc", optimizer), 2,
                              steps)
 
 
-def test_sharded_table_refuses_bfloat16_state_and_other_formats(out_dir):
-    """No bfloat16 moments on a sharded table (an error naming the argument, before any group
-    is needed), and a state dict of another optimizer loads nothing (2 ranks)."""
+def test_sharded_table_refuses_bad_state_dtype_and_other_formats(out_dir):
+    """A state dtype the optimizer cannot use is an error naming the argument, before any group
+    is needed; a state dict of another optimizer or state dtype loads nothing (2 ranks)."""
     from halfvae_ext.distributed import ShardedLatentTable
     with pytest.raises(ValueError, match="state_dtype"):
-        ShardedLatentTable(10, 3, fused_optimizer="rowwise_adam", state_dtype=torch.bfloat16)
+        ShardedLatentTable(10, 3, fused_optimizer="rowwise_adam", state_dtype=torch.float16)
+    with pytest.raises(ValueError, match="state_dtype"):
+        ShardedLatentTable(10, 3, fused_optimizer="sgd", state_dtype=torch.bfloat16)
     check_ok(run_ranks("formats", 2, out_dir))
     for r, d in enumerate(load_dumps(out_dir, 2)):
         for kind, error in d["errors"].items():
             assert "fused_optimizer" in error, (r, kind, error)
-        assert set(d["errors"]) == {"adam", "sgd", "rowwise_adagrad"}
+        assert set(d["errors"]) == set(FORMATS_REFUSED)
         assert d["untouched"], r
         assert d["same_kind_loads"], r
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "rowwise_adam"])
+@pytest.mark.parametrize("optimizer", ["adam", "rowwise_adam", "rowwise_adam:bf16"])
 def test_checkpoint_2_to_3_to_1_ranks_equals_uninterrupted(optimizer, out_dir):
     """DCP checkpoints reshard the table and its optimizer state (rowwise_adam: the per-row
-    second moments and step counts too) across 2, 3 and 1 ranks."""
+    second moments and step counts too; bfloat16 moments as saved) across 2, 3 and 1 ranks."""
     ck1, ck2 = os.path.join(out_dir, "ck1"), os.path.join(out_dir, "ck2")
     plan = [(2, "-", 0, 2, ck1), (3, ck1, 2, 4, ck2), (1, ck2, 4, 5, "-")]
     for world, load, first, last, save in plan:
@@ -690,6 +705,31 @@ def test_fit_sharded_end_to_end_torchrun_equals_one_process_and_resumes(out_dir)
     m = one.astype(np.float64)
     np.testing.assert_allclose(np.load(os.path.join(out_dir, "sources.npy")),
                                (m - m.mean(0)) / m.std(0), rtol=RTOL, atol=ATOL)
+
+
+def test_fit_sharded_compact_state_on_two_processes_equals_one(out_dir):
+    """--table-optimizer rowwise_adam --state-dtype bfloat16: 2 processes give one process's
+    means (the moments' rounding is the global row's), and not exact Adam's; bfloat16 for an
+    optimizer without moments is refused before anything starts."""
+    import numpy as np
+    from halfvae_ext.fit_sharded import main
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (600, 3)) @ rng.normal(size=(3, 4))
+    np.save(os.path.join(out_dir, "x.npy"), x.astype(np.float32))
+    fit = ["-m", "halfvae_ext.fit_sharded", "x.npy", "--latent-dim", "3", "--batch-size", "128",
+           "--steps", "10"]
+    compact = ["--table-optimizer", "rowwise_adam", "--state-dtype", "bfloat16"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                "--master-port", str(free_port())]
+    run_cmd([sys.executable, *fit, *compact, "--out", "one.npy"], 120, out_dir)
+    run_cmd([*torchrun, *fit, *compact, "--out", "two.npy"], 120, out_dir)
+    run_cmd([sys.executable, *fit, "--out", "adam.npy"], 120, out_dir)
+    one, two, adam = (np.load(os.path.join(out_dir, f"{n}.npy")) for n in ("one", "two", "adam"))
+    np.testing.assert_allclose(two, one, rtol=RTOL, atol=ATOL)
+    assert np.abs(one - adam).max() > 1e-3  # the option reached the table
+    with pytest.raises(SystemExit, match="--state-dtype bfloat16"):
+        main([os.path.join(out_dir, "x.npy"), "--latent-dim", "3", "--table-optimizer", "sgd",
+              "--state-dtype", "bfloat16"])
 
 
 def initial_mu_of(n, k, seed):

@@ -180,6 +180,7 @@ struct RowStepper {
   int64_t row_state_stride, row_state_size;
   T b1, b2, eps, step_size, lr;
   int64_t table_step;
+  int64_t row_offset;  // global number of row 0 (bfloat16 rounding bits)
   RowwiseConstants<T> rowwise;  // (logs of the betas computed once per step)
 
   explicit RowStepper(const RowUpdate& u)
@@ -193,7 +194,7 @@ struct RowStepper {
         row_state_stride(u.row_state_stride),
         row_state_size(u.row_state.defined() ? u.row_state.size(1) : 0), b1(T(u.beta1)),
         b2(T(u.beta2)), eps(T(u.eps)), step_size(T(u.step_size)), lr(T(u.lr)),
-        table_step(u.step), rowwise(lr, b1, b2, eps, table_step) {}
+        table_step(u.step), row_offset(u.row_offset), rowwise(lr, b1, b2, eps, table_step) {}
 
   void prefetch(int64_t row) const {
     prefetch_span<true>(table[0] + row * stride, K);
@@ -247,12 +248,13 @@ struct RowStepper {
   void adam_bf16(int64_t row, T* const* w, const T* g) const {
     using IO = StateIO<T, c10::BFloat16>;
     auto* s = reinterpret_cast<c10::BFloat16*>(state + row * state_stride_bytes);
+    const int64_t global_row = row + row_offset;
     for (int64_t e = 0; e < W; ++e) {
       T* we = w[e / K] + e % K;
       T m = IO::load(s + e), v = IO::load(s + W + e);
       adam_element(we, &m, &v, g[e], b1, b2, eps, step_size);
-      IO::store(s + e, m, row, e, table_step);
-      IO::store(s + W + e, v, row, W + e, table_step);
+      IO::store(s + e, m, global_row, e, table_step);
+      IO::store(s + W + e, v, global_row, W + e, table_step);
     }
   }
 
@@ -264,11 +266,12 @@ struct RowStepper {
     const T t = rs[2] + T(1);
     rs[2] = t;
     const BiasCorrections<T> bc(c, t);
+    const int64_t global_row = row + row_offset;
     if constexpr (std::is_same_v<T, float> && std::is_same_v<S, c10::BFloat16>) {
-      rowwise_adam_bf16_row(w, m, rs, g, K, bc, c, row);
+      rowwise_adam_bf16_row(w, m, rs, g, K, bc, c, global_row);
     } else {
       for (int h = 0; h < 2; ++h)
-        rowwise_adam_row<T, S>(w[h], m + h * K, rs + h, g + h * K, K, bc, c, row, h * K);
+        rowwise_adam_row<T, S>(w[h], m + h * K, rs + h, g + h * K, K, bc, c, global_row, h * K);
     }
   }
 

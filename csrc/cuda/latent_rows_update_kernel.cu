@@ -22,7 +22,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(
     const scalar_t* __restrict__ grad_mu, const scalar_t* __restrict__ grad_logvar, int64_t B,
     int64_t K, int64_t row_stride, scalar_t* __restrict__ mu, scalar_t* __restrict__ logvar,
     S* __restrict__ state, int64_t state_stride, acc_t lr, acc_t b1, acc_t b2, acc_t eps,
-    acc_t step_size, int64_t table_step) {
+    acc_t step_size, int64_t table_step, int64_t row_offset) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= B * K) return;
   const int64_t j = t / K, k = t % K;  // position j in the sorted indices
@@ -46,8 +46,8 @@ __global__ void __launch_bounds__(kThreads) update_kernel(
       acc_t wi = w[i], mi = IO::load(m), vi = IO::load(v);
       adam_element(&wi, &mi, &vi, sum, b1, b2, eps, step_size);
       w[i] = static_cast<scalar_t>(wi);
-      IO::store(m, mi, row, e, table_step);
-      IO::store(v, vi, row, 2 * K + e, table_step);
+      IO::store(m, mi, row + row_offset, e, table_step);
+      IO::store(v, vi, row + row_offset, 2 * K + e, table_step);
     } else {
       w[i] = static_cast<scalar_t>(static_cast<acc_t>(w[i]) - lr * sum);
     }
@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(kThreads) rowwise_kernel(
     const T* __restrict__ grad_mu, const T* __restrict__ grad_logvar, int64_t B, int64_t K,
     int64_t row_stride, T* __restrict__ mu, T* __restrict__ logvar, S* __restrict__ state,
     int64_t state_stride, T* __restrict__ row_state, int64_t row_state_stride,
-    RowwiseConstants<T> c) {
+    RowwiseConstants<T> c, int64_t row_offset) {
   const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j >= B) return;
   const int64_t row = sorted[j];
@@ -91,8 +91,8 @@ __global__ void __launch_bounds__(kThreads) rowwise_kernel(
       const T* grad = which == 0 ? grad_mu : grad_logvar;
       for (int64_t k = 0; k < K; ++k) g[k] = run_sum(grad, perm, j, end, K, k);
       rowwise_adam_row<T, S>((which == 0 ? mu : logvar) + row * row_stride,
-                             state + row * state_stride + which * K, rs + which, g, K, bc, c, row,
-                             which * K);
+                             state + row * state_stride + which * K, rs + which, g, K, bc, c,
+                             row + row_offset, which * K);
     }
   } else {
     for (int which = 0; which < 2; ++which) {
@@ -118,7 +118,7 @@ void latent_rows_update(const RowUpdate& u) {
             sorted.data_ptr<int64_t>(), perm.data_ptr<int64_t>(),
             u.grad_mu.data_ptr<scalar_t>(), u.grad_logvar.data_ptr<scalar_t>(), B, K,
             u.row_stride, u.mu.data_ptr<scalar_t>(), u.logvar.data_ptr<scalar_t>(), state,
-            u.state_stride, u.row_state.data_ptr<scalar_t>(), u.row_state_stride, c);
+            u.state_stride, u.row_state.data_ptr<scalar_t>(), u.row_state_stride, c, u.row_offset);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       if (u.optimizer == RowOptimizer::kRowwiseAdagrad)
@@ -141,7 +141,7 @@ void latent_rows_update(const RowUpdate& u) {
           sorted.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), u.grad_mu.data_ptr<scalar_t>(),
           u.grad_logvar.data_ptr<scalar_t>(), B, K, u.row_stride, u.mu.data_ptr<scalar_t>(),
           u.logvar.data_ptr<scalar_t>(), state, u.state_stride, acc_t(u.lr), acc_t(u.beta1),
-          acc_t(u.beta2), acc_t(u.eps), acc_t(u.step_size), u.step);
+          acc_t(u.beta2), acc_t(u.eps), acc_t(u.step_size), u.step, u.row_offset);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (!adam)

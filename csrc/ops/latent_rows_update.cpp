@@ -40,7 +40,7 @@ int64_t check_state_rows(const at::Tensor& t, const char* name, at::IntArrayRef 
 RowUpdate make_row_update(const Kernels& kernels, const at::Tensor& mu, const at::Tensor& logvar,
                           const at::Tensor& state, c10::string_view optimizer, double lr,
                           double beta1, double beta2, double eps, int64_t step,
-                          const c10::optional<at::Tensor>& row_state) {
+                          const c10::optional<at::Tensor>& row_state, int64_t row_offset) {
   for (const auto* t : {&mu, &logvar})
     TORCH_CHECK_VALUE(t->dim() == 2 && t->sizes() == mu.sizes() && t->stride(0) == mu.stride(0) &&
                           t->stride(0) >= t->size(1) && (t->size(1) <= 1 || t->stride(1) == 1),
@@ -110,6 +110,9 @@ RowUpdate make_row_update(const Kernels& kernels, const at::Tensor& mu, const at
   u.beta2 = beta2;
   u.eps = eps;
   u.step = step;
+  TORCH_CHECK_VALUE(row_offset >= 0, "row_offset must be >= 0 (the global number of the "
+                    "table's row 0), got ", row_offset);
+  u.row_offset = row_offset;
   return u;
 }
 
@@ -119,10 +122,10 @@ void latent_rows_update_(const at::Tensor& mu, const at::Tensor& logvar, const a
                          const at::Tensor& idx, const at::Tensor& grad_mu,
                          const at::Tensor& grad_logvar, c10::string_view optimizer, double lr,
                          double beta1, double beta2, double eps, int64_t step,
-                         const c10::optional<at::Tensor>& row_state) {
+                         const c10::optional<at::Tensor>& row_state, int64_t row_offset) {
   const Kernels& kernels = kernels_for(mu);
   RowUpdate u = make_row_update(kernels, mu, logvar, state, optimizer, lr, beta1, beta2, eps, step,
-                                row_state);
+                                row_state, row_offset);
   check_idx(idx, mu);
   using Named = std::pair<const at::Tensor*, const char*>;
   for (const auto& [g, name] : {Named{&grad_mu, "grad_mu"}, Named{&grad_logvar, "grad_logvar"}}) {
@@ -151,11 +154,13 @@ TORCH_LIBRARY_FRAGMENT(halfvae_ext, m) {
   // in batch order, so the result is deterministic. optimizer: "adam" (state [rows, 4, K]),
   // "rowwise_adam" (state [rows, 2, K], row_state [rows, 3]), "rowwise_adagrad" (row_state
   // [rows, 2]) or "sgd"; state of mu's dtype or bfloat16, rows of state and row_state may be
-  // strided (views into one record per row).
+  // strided (views into one record per row). row_offset: the global number of row 0 when mu and
+  // logvar are one shard of a larger table (the random bits of bfloat16 rounding are the global
+  // row's).
   m.def(
       "latent_rows_update_(Tensor(a!) mu, Tensor(b!) logvar, Tensor(c!) state, Tensor idx, "
       "Tensor grad_mu, Tensor grad_logvar, str optimizer, float lr, float beta1, float beta2, "
-      "float eps, int step, Tensor(d!)? row_state=None) -> ()");
+      "float eps, int step, Tensor(d!)? row_state=None, int row_offset=0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(halfvae_ext, CPU, m) { halfvae::impls(m); }

@@ -33,6 +33,10 @@ struct RowUpdate {
   double lr = 0, beta1 = 0, beta2 = 0, eps = 0;
   double step_size = 0;  // Adam: lr * sqrt(1 - beta2^step) / (1 - beta1^step), as SparseAdam
   int64_t step = 0;      // the table's step count, this step included
+  // The whole table's number of row 0: a shard of a larger table (ShardedLatentTable) rounds
+  // bfloat16 moments with the bits of the global row, so any number of ranks steps bit for bit
+  // as one process. Only the rounding uses it.
+  int64_t row_offset = 0;
 };
 
 struct Kernels;
@@ -42,6 +46,6 @@ struct Kernels;
 RowUpdate make_row_update(const Kernels& kernels, const at::Tensor& mu, const at::Tensor& logvar,
                           const at::Tensor& state, c10::string_view optimizer, double lr,
                           double beta1, double beta2, double eps, int64_t step,
-                          const c10::optional<at::Tensor>& row_state);
+                          const c10::optional<at::Tensor>& row_state, int64_t row_offset);
 
 }  // namespace halfvae

@@ -32,13 +32,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reparam_gmm_kl_rows_backward_step
     const OptTensor& eps, const OptTensor& seed, int64_t reduction, bool prior_grads,
     c10::string_view optimizer, double lr, double beta1, double beta2, double adam_eps,
     int64_t step, const OptTensor& prior_index, int64_t kl_kind, bool range_checked,
-    const OptTensor& row_state) {
+    const OptTensor& row_state, int64_t row_offset) {
   const Kernels& kernels = kernels_for(mu);
   // Every check (the optimizer's, then the problem's, the index ranges last unless the forward
   // made them: range_checked) comes before anything is written.
   RowUpdate u =
       make_row_update(kernels, mu, logvar, state, optimizer, lr, beta1, beta2, adam_eps, step,
-                      row_state);
+                      row_state, row_offset);
   auto p = prepare_reparam_gmm_kl(kernels, mu, logvar, prior_logits, prior_means, prior_logvars,
                                   eps, seed, reduction, idx, prior_index, kl_kind, range_checked);
   p.extra_grad_mu = extra_row_gradient(grad_mu_rows, "grad_mu_rows", p, mu);
@@ -64,14 +64,15 @@ TORCH_LIBRARY_FRAGMENT(halfvae_ext, m) {
   // the gathered rows from other terms (a likelihood that uses mu and logvar), added to each
   // index's gradient before duplicates are summed and the rows stepped. range_checked: the
   // forward checked idx and prior_index (autograd passes True; see prepare_reparam_gmm_kl): then
-  // the step makes no host synchronization. Returns the prior's gradients.
+  // the step makes no host synchronization. row_offset: as latent_rows_update_'s. Returns the
+  // prior's gradients.
   m.def(
       "reparam_gmm_kl_rows_backward_step_(Tensor grad_z, Tensor grad_kl, Tensor? grad_mu_rows, "
       "Tensor? grad_logvar_rows, Tensor(a!) mu, Tensor(b!) logvar, Tensor(c!) state, Tensor idx, "
       "Tensor prior_logits, Tensor prior_means, Tensor prior_logvars, Tensor? eps, Tensor? seed, "
       "int reduction, bool prior_grads, str optimizer, float lr, float beta1, float beta2, "
       "float adam_eps, int step, Tensor? prior_index=None, int kl=0, bool range_checked=False, "
-      "Tensor(d!)? row_state=None) -> (Tensor, Tensor, Tensor)");
+      "Tensor(d!)? row_state=None, int row_offset=0) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(halfvae_ext, CPU, m) { halfvae::impls(m); }
