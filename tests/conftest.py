@@ -11,13 +11,15 @@ import halfvae_ext  # noqa: F401
 # graph cached at the CPU's own capability (AVX-512, 16 floats a vector) and reused under
 # ATEN_CPU_CAPABILITY=avx2 is built for 8-float vectors and sums every other 8 elements (x.sum()
 # of arange(64.) gives 880, not 2016), and under =default it does not compile ("'at::vec' has not
-# been declared"). A forced capability therefore gets a cache directory of its own (set before
-# anything compiles; inductor reads the variable when it first needs the cache, and child
-# processes inherit it). benchmarks/NOTES.md, "torch.compile under a forced capability".
-_FORCED_CAPABILITY = os.environ.get("ATEN_CPU_CAPABILITY")
-if _FORCED_CAPABILITY and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+# been declared"). The other way round, a graph cached under avx2 (8-float steps) and built for
+# AVX-512 reads and writes past its buffers: the process aborts. So every capability, the CPU's
+# own included, gets a cache directory of its own (set before anything compiles; inductor reads
+# the variable when it first needs the cache, and child processes inherit it), unless the user
+# chose one. benchmarks/NOTES.md, "torch.compile under a forced capability".
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
-        tempfile.gettempdir(), f"torchinductor_halfvae_{os.getuid()}_{_FORCED_CAPABILITY.lower()}")
+        tempfile.gettempdir(),
+        f"torchinductor_halfvae_{os.getuid()}_{torch.backends.cpu.get_cpu_capability().lower()}")
 
 
 def make_problem(N, K, C, dtype=torch.float32, device="cpu", seed=0, requires_grad=True,
