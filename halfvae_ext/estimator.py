@@ -401,8 +401,10 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         """Fit the model to X [n_samples, n_features].
 
         u: None, or the segment label (an integer) of every row, [n_samples]: the prior is then
-        conditional, one mixture per distinct label (``segments_``) and latent dimension. y is
-        ignored (scikit-learn's signature), so pass u by name.
+        conditional, one mixture per distinct label (``segments_``) and latent dimension, each
+        started at the mean and variance of its segment's starting latent means (the PCA
+        scores; ICA_EXPERIMENTS.md section 16). y is ignored (scikit-learn's signature), so pass
+        u by name.
 
         resume: continue the unfinished run held by this estimator (a fit stopped by
         ``stop_after``, or one restored by :meth:`load`) or, if none (e.g. after a fit was

@@ -191,6 +191,9 @@ class VAERecipe(Recipe):
                     random_orthogonal(K, generator)
                 linear.weight.copy_(R.float())
 
+    def initialize_prior(self, model: VAE, u) -> None:
+        """The prior keeps its default start (an encoder has no latent means before training)."""
+
     def make_optimizers(self, model: VAE) -> list:
         return [torch.optim.Adam([
             dict(params=model.encoder.parameters(), lr=self.encoder_learning_rate),

@@ -239,6 +239,38 @@ class GMMPrior(nn.Module):
         """True when the parameters are [U, K, C] and evaluating the prior needs u."""
         return self.logits.dim() == 3
 
+    @torch.no_grad()
+    def match_moments_(self, z: torch.Tensor, u: torch.Tensor) -> None:
+        """Shift and scale each group's mixtures so that the prior of group g, dimension k, has
+        the mean and variance of z[u == g, k] (z [n, K], u [n] groups in [0, U)). The components
+        keep their relative positions, widths and weights; a group without rows keeps its
+        mixture. A conditional prior then starts where the latents start, not at N(0, 1) for
+        every group (sources with per-segment means: ICA_EXPERIMENTS.md section 16)."""
+        if not self.conditional:
+            raise ValueError("match_moments_ is for a conditional prior (num_groups > 1)")
+        U, K = self.num_groups, self.num_latents
+        z = z.detach().to(torch.float64, copy=False).cpu()
+        u = torch.as_tensor(u).long().cpu()
+        if z.dim() != 2 or z.shape[1] != K or u.shape != (z.shape[0],):
+            raise ValueError(f"z must be [n, {K}] and u [n], got {tuple(z.shape)} and "
+                             f"{tuple(u.shape)}")
+        count = torch.bincount(u, minlength=U).to(torch.float64)[:, None]  # [U, 1]
+        mean = torch.zeros(U, K, dtype=torch.float64).index_add_(0, u, z) / count.clamp_min(1)
+        second = torch.zeros(U, K, dtype=torch.float64).index_add_(0, u, z * z)
+        var = (second / count.clamp_min(1) - mean * mean).clamp_min(1e-4)
+        pi = torch.softmax(self.logits.double(), -1).cpu()
+        m, v = self.means.double().cpu(), self.logvars.double().exp().cpu()
+        m0 = (pi * m).sum(-1)  # each mixture's mean and variance [U, K]
+        v0 = (pi * (v + m * m)).sum(-1) - m0 * m0
+        scale = (var / v0).sqrt()
+        has_rows = (count > 0).expand(U, K)[..., None]
+        new_means = torch.where(has_rows, mean[..., None] + scale[..., None] * (m - m0[..., None]),
+                                m)
+        new_logvars = torch.where(has_rows, self.logvars.double().cpu()
+                                  + 2 * scale.log()[..., None], self.logvars.double().cpu())
+        self.means.copy_(new_means.to(self.means))
+        self.logvars.copy_(new_logvars.to(self.logvars))
+
     def group_index(self, u, num_rows: int) -> torch.Tensor | None:
         """The ops' prior_index for ``num_rows`` rows of groups ``u`` (None for an unconditional
         prior, which takes no u). Raises ValueError naming u when it does not fit."""

@@ -7,7 +7,9 @@ experiments behind every choice).
   everything: posterior collapse).
 - Prior warm-up: for the first ``prior_warmup`` fraction of the epochs the GMM components keep
   their positions and weights and only their variances learn (a free 3-component mixture fits the
-  marginal of two mixed sub-Gaussian sources well enough to keep them mixed).
+  marginal of two mixed sub-Gaussian sources well enough to keep them mixed). A conditional prior
+  (segments u) first moves each segment's mixtures to the moments of that segment's starting
+  latent means, so the positions it keeps are the data's.
 - Adam, a larger rate for the latent table; both rates decay along a half cosine over the last
   ``lr_decay`` fraction of the epochs (``lr_factor``), which settles the table rows.
 - A noise schedule ``noise=(start, end)``: the observation noise std is held at ``start`` for the
@@ -295,12 +297,22 @@ class Recipe:
             opt_table = torch.optim.Adam(table, lr=self.table_learning_rate)
         return [opt_table, torch.optim.Adam(rest)]
 
-    def start(self, Xw: torch.Tensor, restart: int, seed: int, device) -> LiveRestart:
-        """Build and initialize restart ``restart`` (its generator seeded with ``seed``)."""
+    def start(self, Xw: torch.Tensor, restart: int, seed: int, device, u=None) -> LiveRestart:
+        """Build and initialize restart ``restart`` (its generator seeded with ``seed``); u: the
+        segment of every row (a conditional prior), or None."""
         g = torch.Generator(device=device).manual_seed(seed)
         model = self.build_model(Xw.shape[0], Xw.shape[1], device)
         self.initialize(model, Xw, restart, seed, g)
+        if u is not None:
+            self.initialize_prior(model, u)
         return LiveRestart(model, self.make_optimizers(model), g, [])
+
+    def initialize_prior(self, model: HalfVAE, u: torch.Tensor) -> None:
+        """A conditional prior starts at the per-segment moments of the starting latent means
+        (GMMPrior.match_moments_): with per-segment source means (iVAE's "uncentered" sources) a
+        prior held at mean 0 through the warm-up pulls every segment's rows toward 0."""
+        with torch.no_grad():
+            model.prior.match_moments_(model.latents.mu, u)
 
     def restore(self, model_state: dict, optimizer_states: list, generator_state: torch.Tensor,
                 history, Xw: torch.Tensor, device) -> LiveRestart:

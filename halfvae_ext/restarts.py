@@ -161,7 +161,8 @@ def run_restarts(run: RunState, recipe: Recipe, Xw: torch.Tensor, device, *,
             if run.current is not None:
                 live = run.current.resume(recipe, Xw, device)
             else:
-                live = recipe.start(Xw, run.restart, run.seeds[run.restart], device)
+                live = recipe.start(Xw, run.restart, run.seeds[run.restart], device,
+                                    *(() if u is None else (u,)))
             run.current = None
         if run.epoch >= recipe.max_iter:
             # u only when given, so that recipes (and test doubles) without segments are unchanged.

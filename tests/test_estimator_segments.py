@@ -153,7 +153,8 @@ def test_u_identifies_gaussian_sources_that_no_unconditional_model_can():
 
     Measured (benchmarks/ICA_EXPERIMENTS.md, section 13; seeds 400-404, 1000 epochs for 400 and
     401, 300 for the others): MCC with u 0.996-0.9995, without u 0.75-0.93; on this seed 0.9989
-    with u and 0.761 without. The thresholds leave margin on both sides, and the second assert
+    with u and 0.761 without (0.9992 with u since the prior starts at the segments' moments,
+    section 16). The thresholds leave margin on both sides, and the second assert
     fails if fit ignored u."""
     p = make_nonstationary(100, 10, 3, n_layers=1, random_state=400)
     params = dict(n_mixture=1, max_iter=1000, n_restarts=1, tol=None, random_state=0)
@@ -170,11 +171,12 @@ def test_u_improves_nonlinear_ica_on_nonstationary_sources():
     with the settings of benchmarks/ICA_EXPERIMENTS.md section 15 (residual decoder, one
     Gaussian per segment, the noise schedule (0.5, 0.05), 600 epochs).
 
-    Measured on seeds 300-304, MCC: with u 0.881, 0.856, 0.711, 0.949, 0.940; without u 0.756,
-    0.803, 0.641, 0.757, 0.704; with u and the noise fixed at 0.5 0.835, 0.786, 0.692, 0.901,
-    0.891 (the schedule ahead on every seed, by 0.02-0.07). Seed 303 here: 0.949, 0.757, 0.901;
-    the thresholds leave 0.04-0.05 of margin, and fail if u were ignored or the schedule were
-    no better than its start."""
+    Measured on seeds 300-304, MCC, with the prior started at the segments' moments (section
+    16): with u 0.890, 0.864, 0.768, 0.961, 0.946; with u and the noise fixed at 0.5 0.839,
+    0.798, 0.716, 0.898, 0.893 (the schedule ahead on every seed, by 0.05-0.07); without u
+    (no conditional prior, unchanged) 0.756, 0.803, 0.641, 0.757, 0.704. Seed 303 here: 0.961,
+    0.757, 0.898; the thresholds leave 0.04-0.06 of margin, and fail if u were ignored or the
+    schedule were no better than its start."""
     p = make_nonstationary(250, 12, 3, n_layers=2, random_state=303)
     params = dict(decoder="residual", n_mixture=1, noise=(0.5, 0.05), max_iter=600,
                   n_restarts=1, tol=None, random_state=0)

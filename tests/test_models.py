@@ -390,3 +390,39 @@ def test_halfvae_fused_adam_table_steps_exactly_like_sparse_adam(draw, num_group
     torch.testing.assert_close(fused.logvar.detach(), sparse.logvar.detach(), rtol=1e-12,
                                atol=1e-12)
     assert torch.equal(fused.mu[150:], mu0[150:])  # untouched rows keep their values
+
+
+@pytest.mark.parametrize("C", [1, 3])
+def test_conditional_prior_matches_the_moments_of_each_groups_latents(C):
+    """match_moments_: group g's mixture of dimension k gets the mean and variance of
+    z[u == g, k], keeps its shape (relative means, weights); a group without rows is unchanged;
+    an unconditional prior refuses."""
+    gen = torch.Generator().manual_seed(0)
+    U, K, n = 4, 3, 600
+    prior = GMMPrior(K, C, num_groups=U, jitter=0.2, generator=gen)
+    with torch.no_grad():
+        prior.logits.copy_(torch.randn(U, K, C, generator=gen))
+    u = torch.randint(0, U - 1, (n,), generator=gen)  # group U - 1 has no rows
+    z = torch.randn(n, K, generator=gen, dtype=torch.float64) * (1 + u[:, None]) + 3 * u[:, None]
+    before = {k: v.detach().clone() for k, v in prior.state_dict().items()}
+    prior.match_moments_(z, u)
+    pi = torch.softmax(prior.logits.double(), -1)
+    m, v = prior.means.double(), prior.logvars.double().exp()
+    mean = (pi * m).sum(-1)
+    var = (pi * (v + m * m)).sum(-1) - mean ** 2
+    for g in range(U - 1):
+        zg = z[u == g]
+        torch.testing.assert_close(mean[g], zg.mean(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(var[g], zg.var(0, unbiased=False), rtol=1e-4, atol=1e-5)
+    # the shape is kept: the components' offsets from the mean scale alike, weights unchanged
+    assert torch.equal(prior.logits, before["logits"])
+    if C > 1:
+        m_old = before["means"].double()
+        offsets_old = m_old - (pi * m_old).sum(-1, keepdim=True)
+        offsets_new = m - mean[..., None]
+        ratio = offsets_new[:U - 1] / offsets_old[:U - 1]
+        torch.testing.assert_close(ratio, ratio[..., :1].expand_as(ratio), rtol=1e-4, atol=1e-6)
+    assert torch.equal(prior.means[U - 1], before["means"][U - 1])
+    assert torch.equal(prior.logvars[U - 1], before["logvars"][U - 1])
+    with pytest.raises(ValueError, match="conditional"):
+        GMMPrior(K, C).match_moments_(z, u)
