@@ -70,7 +70,7 @@ from torch import nn
 from . import _C  # noqa: F401  (registers the operators)
 from .ops import _kl_code, philox_normal_rows
 from .table_memory import empty_table
-from .table_optim import FusedRowOptimizer, check_fused_optimizer
+from .table_optim import FUSED_OPTIMIZERS, FusedRowOptimizer, check_fused_optimizer
 
 __all__ = ["ShardedLatentTable", "all_reduce_gradients", "init_process_group", "save_checkpoint",
            "load_checkpoint", "row_block"]
@@ -192,10 +192,6 @@ class _Plan:
         return out
 
 
-# The fused optimizers a sharded table can use (LatentTable's).
-SHARDED_OPTIMIZERS = ("adam", "rowwise_adam", "rowwise_adagrad", "sgd")
-
-
 class ShardedLatentTable(nn.Module):
     """q(z_n) = N(mu[n], diag(exp(logvar[n]))) for num_rows data points, rows split across the
     ranks of `process_group` (default: the world) in contiguous blocks (:func:`row_block`); each
@@ -232,8 +228,8 @@ class ShardedLatentTable(nn.Module):
         for name, v in (("num_rows", num_rows), ("num_latents", num_latents)):
             if isinstance(v, bool) or not isinstance(v, Integral) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        if fused_optimizer not in SHARDED_OPTIMIZERS:
-            raise ValueError(f"fused_optimizer must be one of {SHARDED_OPTIMIZERS} (a sharded "
+        if fused_optimizer not in FUSED_OPTIMIZERS:
+            raise ValueError(f"fused_optimizer must be one of {FUSED_OPTIMIZERS} (a sharded "
                              f"table is always stepped in its backward), got {fused_optimizer!r}")
         check_fused_optimizer(fused_optimizer, dtype or torch.get_default_dtype(), state_dtype)
         if isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= seed < 2**63:

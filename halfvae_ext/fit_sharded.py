@@ -28,6 +28,7 @@ import torch.distributed as dist
 from .distributed import (ShardedLatentTable, all_reduce_gradients, init_process_group,
                           load_checkpoint, save_checkpoint)
 from .models import HalfVAE
+from .table_optim import FUSED_OPTIMIZERS, check_fused_optimizer
 
 
 def _ensure_env():
@@ -196,8 +197,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--components", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-2, help="prior and decoder (Adam)")
     p.add_argument("--table-lr", type=float, default=5e-2, help="latent table (fused step)")
-    p.add_argument("--table-optimizer", default="adam",
-                   choices=["adam", "rowwise_adam", "rowwise_adagrad", "sgd"],
+    p.add_argument("--table-optimizer", default="adam", choices=FUSED_OPTIMIZERS,
                    help="the latent table's fused optimizer (rowwise_*: one second moment per "
                         "row, 2 of 3 cache lines a row)")
     p.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16"],
@@ -217,9 +217,11 @@ def main(argv=None):
     for name in ("latent_dim", "batch_size", "checkpoint_every"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.state_dtype == "bfloat16" and args.table_optimizer in ("sgd", "rowwise_adagrad"):
-        raise SystemExit(f"--state-dtype bfloat16: --table-optimizer {args.table_optimizer} keeps "
-                         f"no per-element moments (bfloat16 is for adam and rowwise_adam)")
+    try:  # the table's own rule, before any process group starts
+        check_fused_optimizer(args.table_optimizer, torch.float32,
+                              getattr(torch, args.state_dtype))
+    except ValueError as e:
+        raise SystemExit(f"--state-dtype {args.state_dtype}: {e}")
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise SystemExit(f"--out: no directory for {args.out!r}")
     fit(args)

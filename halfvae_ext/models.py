@@ -259,15 +259,14 @@ class GMMPrior(nn.Module):
         second = torch.zeros(U, K, dtype=torch.float64).index_add_(0, u, z * z)
         var = (second / count.clamp_min(1) - mean * mean).clamp_min(1e-4)
         pi = torch.softmax(self.logits.double(), -1).cpu()
-        m, v = self.means.double().cpu(), self.logvars.double().exp().cpu()
+        m, lv = self.means.double().cpu(), self.logvars.double().cpu()
         m0 = (pi * m).sum(-1)  # each mixture's mean and variance [U, K]
-        v0 = (pi * (v + m * m)).sum(-1) - m0 * m0
+        v0 = (pi * (lv.exp() + m * m)).sum(-1) - m0 * m0
         scale = (var / v0).sqrt()
         has_rows = (count > 0).expand(U, K)[..., None]
         new_means = torch.where(has_rows, mean[..., None] + scale[..., None] * (m - m0[..., None]),
                                 m)
-        new_logvars = torch.where(has_rows, self.logvars.double().cpu()
-                                  + 2 * scale.log()[..., None], self.logvars.double().cpu())
+        new_logvars = torch.where(has_rows, lv + 2 * scale.log()[..., None], lv)
         self.means.copy_(new_means.to(self.means))
         self.logvars.copy_(new_logvars.to(self.logvars))
 

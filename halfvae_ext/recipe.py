@@ -311,8 +311,7 @@ class Recipe:
         """A conditional prior starts at the per-segment moments of the starting latent means
         (GMMPrior.match_moments_): with per-segment source means (iVAE's "uncentered" sources) a
         prior held at mean 0 through the warm-up pulls every segment's rows toward 0."""
-        with torch.no_grad():
-            model.prior.match_moments_(model.latents.mu, u)
+        model.prior.match_moments_(model.latents.mu, u)
 
     def restore(self, model_state: dict, optimizer_states: list, generator_state: torch.Tensor,
                 history, Xw: torch.Tensor, device) -> LiveRestart:
