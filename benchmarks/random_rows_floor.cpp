@@ -8,6 +8,11 @@
 //
 // The increase from the smallest size to a large one is what any step touching these bytes pays
 // at that table size (one thread): the floor under the fused step's growth with N.
+//
+// The last two columns read one line per row (a forward's gather of a row's table values, the
+// kernels' prefetch pattern), and the cost of reading the same rows a second time right after:
+// their lines are in L2 then (4096 x 64 bytes), so what the second pass pays over a small table
+// is address translation (TLB misses: 2 MiB pages cover 6400 x 2 MiB at 1e8 compact rows).
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -64,8 +69,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: %s MiB [MiB ...]  (table + Adam state sizes)\n", argv[0]);
     return 2;
   }
-  std::printf("%10s %12s %12s %16s %14s\n", "MiB", "rows", "no prefetch", "next block (128)",
-              "stream (32)");
+  std::printf("%10s %12s %12s %16s %14s %12s %12s\n", "MiB", "rows", "no prefetch",
+              "next block (128)", "stream (32)", "read 1 line", "again");
   for (int a = 1; a < argc; ++a) {
     const size_t bytes = size_t(std::strtoull(argv[a], nullptr, 10)) << 20;
     const size_t rows = bytes / (kRowBytes + kStateBytes);
@@ -98,7 +103,22 @@ int main(int argc, char** argv) {
         t.update(ix[b]);
       }
     });
-    std::printf("%10s %12zu %9.1f us %13.1f us %11.1f us\n", argv[a], rows, none, block, stream);
+    volatile float sink = 0;
+    const auto read_rows = [&](const size_t* ix, int passes) {
+      float acc = 0;
+      for (int pass = 0; pass < passes; ++pass)
+        for (int b0 = 0; b0 < kBatch; b0 += 128) {
+          for (int b = b0 + 128; b < std::min(kBatch, b0 + 256); ++b)
+            __builtin_prefetch(t.table + ix[b] * kRowBytes, 0, 3);
+          for (int b = b0; b < b0 + 128; ++b)
+            acc += *reinterpret_cast<const float*>(t.table + ix[b] * kRowBytes);
+        }
+      sink = acc;
+    };
+    const double once = best_us(idx, [&](const size_t* ix) { read_rows(ix, 1); });
+    const double twice = best_us(idx, [&](const size_t* ix) { read_rows(ix, 2); });
+    std::printf("%10s %12zu %9.1f us %13.1f us %11.1f us %9.1f us %9.1f us\n", argv[a], rows,
+                none, block, stream, once, twice - once);
     std::free(p);
   }
   return 0;
