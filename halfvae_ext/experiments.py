@@ -411,7 +411,7 @@ def run_nonstationary_method(method, P, seed, *, uncentered=False, max_iter=1500
 
 def run_nonstationary(seeds=(0, 1, 2), methods=NONSTATIONARY_METHODS, *, n_per_segment=1000,
                       n_segments=40, n_sources=5, n_layers=2, activation="lrelu",
-                      uncentered=False, progress=None, **settings):
+                      uncentered=False, benchmark="ivae", progress=None, **settings):
     """Every method on ``make_nonstationary(..., random_state=seed)`` for every seed (the data
     seed is also the method's random_state); ``settings`` go to
     :func:`run_nonstationary_method`. Returns {method: {"mcc": [...], "mcc_abs": [...],
@@ -420,10 +420,12 @@ def run_nonstationary(seeds=(0, 1, 2), methods=NONSTATIONARY_METHODS, *, n_per_s
     for every method (TCL's own metric, so all methods can be compared on it)."""
     out = {"config": dict(seeds=[int(s) for s in seeds], n_per_segment=n_per_segment,
                           n_segments=n_segments, n_sources=n_sources, n_layers=n_layers,
-                          activation=activation, uncentered=uncentered, **settings)}
+                          activation=activation, uncentered=uncentered, benchmark=benchmark,
+                          **settings)}
     for seed in seeds:
         P = make_nonstationary(n_per_segment, n_segments, n_sources, n_layers=n_layers,
-                               activation=activation, uncentered=uncentered, random_state=seed)
+                               activation=activation, uncentered=uncentered,
+                               benchmark=benchmark, random_state=seed)
         for method in methods:
             t0 = time.perf_counter()
             with torch_threads(1):

@@ -433,6 +433,35 @@ def test_nonstationary_mixer_activation_and_inverse(activation, slope):
     np.testing.assert_allclose(lin.S @ lin.mixer.matrices[0], lin.X, rtol=1e-12)
 
 
+def test_nonstationary_icebeem_simulation():
+    # ICE-BeeM's gen_TCL_data_ortho: standardized e, scales U(0.01, 3), n_layers - 1 layers of
+    # (activation, then an orthogonal matrix).
+    n_per, n_seg = 20000, 8
+    p = ica.make_nonstationary(n_per, n_seg, 3, n_layers=3, benchmark="icebeem", random_state=5)
+    assert p.name == "nonstationary_lrelu3_icebeem" and p.mixer.activation_first
+    assert len(p.mixer.matrices) == 2
+    for A in p.mixer.matrices:
+        np.testing.assert_allclose(A @ A.T, np.eye(3), atol=1e-12)
+    f = lambda h: np.where(h >= 0, h, 0.2 * h)
+    A1, A2 = p.mixer.matrices
+    np.testing.assert_allclose(f(f(p.S) @ A1) @ A2, p.X, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(p.mixer.inverse(p.X), p.S, atol=1e-9)
+    std = p.S.reshape(n_seg, n_per, 3).std(axis=1)
+    assert std.min() > 0.0 and std.max() < 3.0 * 1.03 and std.min() < 0.5  # scales U(0.01, 3)
+    assert np.abs(p.S.reshape(n_seg, n_per, 3).mean(axis=1)).max() < 0.05 * 3.0
+    one = ica.make_nonstationary(100, 2, 3, n_layers=1, benchmark="icebeem", random_state=5)
+    np.testing.assert_array_equal(one.X, one.S)  # no layer: the sources themselves
+    unc = ica.make_nonstationary(n_per, n_seg, 3, benchmark="icebeem", uncentered=True,
+                                 activation="xtanh", random_state=5)
+    means = unc.S.reshape(n_seg, n_per, 3).mean(axis=1)
+    assert np.abs(means).max() < 3.0 + 0.1 and np.ptp(means) > 2.0  # means U(-3, 3)
+    np.testing.assert_allclose(unc.mixer.inverse(unc.X), unc.S, atol=1e-9)
+    # The iVAE simulation is unchanged by the option (same draws for the same seed).
+    np.testing.assert_array_equal(
+        ica.make_nonstationary(50, 3, 3, benchmark="ivae", random_state=1).X,
+        ica.make_nonstationary(50, 3, 3, random_state=1).X)
+
+
 def test_nonstationary_noise():
     clean = ica.make_nonstationary(500, 4, 3, random_state=9)
     noisy = ica.make_nonstationary(500, 4, 3, noise=0.1, random_state=9)
@@ -447,6 +476,7 @@ def test_nonstationary_noise():
      ({"activation": "relu"}, "activation"), ({"distribution": "cauchy"}, "distribution"),
      ({"uncentered": 1}, "uncentered"), ({"slope": 0.0}, "slope"), ({"slope": -0.1}, "slope"),
      ({"noise": -1.0}, "noise"), ({"n_cond_draws": 0}, "n_cond_draws"),
+     ({"benchmark": "tcl"}, "benchmark"),
      ({"random_state": "x"}, "random_state")],
 )
 def test_nonstationary_argument_errors(kw, name):

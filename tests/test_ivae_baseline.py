@@ -45,7 +45,15 @@ def test_run_nonstationary_reports_every_method():
         for metric in ("mcc", "mcc_abs"):
             assert len(out[method][metric]) == 1 and 0.0 <= out[method][metric][0] <= 1.0
     assert out["tcl"]["mcc"] == out["tcl"]["mcc_abs"]  # TCL recovers |s| only
-    assert out["config"]["n_segments"] == 3
+    assert out["config"]["n_segments"] == 3 and out["config"]["benchmark"] == "ivae"
+
+
+def test_run_nonstationary_on_icebeems_simulation():
+    out = run_nonstationary([0], ["fastica"], n_per_segment=40, n_segments=3, n_sources=2,
+                            n_layers=1, benchmark="icebeem")
+    assert out["config"]["benchmark"] == "icebeem"
+    # ICE-BeeM's one layer is X = S: FastICA recovers the (non-Gaussian per segment) sources.
+    assert out["fastica"]["mcc"][0] > 0.9
 
 
 def test_tcl_recovers_the_sources_absolute_values_from_the_segments():

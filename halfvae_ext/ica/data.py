@@ -48,8 +48,11 @@ _SOURCE_KINDS = ("laplace", "uniform", "mixed", "assorted")
 _ASSORTED_KINDS = ("laplace", "uniform", "bimodal", "periodic")
 _DISTRIBUTIONS = ("laplace", "gaussian")
 _MIXER_ACTIVATIONS = ("lrelu", "xtanh")
-# Default slopes of the iVAE / ICE-BeeM benchmark: leaky ReLU 0.2, xtanh(x) = tanh(x) + 0.1 x.
+# Default slopes: leaky ReLU 0.2 (ICE-BeeM's and TCL's code, and issue 14's setting; the iVAE
+# code's default is 0.1), xtanh(x) = tanh(x) + 0.1 x (the iVAE code).
 _DEFAULT_SLOPES = {"lrelu": 0.2, "xtanh": 0.1}
+# Whose simulation make_nonstationary follows (see its docstring).
+_NONSTATIONARY_BENCHMARKS = ("ivae", "icebeem")
 
 
 @dataclass(eq=False)  # eq=False: element-wise array comparison makes a generated __eq__ useless
@@ -342,7 +345,9 @@ class NonstationaryMixer:
     """The mixing MLP of the iVAE / ICE-BeeM benchmark, in their row-vector convention.
 
     ``matrices[i]``: [d, d]; ``mixer(S)`` computes ``H = S``, then for each layer
-    ``H = H @ matrices[i]`` followed by the activation on every layer but the last. Activation:
+    ``H = H @ matrices[i]`` followed by the activation on every layer but the last (the iVAE
+    code); with ``activation_first``, ``H = act(H) @ matrices[i]`` for every layer (ICE-BeeM's
+    code: the activation acts on the sources first, none after the last matrix). Activation:
     "lrelu" (``x`` if x >= 0 else ``slope * x``) or "xtanh" (``tanh(x) + slope * x``). Both are
     strictly increasing (slope > 0), so with invertible matrices the map is a bijection and
     ``inverse`` undoes it.
@@ -351,6 +356,7 @@ class NonstationaryMixer:
     matrices: tuple
     activation: str = "lrelu"
     slope: float = 0.2
+    activation_first: bool = False
 
     def _act(self, H):
         if self.activation == "lrelu":
@@ -373,6 +379,10 @@ class NonstationaryMixer:
     def __call__(self, S: np.ndarray) -> np.ndarray:
         """S: [n, d] -> X: [n, d]."""
         H = np.asarray(S, dtype=np.float64)
+        if self.activation_first:
+            for A in self.matrices:
+                H = self._act(H) @ A
+            return H
         last = len(self.matrices) - 1
         for i, A in enumerate(self.matrices):
             H = H @ A
@@ -383,6 +393,10 @@ class NonstationaryMixer:
     def inverse(self, X: np.ndarray) -> np.ndarray:
         """X: [n, d] -> S: [n, d], the inverse of ``__call__`` (up to rounding)."""
         H = np.asarray(X, dtype=np.float64)
+        if self.activation_first:
+            for A in reversed(self.matrices):
+                H = self._act_inverse(np.linalg.solve(A.T, H.T).T)
+            return H
         last = len(self.matrices) - 1
         for i in reversed(range(len(self.matrices))):
             if i < last:
@@ -420,7 +434,7 @@ def make_nonstationary(n_per_segment: int = 1000, n_segments: int = 40, n_source
                        n_layers: int = 2, activation: str = "lrelu",
                        distribution: str = "gaussian", uncentered: bool = False,
                        slope: float | None = None, noise: float = 0.0, n_cond_draws: int = 10000,
-                       random_state=None) -> ICAProblem:
+                       benchmark: str = "ivae", random_state=None) -> ICAProblem:
     """The nonstationary nonlinear-ICA benchmark of the iVAE (Khemakhem et al. 2020) and ICE-BeeM
     (Khemakhem et al. 2020) code, written from its description.
 
@@ -438,6 +452,15 @@ def make_nonstationary(n_per_segment: int = 1000, n_segments: int = 40, n_source
     Unlike the other generators the sources are *not* standardized: they are mixed as drawn, as in
     the iVAE code (with uncentered means, or the xtanh activation, the scale changes how nonlinear
     the mix is). MCC does not depend on a source's scale or offset.
+
+    ``benchmark="icebeem"``: ICE-BeeM's simulation instead (its ``gen_TCL_data_ortho``, the data
+    behind the figures its paper and repository report), an easier problem at the same
+    ``n_layers``: the e's standardized over all rows, scales ``L ~ U(0.01, 3)``, means
+    ``U(-3, 3)`` when ``uncentered``, and ``n_layers - 1`` layers each of the activation, then a
+    random orthogonal matrix (Haar; condition number 1, no threshold), so ``n_layers=1`` is
+    ``X = S`` and the first activation acts on the sources themselves
+    (``NonstationaryMixer(activation_first=True)``). Its configuration: 5 sources, 20 segments,
+    100-2000 points a segment, leaky ReLU 0.2, 2 or 4 layers, centered.
 
     Returns X, S [n_per_segment * n_segments, n_sources], A None, ``mixer`` (``mixer(S)`` is the
     noise-free X) and ``u`` [n] int64 segment labels 0 .. n_segments - 1 (non-decreasing).
@@ -459,7 +482,11 @@ def make_nonstationary(n_per_segment: int = 1000, n_segments: int = 40, n_source
                          "got 0.0")
     noise = _check_real("noise", noise, 0.0, np.inf, high_open=True)
     n_cond_draws = _check_int("n_cond_draws", n_cond_draws, 1)
+    benchmark = _check_choice("benchmark", benchmark, _NONSTATIONARY_BENCHMARKS)
     rng = _rng(random_state)
+    if benchmark == "icebeem":
+        return _icebeem_nonstationary(rng, n_per_segment, n_segments, n_sources, n_layers,
+                                      activation, distribution, uncentered, slope, noise)
 
     shape = (n_segments, n_sources)
     scales = rng.uniform(0.5, 3.0, size=shape)
@@ -479,6 +506,31 @@ def make_nonstationary(n_per_segment: int = 1000, n_segments: int = 40, n_source
     if noise > 0:
         X = X + noise * rng.standard_normal(X.shape)
     return ICAProblem(X=X, S=S, A=None, name=f"nonstationary_{activation}{n_layers}",
+                      mixer=mixer, u=u)
+
+
+def _icebeem_nonstationary(rng, n_per_segment, n_segments, n_sources, n_layers, activation,
+                           distribution, uncentered, slope, noise) -> ICAProblem:
+    """make_nonstationary(benchmark="icebeem"), arguments checked."""
+    from scipy.stats import ortho_group
+
+    u = np.repeat(np.arange(n_segments, dtype=np.int64), n_per_segment)
+    n = u.shape[0]
+    e = rng.standard_normal((n, n_sources)) if distribution == "gaussian" else \
+        rng.laplace(size=(n, n_sources))
+    std = e.std(axis=0)
+    e = (e - e.mean(axis=0)) / np.where(std > 0, std, 1.0)  # a single row stays 0
+    shape = (n_segments, n_sources)
+    scales = rng.uniform(0.01, 3.0, size=shape)
+    means = rng.uniform(-3.0, 3.0, size=shape) if uncentered else np.zeros(shape)
+    S = means[u] + scales[u] * e
+    matrices = tuple(ortho_group.rvs(n_sources, random_state=rng) if n_sources > 1
+                     else np.ones((1, 1)) for _ in range(n_layers - 1))
+    mixer = NonstationaryMixer(matrices, activation, slope, activation_first=True)
+    X = mixer(S)
+    if noise > 0:
+        X = X + noise * rng.standard_normal(X.shape)
+    return ICAProblem(X=X, S=S, A=None, name=f"nonstationary_{activation}{n_layers}_icebeem",
                       mixer=mixer, u=u)
 
 
