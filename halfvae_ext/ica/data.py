@@ -485,9 +485,23 @@ def make_nonstationary(n_per_segment: int = 1000, n_segments: int = 40, n_source
     benchmark = _check_choice("benchmark", benchmark, _NONSTATIONARY_BENCHMARKS)
     rng = _rng(random_state)
     if benchmark == "icebeem":
-        return _icebeem_nonstationary(rng, n_per_segment, n_segments, n_sources, n_layers,
-                                      activation, distribution, uncentered, slope, noise)
+        S, mixer, u = _icebeem_sources_and_mixer(rng, n_per_segment, n_segments, n_sources,
+                                                 n_layers, activation, distribution, uncentered,
+                                                 slope)
+    else:
+        S, mixer, u = _ivae_sources_and_mixer(rng, n_per_segment, n_segments, n_sources,
+                                              n_layers, activation, distribution, uncentered,
+                                              slope, n_cond_draws)
+    X = mixer(S)
+    if noise > 0:
+        X = X + noise * rng.standard_normal(X.shape)
+    name = f"nonstationary_{activation}{n_layers}" + ("_icebeem" if benchmark == "icebeem" else "")
+    return ICAProblem(X=X, S=S, A=None, name=name, mixer=mixer, u=u)
 
+
+def _ivae_sources_and_mixer(rng, n_per_segment, n_segments, n_sources, n_layers, activation,
+                            distribution, uncentered, slope, n_cond_draws):
+    """make_nonstationary(benchmark="ivae")'s sources S, mixer and labels u, arguments checked."""
     shape = (n_segments, n_sources)
     scales = rng.uniform(0.5, 3.0, size=shape)
     means = rng.uniform(-5.0, 5.0, size=shape) if uncentered else np.zeros(shape)
@@ -502,16 +516,13 @@ def make_nonstationary(n_per_segment: int = 1000, n_segments: int = 40, n_source
     mixer = NonstationaryMixer(
         tuple(_nonstationary_matrix(rng, n_sources, threshold) for _ in range(n_layers)),
         activation, slope)
-    X = mixer(S)
-    if noise > 0:
-        X = X + noise * rng.standard_normal(X.shape)
-    return ICAProblem(X=X, S=S, A=None, name=f"nonstationary_{activation}{n_layers}",
-                      mixer=mixer, u=u)
+    return S, mixer, u
 
 
-def _icebeem_nonstationary(rng, n_per_segment, n_segments, n_sources, n_layers, activation,
-                           distribution, uncentered, slope, noise) -> ICAProblem:
-    """make_nonstationary(benchmark="icebeem"), arguments checked."""
+def _icebeem_sources_and_mixer(rng, n_per_segment, n_segments, n_sources, n_layers, activation,
+                               distribution, uncentered, slope):
+    """make_nonstationary(benchmark="icebeem")'s sources S, mixer and labels u, arguments
+    checked."""
     from scipy.stats import ortho_group
 
     u = np.repeat(np.arange(n_segments, dtype=np.int64), n_per_segment)
@@ -526,12 +537,7 @@ def _icebeem_nonstationary(rng, n_per_segment, n_segments, n_sources, n_layers, 
     S = means[u] + scales[u] * e
     matrices = tuple(ortho_group.rvs(n_sources, random_state=rng) if n_sources > 1
                      else np.ones((1, 1)) for _ in range(n_layers - 1))
-    mixer = NonstationaryMixer(matrices, activation, slope, activation_first=True)
-    X = mixer(S)
-    if noise > 0:
-        X = X + noise * rng.standard_normal(X.shape)
-    return ICAProblem(X=X, S=S, A=None, name=f"nonstationary_{activation}{n_layers}_icebeem",
-                      mixer=mixer, u=u)
+    return S, NonstationaryMixer(matrices, activation, slope, activation_first=True), u
 
 
 def make_underdetermined(n_samples: int = 5000, n_sources: int = 3, n_observed: int = 2,
