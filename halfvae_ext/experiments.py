@@ -24,8 +24,8 @@ Methods:
 - ``halfvae_fastica``: Half-VAE warm-started from FastICA's sources (``init="fastica"``, opt-in;
   not the default, which runs no other ICA algorithm).
 - ``halfvae_u`` (nonstationary): Half-VAE given u, one prior mixture component per segment and
-  latent (residual decoder, the noise schedule (0.5, 0.05), 600 epochs, one restart:
-  ICA_EXPERIMENTS.md sections 13 and 15).
+  latent (residual decoder, the noise schedule (0.5, 0.05), a full posterior with the latents
+  realigned, 600 epochs, one restart: ICA_EXPERIMENTS.md sections 13, 15 and 19).
 - ``vae``: a VAE with an MLP encoder, trained with the same recipe (whitening, closed-form
   expected log-likelihood for the linear decoder, prior warm-up, restarts chosen by ELBO).
 - ``ivae`` (nonstationary): :func:`fit_ivae`, encoder q(z | x, u), Gaussian prior with
@@ -509,7 +509,8 @@ def run_method(method: str, problem: str, P, seed: int, quick: bool = False):
                          n_restarts=1, max_iter=s["max_iter"], random_state=seed)
     elif method == "halfvae_u":
         est = HalfVAEICA(K, decoder="residual", n_mixture=1, noise=(0.5, 0.05), tol=None,
-                         random_state=seed, **_nonstationary_settings(quick)["halfvae_u"])
+                         posterior_covariance="full", random_state=seed,
+                         **_nonstationary_settings(quick)["halfvae_u"])
     else:
         est = None
     if est is not None:

@@ -159,12 +159,18 @@ class _GaussianLikelihood(nn.Module):
         return -0.5 * (LOG_2PI + lv + d * d * torch.exp(-lv)).sum(dim=-1)
 
     def expected_log_prob_linear(self, x: torch.Tensor, linear: nn.Linear, mu: torch.Tensor,
-                                 logvar: torch.Tensor) -> torch.Tensor:
+                                 logvar: torch.Tensor,
+                                 scale_tril: torch.Tensor | None = None) -> torch.Tensor:
         """E_{z ~ N(mu, diag(exp(logvar)))} log N(x; linear(z), diag(exp(self.logvar))), exactly:
-        E||x - W z - b||^2_D = ||x - W mu - b||^2_D + sum_k (W^2)_dk exp(logvar_k) per feature d."""
+        E||x - W z - b||^2_D = ||x - W mu - b||^2_D + sum_k (W^2)_dk exp(logvar_k) per feature d.
+        scale_tril [B, K, K]: z ~ N(mu, L L^T) instead, and the second term is sum_k (W L)_dk^2."""
         lv = self.effective_logvar()
         d = x - linear(mu)
-        tr = torch.exp(logvar) @ (linear.weight * linear.weight).T
+        if scale_tril is None:
+            tr = torch.exp(logvar) @ (linear.weight * linear.weight).T
+        else:
+            WL = torch.matmul(linear.weight, scale_tril)  # [B, D, K]
+            tr = (WL * WL).sum(-1)
         return -0.5 * (LOG_2PI + lv + (d * d + tr) * torch.exp(-lv)).sum(dim=-1)
 
 
@@ -364,6 +370,14 @@ class LatentTable(nn.Module):
     row's mu, logvar and optimizer state are one record of whole cache lines (mu, logvar and the
     state are views of it): K = 8 float32 with rowwise_adam and bfloat16 moments is 128 bytes a row,
     2 cache lines, where exact Adam takes 192 (3). ``bytes_per_row`` tells.
+
+    ``covariance="full"``: q(z_n) = N(mu[n], L_n L_n^T) with L_n lower triangular, its diagonal
+    exp(logvar[n] / 2) and its K (K - 1) / 2 entries below the diagonal a third table,
+    ``scale_tril_offdiag`` [N, K (K - 1) / 2] (starting at 0: the diagonal posterior). A mean-field
+    posterior pays, in its entropy, for every latent basis in which the decoder's Jacobian columns
+    are not orthogonal (Hadamard's inequality), so it pulls the latents toward such a basis; a full
+    one does not (benchmarks/ICA_EXPERIMENTS.md section 19). Its KL and sample are computed in
+    PyTorch around the fused prior kernel (``gmm_log_prob``); not with a fused optimizer.
     """
 
     _INIT_BLOCK_ROWS = 1 << 16
@@ -373,10 +387,14 @@ class LatentTable(nn.Module):
                  generator: torch.Generator | None = None, sparse: bool = False,
                  dtype: torch.dtype | None = None, fused_optimizer: str | None = None,
                  lr: float = 1e-2, betas=(0.9, 0.999), eps: float = 1e-8,
-                 state_dtype: torch.dtype | None = None):
+                 state_dtype: torch.dtype | None = None, covariance: str = "diagonal"):
         super().__init__()
         N = _check_pos_int("num_rows", num_rows)
         K = _check_pos_int("num_latents", num_latents)
+        self.covariance = _check_covariance(covariance)
+        if covariance == "full" and fused_optimizer is not None:
+            raise ValueError("covariance='full' is not available with a fused_optimizer (the fused "
+                             "kernels step diagonal posteriors): pass fused_optimizer=None")
         if fused_optimizer is not None and sparse:
             raise ValueError("sparse: a table with a fused optimizer has no gradient at all; "
                              "pass sparse=False with fused_optimizer")
@@ -416,6 +434,8 @@ class LatentTable(nn.Module):
             mu.copy_(init_mu)
         self.mu = nn.Parameter(mu)
         self.logvar = nn.Parameter(logvar.fill_(float(init_logvar)))
+        if self.covariance == "full":
+            self.scale_tril_offdiag = nn.Parameter(torch.zeros(N, K * (K - 1) // 2, dtype=dtype))
         self.sparse = bool(sparse)
         self.table_optimizer = (None if fused_optimizer is None else
                                 FusedRowOptimizer(N, K, fused_optimizer, lr=lr, betas=betas,
@@ -509,6 +529,8 @@ class LatentTable(nn.Module):
                 u=None, kl: str = "mc"):
         """(z [B, K], KL [B]) for rows idx (all rows for None); u: the group of each of those rows
         (a conditional prior only); kl: "mc" or "bound"."""
+        if self.covariance == "full":
+            return self.sample_full(idx, prior, generator, eps, u, kl)[:2]
         prior_params = (prior.logits, prior.means, prior.logvars)
         idx = None if idx is None else self._check_idx(idx)
         options = dict(eps=eps, generator=generator, reduction="row", kl=_check_kl(kl),
@@ -528,7 +550,10 @@ class LatentTable(nn.Module):
         forward's sample and KL, and the rows themselves, for terms of the loss that read them (a
         likelihood). Gradients reach the table through all four, in every mode; with a fused
         optimizer the rows' gradients join the KL's in the one op that steps the table. u, kl: as
-        in forward."""
+        in forward. With ``covariance="full"`` see :meth:`sample_full` (logvar is then the
+        diagonal of the scale factor, not the variances)."""
+        if self.covariance == "full":
+            return self.sample_full(idx, prior, generator, eps, u, kl)[:4]
         prior_params = (prior.logits, prior.means, prior.logvars)
         idx = None if idx is None else self._check_idx(idx)
         options = dict(eps=eps, generator=generator, reduction="row", kl=_check_kl(kl),
@@ -547,6 +572,52 @@ class LatentTable(nn.Module):
         z, kl_value = reparam_gmm_kl(mu, logvar, *prior_params, **options)
         return z, kl_value, mu, logvar
 
+    def _rows(self, table: torch.Tensor, idx):
+        if idx is None:
+            return table
+        if self.sparse:
+            return F.embedding(idx, table, sparse=True)
+        return table.index_select(0, idx)
+
+    def scale_tril(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """L [B, K, K] of rows idx (all rows for None): the lower-triangular factor of each row's
+        posterior covariance (diag(exp(logvar / 2)) for the diagonal posterior)."""
+        idx = None if idx is None else self._check_idx(idx)
+        logvar = self._rows(self.logvar, idx)
+        L = torch.diag_embed(torch.exp(0.5 * logvar))
+        if self.covariance == "full":
+            L = L + _scatter_tril(self._rows(self.scale_tril_offdiag, idx), self.num_latents)
+        return L
+
+    def sample_full(self, idx, prior: GMMPrior, generator=None, eps=None, u=None,
+                    kl: str = "mc"):
+        """(z, KL, mu_rows, logvar_rows, L) for rows idx with the full posterior N(mu, L L^T):
+        z = mu + L eps (eps [B, K] standard normal, drawn from ``generator`` unless given).
+        kl="mc": log N(z; mu, L L^T) - log p(z | u) at that z. kl="bound": the fused kernel's
+        closed-form bound for the marginals N(mu_k, (L L^T)_kk), plus the entropy the marginals
+        overstate, sum_k log sqrt((L L^T)_kk) - log L_kk (the prior is a product over k, so its
+        expectation needs only the marginals)."""
+        kl = _check_kl(kl)
+        idx = None if idx is None else self._check_idx(idx)
+        mu, logvar = self._rows(self.mu, idx), self._rows(self.logvar, idx)
+        L = self.scale_tril(idx)
+        B, K = mu.shape
+        if eps is None:
+            eps = torch.randn(B, K, generator=generator, dtype=mu.dtype, device=mu.device)
+        elif eps.shape != (B, K):
+            raise ValueError(f"eps must have shape {(B, K)}, got {tuple(eps.shape)}")
+        z = mu + (L @ eps.unsqueeze(-1)).squeeze(-1)
+        if kl == "mc":
+            log_q = -0.5 * (eps * eps).sum(1) - 0.5 * logvar.sum(1) - 0.5 * K * LOG_2PI
+            kl_value = log_q - prior.log_prob(z, u).sum(1)
+        else:
+            marginal_logvar = torch.log((L * L).sum(-1))
+            _, kl_value = reparam_gmm_kl(mu, marginal_logvar, prior.logits, prior.means,
+                                         prior.logvars, eps=eps, reduction="row", kl="bound",
+                                         prior_index=prior.group_index(u, B))
+            kl_value = kl_value + 0.5 * (marginal_logvar - logvar).sum(1)
+        return z, kl_value, mu, logvar, L
+
     def _batch_rows(self, idx) -> int:
         return self.num_rows if idx is None else idx.shape[0]
 
@@ -563,7 +634,24 @@ class LatentTable(nn.Module):
         return idx
 
     def extra_repr(self) -> str:
-        return f"num_rows={self.num_rows}, num_latents={self.num_latents}, sparse={self.sparse}"
+        return (f"num_rows={self.num_rows}, num_latents={self.num_latents}, sparse={self.sparse}"
+                + (", covariance='full'" if self.covariance == "full" else ""))
+
+
+COVARIANCES = ("diagonal", "full")
+
+
+def _check_covariance(covariance) -> str:
+    if covariance not in COVARIANCES:
+        raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
+    return covariance
+
+
+def _scatter_tril(offdiag: torch.Tensor, K: int) -> torch.Tensor:
+    """[B, K (K - 1) / 2] entries -> [B, K, K], strictly below the diagonal (row by row)."""
+    r, c = torch.tril_indices(K, K, -1, device=offdiag.device)
+    out = offdiag.new_zeros(offdiag.shape[0], K * K)
+    return out.index_copy(1, r * K + c, offdiag).view(-1, K, K)
 
 
 def _uses_record(kind, dtype, state_dtype) -> bool:
@@ -618,10 +706,11 @@ def _resolve_recon(model, recon) -> str:
     return recon
 
 
-def _log_likelihood(model, x, z, mu, logvar, recon: str) -> torch.Tensor:
-    """The likelihood term of elbo_terms [B] for the draw z of N(mu, diag(exp(logvar)))."""
+def _log_likelihood(model, x, z, mu, logvar, recon: str, scale_tril=None) -> torch.Tensor:
+    """The likelihood term of elbo_terms [B] for the draw z of N(mu, diag(exp(logvar))) (of
+    N(mu, L L^T) with scale_tril L)."""
     if recon == "exact":
-        return model.likelihood.expected_log_prob_linear(x, model.decoder, mu, logvar)
+        return model.likelihood.expected_log_prob_linear(x, model.decoder, mu, logvar, scale_tril)
     if recon == "antithetic":
         B = z.shape[0]
         xm = model.decoder(torch.cat([z, 2.0 * mu - z]))
@@ -660,7 +749,8 @@ class HalfVAE(nn.Module):
     :class:`LatentTable` (fused_optimizer, state_dtype). latents: a table built by the
     caller instead, e.g. a ``halfvae_ext.distributed.ShardedLatentTable`` whose rows are split
     across processes (num_samples and latent_dim must match it; the table options above are then
-    its own).
+    its own). posterior_covariance: "diagonal" (mean-field q(z_n)) or "full" (a Cholesky factor
+    per row, see :class:`LatentTable`'s ``covariance``).
     """
 
     def __init__(self, num_samples: int, data_dim: int, latent_dim: int, decoder="linear",
@@ -670,7 +760,8 @@ class HalfVAE(nn.Module):
                  generator: torch.Generator | None = None, sparse: bool = False,
                  table_optimizer: str | None = None, table_lr: float = 1e-2,
                  table_state_dtype: torch.dtype | None = None,
-                 num_groups: int = 1, kl: str = "mc", latents: nn.Module | None = None):
+                 num_groups: int = 1, kl: str = "mc", latents: nn.Module | None = None,
+                 posterior_covariance: str = "diagonal"):
         super().__init__()
         self.num_samples = _check_pos_int("num_samples", num_samples)
         self.data_dim = _check_pos_int("data_dim", data_dim)
@@ -681,7 +772,7 @@ class HalfVAE(nn.Module):
             latents = LatentTable(num_samples, latent_dim, init_mu=init_mu,
                                   init_logvar=init_logvar, generator=generator, sparse=sparse,
                                   fused_optimizer=table_optimizer, lr=table_lr,
-                                  state_dtype=table_state_dtype)
+                                  state_dtype=table_state_dtype, covariance=posterior_covariance)
         elif not (hasattr(latents, "sample") and hasattr(latents, "num_rows")):
             raise TypeError(f"latents must be a LatentTable or a ShardedLatentTable, got "
                             f"{type(latents).__name__}")
@@ -711,12 +802,17 @@ class HalfVAE(nn.Module):
         # optimizer the rows' gradients from both step the table in one op.
         if x.dim() != 2 or x.shape[1:] != (self.data_dim,):
             raise ValueError(f"x must have shape [B, {self.data_dim}], got {tuple(x.shape)}")
-        z, kl, mu, logvar = self.latents.sample(idx, self.prior, generator=generator, eps=eps,
-                                                u=u, kl=self.kl)
+        L = None
+        if getattr(self.latents, "covariance", "diagonal") == "full":
+            z, kl, mu, logvar, L = self.latents.sample_full(idx, self.prior, generator=generator,
+                                                            eps=eps, u=u, kl=self.kl)
+        else:
+            z, kl, mu, logvar = self.latents.sample(idx, self.prior, generator=generator, eps=eps,
+                                                    u=u, kl=self.kl)
         if x.shape[0] != mu.shape[0]:
             raise ValueError(f"x must have shape {(mu.shape[0], self.data_dim)} (one row per "
                              f"index), got {tuple(x.shape)}")
-        return _log_likelihood(self, x, z, mu, logvar, recon), kl
+        return _log_likelihood(self, x, z, mu, logvar, recon, L), kl
 
     def negative_elbo(self, x: torch.Tensor, idx: torch.Tensor | None = None,
                       generator: torch.Generator | None = None, kl_weight: float = 1.0,
