@@ -228,7 +228,7 @@ def test_full_posterior_separates_where_the_diagonal_one_does_not():
     params = dict(decoder="residual", n_mixture=1, noise=(0.5, 0.05), max_iter=600,
                   n_restarts=1, tol=None, random_state=0)
     full = HalfVAEICA(3, posterior_covariance="full", **params).fit(p.X, u=p.u)
-    diag = HalfVAEICA(3, **params).fit(p.X, u=p.u)
+    diag = HalfVAEICA(3, posterior_covariance="diagonal", **params).fit(p.X, u=p.u)
     mcc_full = mean_corr_coef(p.S, full.posterior_means_)
     mcc_diag = mean_corr_coef(p.S, diag.posterior_means_)
     assert mcc_full >= 0.94
