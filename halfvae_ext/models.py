@@ -561,18 +561,13 @@ class LatentTable(nn.Module):
         if self.table_optimizer is not None:
             return fused_rows_kl(self.mu, self.logvar, self._rows_idx(idx), *prior_params,
                                  self.table_optimizer, return_rows=True, **options)
-        if idx is None:
-            mu, logvar = self.mu, self.logvar
-        else:
-            if self.sparse:
-                mu = F.embedding(idx, self.mu, sparse=True)
-                logvar = F.embedding(idx, self.logvar, sparse=True)
-            else:
-                mu, logvar = self.mu.index_select(0, idx), self.logvar.index_select(0, idx)
+        mu, logvar = self._rows(self.mu, idx), self._rows(self.logvar, idx)
         z, kl_value = reparam_gmm_kl(mu, logvar, *prior_params, **options)
         return z, kl_value, mu, logvar
 
     def _rows(self, table: torch.Tensor, idx):
+        """Rows idx of one of the table's parameters (all for None), sparse-gradient when the
+        table is sparse."""
         if idx is None:
             return table
         if self.sparse:
@@ -583,8 +578,11 @@ class LatentTable(nn.Module):
         """L [B, K, K] of rows idx (all rows for None): the lower-triangular factor of each row's
         posterior covariance (diag(exp(logvar / 2)) for the diagonal posterior)."""
         idx = None if idx is None else self._check_idx(idx)
-        logvar = self._rows(self.logvar, idx)
-        L = torch.diag_embed(torch.exp(0.5 * logvar))
+        return self._scale_tril_rows(self._rows(self.logvar, idx), idx)
+
+    def _scale_tril_rows(self, logvar_rows: torch.Tensor, idx) -> torch.Tensor:
+        """scale_tril of checked rows idx whose logvar rows are already gathered."""
+        L = torch.diag_embed(torch.exp(0.5 * logvar_rows))
         if self.covariance == "full":
             L = L + _scatter_tril(self._rows(self.scale_tril_offdiag, idx), self.num_latents)
         return L
@@ -600,7 +598,7 @@ class LatentTable(nn.Module):
         kl = _check_kl(kl)
         idx = None if idx is None else self._check_idx(idx)
         mu, logvar = self._rows(self.mu, idx), self._rows(self.logvar, idx)
-        L = self.scale_tril(idx)
+        L = self._scale_tril_rows(logvar, idx)
         B, K = mu.shape
         if eps is None:
             eps = torch.randn(B, K, generator=generator, dtype=mu.dtype, device=mu.device)
