@@ -52,7 +52,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
 from .atomic_io import atomic_torch_save, atomic_write, check_writable
-from .models import ACTIVATIONS, COVARIANCES, DECODERS
+from .models import ACTIVATIONS, COVARIANCES, DECODERS, FlowDecoder
 from .param_validation import (Device, Interval, InvalidParameterError, Options, PathLike,
                                PositivePair, RandomState, Widths, validate_parameters)
 from .preprocessing import FLOAT_DTYPES, Whitening, check_data, fingerprint, fit_whitening
@@ -148,7 +148,7 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         is reduced to the rank, with a UserWarning.
     n_mixture : int in [1, 64]
         Components C of each latent dimension's Gaussian-mixture prior.
-    decoder : {"linear", "mlp", "residual"}
+    decoder : {"linear", "mlp", "residual", "flow"}
         x = W z (linear ICA); an MLP; or "residual", x = W z + mlp(z) with the MLP's output layer
         started at zero, so that training starts from the linear model (initialized like it) and
         learns a nonlinear correction. For nonlinear mixtures without u "residual" did best
@@ -157,7 +157,17 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         improves on (the per-segment variances identify a linear mix), and learns the nonlinear
         part from there; an "mlp" decoder starts as a random map while the latent table starts
         at the PCA scores, and did worse (MCC 0.70 against 0.76 on a dev seed, section 13 there).
-    hidden, activation : MLP widths and activation (decoders "mlp" and "residual"). The defaults,
+        "flow": an invertible decoder (:class:`~halfvae_ext.models.FlowDecoder`: a linear map and
+        eight affine-coupling blocks whose MLPs have ``hidden`` widths; X is whitened to K
+        dimensions). A row's posterior at zero noise is then the point h(x_n), h the decoder's
+        inverse, so the table is held there instead of trained, and the fit maximizes the
+        ELBO's zero-noise limit, the model's exact log-likelihood log p(h(x) | u) + log|det
+        dh/dx| (``noise``, ``kl``, ``prior_warmup`` and ``table_learning_rate`` do not apply;
+        mini-batches of 1000 rows unless ``batch_size`` says otherwise), and ``transform`` is
+        h, exact and instant. With u on the iVAE benchmark it separates where "residual" cannot:
+        see the README's nonstationary table and ICA_EXPERIMENTS.md section 22.
+    hidden, activation : MLP widths and activation (decoders "mlp" and "residual"; the flow's
+        coupling MLPs). The defaults,
         one hidden layer of 32 leaky-ReLU units, did best on the nonlinear benchmark (wider and
         deeper decoders fit the data as well without separating the sources).
     noise : "learned", float or (start, end)
@@ -364,6 +374,13 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         self._validate_params()
         if self.checkpoint_every is not None and self.checkpoint_path is None:
             raise InvalidParameterError("checkpoint_every needs a checkpoint_path")
+        if self.decoder == "flow":
+            for name, plain in (("table_optimizer", "torch"), ("posterior_covariance", "diagonal")):
+                if getattr(self, name) != plain:
+                    raise InvalidParameterError(
+                        f"decoder='flow' holds each row's latents at the decoder's inverse (its "
+                        f"posterior at zero noise) and trains no table: {name} must be "
+                        f"{plain!r}, got {getattr(self, name)!r}")
         if self.posterior_covariance == "full" and self.table_optimizer != "torch":
             raise InvalidParameterError(
                 f"posterior_covariance='full' needs table_optimizer='torch' (the fused table "
@@ -446,7 +463,7 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         segments, codes = (None, None) if u is None else \
             np.unique(_check_u(u, Xa.shape[0]), return_inverse=True)
         whitening, Xw_np = fit_whitening(Xa, self.n_components, self.whiten,
-                                         keep_all_dims=self.decoder != "linear")
+                                         keep_all_dims=self.decoder not in ("linear", "flow"))
         run = self._run_to_resume() if resume else None
         if run is not None:
             self._check_resumable(run, Xa, segments, codes)
@@ -466,7 +483,7 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         Xw = torch.as_tensor(Xw_np, dtype=torch.float32, device=device).contiguous()
         ut = None if codes is None else \
             torch.as_tensor(codes.reshape(-1), dtype=torch.int64, device=device)
-        if self.decoder != "linear":  # transform() starts new rows at their nearest neighbor
+        if self.decoder not in ("linear", "flow"):  # transform() starts new rows at their nearest neighbor
             self._Xw_train = Xw.detach().cpu()
         recipe = self._recipe()
         try:
@@ -608,6 +625,10 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         codes = self._segment_codes(u, X.shape[0])
         if isinstance(self.model_.decoder, nn.Linear):
             return (X - self.mean_) @ self.components_.T
+        if isinstance(self.model_.decoder, FlowDecoder):
+            with torch_threads(self._threads(X.shape[0])):
+                return self._flow_inverse(X).astype(np.result_type(X.dtype, self.mean_.dtype),
+                                                    copy=False)
         if codes is None and hasattr(self, "segments_"):
             raise ValueError(f"u is required: the estimator was fitted with u "
                              f"({len(self.segments_)} segments) and its {self.decoder} decoder's "
@@ -654,6 +675,16 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         with torch.enable_grad():
             z = posterior_mode(frozen, Xw, z0, self.transform_max_iter, u=ut)
         return z.cpu().numpy()
+
+    def _flow_inverse(self, X: np.ndarray) -> np.ndarray:
+        """h(x) of the flow decoder (a row's posterior at zero noise), in float64, row by row."""
+        model = self.model_
+        device = model.latents.mu.device
+        Xw = torch.as_tensor(
+            (X.astype(np.float64) - self.mean_) @ self.whitening_.astype(np.float64).T,
+            dtype=torch.float64, device=device)
+        with torch.no_grad():
+            return copy.deepcopy(model.decoder).double().inverse(Xw)[0].cpu().numpy()
 
     def _training_whitened(self, device):
         # Kept by fit for the MLP and residual decoders, and written to and read from files.

@@ -28,7 +28,7 @@ from .ops import gmm_log_prob, reparam_gmm_kl, reparam_gmm_kl_rows
 from .table_memory import empty_record_table, empty_table, record_views
 from .table_optim import ROWWISE, FusedRowOptimizer, check_fused_optimizer, fused_rows_kl
 
-__all__ = ["GMMPrior", "LatentTable", "HalfVAE", "VAE", "ResidualDecoder", "make_mlp",
+__all__ = ["GMMPrior", "LatentTable", "HalfVAE", "VAE", "ResidualDecoder", "FlowDecoder", "make_mlp",
            "elbo_terms", "ACTIVATIONS", "DECODERS", "RECON_ESTIMATORS", "KL_ESTIMATORS"]
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -110,7 +110,112 @@ class ResidualDecoder(nn.Module):
         return self.linear(z) + self.mlp(z)
 
 
-DECODERS = ("linear", "mlp", "residual")
+class _InvertibleLinear(nn.Module):
+    """y = x A^T + b with a square A, and log|det A| (one value for every row)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor):
+        return x @ self.weight.T + self.bias, torch.linalg.slogdet(self.weight)[1]
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.solve(self.weight, (y - self.bias).T).T
+
+
+class _AffineCoupling(nn.Module):
+    """RealNVP's affine coupling: the coordinates where ``mask`` is 1 pass through and condition
+    an MLP that scales and shifts the others, y_B = x_B * exp(s(x_A)) + t(x_A). The log-scale is
+    bounded (tanh) so that no step can blow up; the MLP's output layer starts at zero (identity)."""
+
+    def __init__(self, dim: int, mask: torch.Tensor, hidden, activation):
+        super().__init__()
+        self.register_buffer("mask", mask)
+        self.net = make_mlp(dim, 2 * dim, hidden, activation)
+        self.zero_()
+
+    @torch.no_grad()
+    def zero_(self):
+        self.net[-1].weight.zero_()
+        self.net[-1].bias.zero_()
+
+    def _scale_shift(self, x_pass: torch.Tensor):
+        s, t = self.net(x_pass).chunk(2, dim=-1)
+        keep = 1.0 - self.mask
+        return torch.tanh(s) * keep, t * keep
+
+    def forward(self, x: torch.Tensor):
+        s, t = self._scale_shift(x * self.mask)
+        return x * torch.exp(s) + t, s.sum(dim=-1)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        s, t = self._scale_shift(y * self.mask)  # the passed coordinates are unchanged
+        return (y - t) * torch.exp(-s)
+
+
+class FlowDecoder(nn.Module):
+    """An invertible decoder x = g(z) of R^K (data_dim must equal latent_dim), written through its
+    inverse h = g^-1: a linear map (the unmixing), then ``n_blocks`` of [affine coupling with an
+    MLP of ``hidden`` widths, linear map]. Both directions are exact and h comes with
+    log|det dh/dx|, so with a flow decoder a row's optimal posterior at zero noise is the point
+    h(x_n) and the ELBO's zero-noise limit is the model's exact log-likelihood
+    log p(h(x) | u) + log|det dh/dx| (:meth:`HalfVAE.flow_log_likelihood`): the recipe trains
+    that, with the latent table at h(x). The couplings start at the identity, so the decoder
+    starts as the linear map its first map's inverse.
+    """
+
+    def __init__(self, dim: int, hidden=(64, 64), activation="leaky_relu", n_blocks: int = 8):
+        super().__init__()
+        dim = _check_pos_int("dim", dim)
+        n_blocks = _check_pos_int("n_blocks", n_blocks)
+        steps = [_InvertibleLinear(dim)]
+        for i in range(n_blocks):
+            mask = (torch.arange(dim) % 2 == i % 2).float()
+            steps += [_AffineCoupling(dim, mask, hidden, activation), _InvertibleLinear(dim)]
+        self.steps = nn.ModuleList(steps)
+
+    @property
+    def unmixing(self) -> _InvertibleLinear:
+        """The first map of h (x -> z): the decoder's linear start."""
+        return self.steps[0]
+
+    @torch.no_grad()
+    def start_(self, unmixing: torch.Tensor, generator: torch.Generator | None = None):
+        """Start as the linear decoder ``unmixing``^-1 (h(x) = unmixing @ x): the couplings at the
+        identity, the maps after them Haar-random rotations (drawn from ``generator``) so that
+        each coupling sees other coordinates, and the first map ``unmixing`` with those
+        rotations undone."""
+        rotations = torch.eye(unmixing.shape[0], dtype=torch.float64)
+        for step in self.steps[1:]:
+            if isinstance(step, _AffineCoupling):
+                step.zero_()
+                continue
+            K = step.weight.shape[0]
+            q, r = torch.linalg.qr(torch.randn(K, K, generator=generator, dtype=torch.float64))
+            q = q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
+            step.weight.copy_(q)
+            step.bias.zero_()
+            rotations = q @ rotations
+        self.unmixing.weight.copy_(rotations.T @ unmixing.double())
+        self.unmixing.bias.zero_()
+
+    def inverse(self, x: torch.Tensor):
+        """(z = h(x) [B, K], log|det dh/dx| [B])."""
+        logdet = x.new_zeros(x.shape[:-1])
+        for step in self.steps:
+            x, ld = step(x)
+            logdet = logdet + ld
+        return x, logdet
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        for step in reversed(self.steps):
+            z = step.inverse(z)
+        return z
+
+
+DECODERS = ("linear", "mlp", "residual", "flow")
 
 
 def _build_decoder(decoder, latent_dim, data_dim, hidden, activation) -> nn.Module:
@@ -123,7 +228,12 @@ def _build_decoder(decoder, latent_dim, data_dim, hidden, activation) -> nn.Modu
         return make_mlp(latent_dim, data_dim, hidden, activation)
     if decoder == "residual":
         return ResidualDecoder(latent_dim, data_dim, hidden, activation)
-    raise ValueError(f"decoder must be 'linear', 'mlp', 'residual' or an nn.Module, "
+    if decoder == "flow":
+        if data_dim != latent_dim:
+            raise ValueError(f"decoder='flow' is invertible, so it needs data_dim == latent_dim, "
+                             f"got data_dim={data_dim} and latent_dim={latent_dim}")
+        return FlowDecoder(latent_dim, hidden, activation)
+    raise ValueError(f"decoder must be 'linear', 'mlp', 'residual', 'flow' or an nn.Module, "
                      f"got {decoder!r}")
 
 
@@ -735,7 +845,8 @@ class HalfVAE(nn.Module):
     Gaussian likelihood.
 
     decoder: "linear" (x = W z, no bias), "mlp" (``hidden`` widths, ``activation``), "residual"
-    (x = W z + mlp(z), see :class:`ResidualDecoder`) or any nn.Module mapping [B, latent_dim] to
+    (x = W z + mlp(z), see :class:`ResidualDecoder`), "flow" (invertible, data_dim ==
+    latent_dim, see :class:`FlowDecoder`) or any nn.Module mapping [B, latent_dim] to
     [B, data_dim]. prior: a :class:`GMMPrior` or None (a new
     one with ``num_components`` components and ``num_groups`` groups: > 1 makes it conditional,
     and the ELBO then takes u, the group of every row). kl: "mc" (the one-draw Monte-Carlo KL) or
@@ -785,6 +896,17 @@ class HalfVAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """The likelihood mean: [B, latent_dim] -> [B, data_dim]."""
         return self.decoder(z)
+
+    def flow_log_likelihood(self, x: torch.Tensor, u=None):
+        """(log p(x | u) [B], z = h(x) [B, K]) of the noise-free model x = g(z), z ~ p(z | u), for
+        a :class:`FlowDecoder` g = h^-1: log p(h(x) | u) + log|det dh/dx|. It is the zero-noise
+        limit of the ELBO with each row's posterior at its optimum (the point h(x_n)), less the
+        terms in the noise alone."""
+        if not isinstance(self.decoder, FlowDecoder):
+            raise TypeError(f"flow_log_likelihood needs a FlowDecoder, the model has a "
+                            f"{type(self.decoder).__name__}")
+        z, logdet = self.decoder.inverse(x)
+        return self.prior.log_prob(z, u).sum(dim=-1) + logdet, z
 
     def elbo_terms(self, x: torch.Tensor, idx: torch.Tensor | None = None,
                    generator: torch.Generator | None = None, eps: torch.Tensor | None = None,

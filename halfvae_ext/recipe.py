@@ -20,7 +20,14 @@ experiments behind every choice).
   the latents are realigned (``realign_latents``) every twentieth of the epochs through the prior
   warm-up, half way and at the end: the linear change of latent coordinates that maximizes the conditional prior's
   likelihood, taken by table, decoder and prior together.
-- Restarts are compared by the final ELBO (``final_elbo``), never by ground truth.
+- The invertible decoder (``decoder="flow"``, :class:`~halfvae_ext.models.FlowDecoder`): each
+  row's optimal posterior at zero noise is the point h(x_n) (h the decoder's inverse), so the
+  table is not trained by gradient: it is held at h(x) and the decoder and prior are trained on
+  the ELBO's zero-noise limit, the exact log-likelihood (``HalfVAE.flow_log_likelihood``), in
+  mini-batches of ``FLOW_BATCH_SIZE`` rows; no warm-up (the prior learns from the start), no
+  noise, no realignment (the couplings can write any change of coordinates).
+- Restarts are compared by the final ELBO (``final_elbo``; the flow decoder: the final
+  log-likelihood), never by ground truth.
 
 :class:`Recipe` holds the settings and builds, initializes and trains a model; the VAE baseline
 in :mod:`halfvae_ext.experiments` is a subclass (``VAERecipe``: its own model, initialization and
@@ -38,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .models import GMMPrior, HalfVAE, ResidualDecoder
+from .models import FlowDecoder, GMMPrior, HalfVAE, ResidualDecoder
 
 __all__ = ["INIT_NOISE_STD", "Recipe", "LiveRestart", "restart_seeds", "random_orthogonal",
            "reset_parameters", "torch_threads", "lr_factor", "prior_warmup_epochs",
@@ -274,6 +281,11 @@ def _first_linear_maps(decoder: nn.Module) -> list:
     raise ValueError(f"cannot realign the latents of a {type(decoder).__name__} decoder")
 
 
+# Rows per step of a flow decoder's fit when batch_size is None: a full-batch step per epoch is
+# too few steps for the couplings (the iVAE simulation's 40,000 rows: 40 steps an epoch).
+FLOW_BATCH_SIZE = 1000
+
+
 @dataclass
 class LiveRestart:
     """A restart in progress: its model, optimizers, random stream and per-epoch ELBO."""
@@ -328,6 +340,11 @@ class Recipe:
     def fused_table(self) -> bool:
         return self.table_optimizer != "torch"
 
+    @property
+    def flow(self) -> bool:
+        """True for the invertible decoder, whose table is held at the decoder's inverse."""
+        return self.decoder == "flow"
+
     def mini_batches(self, n_rows: int) -> bool:
         """True if an epoch is several steps (a batch_size below n_rows)."""
         return self.batch_size is not None and self.batch_size < n_rows
@@ -375,6 +392,11 @@ class Recipe:
                               max_iter=1000)
                 mu = torch.from_numpy(ica.fit_transform(Xd.numpy()))
             W = torch.linalg.lstsq(mu, Xd).solution.T
+        if isinstance(model.decoder, FlowDecoder):
+            unmixing = random_orthogonal(K, generator) if W is None else torch.linalg.inv(W)
+            model.decoder.start_(unmixing.to(model.latents.mu), generator)
+            self.hold_table_at_inverse(model, Xw)
+            return
         with torch.no_grad():
             model.latents.mu.copy_(mu.to(model.latents.mu))
             if W is not None and isinstance(model.decoder, nn.Linear):
@@ -439,10 +461,41 @@ class Recipe:
         segments of those rows (a conditional prior) or None."""
         return model.elbo_terms(x, idx, generator=generator, u=u)
 
+    @staticmethod
+    @torch.no_grad()
+    def hold_table_at_inverse(model: HalfVAE, Xw: torch.Tensor) -> None:
+        """A flow decoder's table: every row's latent mean at h(x_n), its optimum at zero noise."""
+        model.latents.mu.copy_(model.decoder.inverse(Xw)[0])
+
+    def flow_epoch(self, model: HalfVAE, optimizers: list, Xw: torch.Tensor,
+                   generator: torch.Generator, epoch: int, u=None) -> float:
+        """One pass of the flow decoder's fit: Adam steps on the mean log-likelihood of
+        mini-batches, then the table at the decoder's new inverse; returns the epoch's mean
+        log-likelihood per sample."""
+        set_prior_trainable(model.prior, False)
+        self.set_learning_rates(model, optimizers, lr_factor(epoch, self.max_iter, self.lr_decay))
+        n = Xw.shape[0]
+        perm = torch.randperm(n, generator=generator, device=generator.device).to(Xw.device)
+        total = 0.0
+        for idx in torch.split(perm, self.batch_size or FLOW_BATCH_SIZE):
+            ub = None if u is None else u.index_select(0, idx)
+            ll, _ = model.flow_log_likelihood(Xw.index_select(0, idx), ub)
+            loss = -ll.mean()
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizers[-1].step()
+            total += float(ll.detach().sum())
+        self.hold_table_at_inverse(model, Xw)
+        return total / n
+
     def epoch(self, model: HalfVAE, optimizers: list, Xw: torch.Tensor,
               generator: torch.Generator, epoch: int, u=None) -> float:
         """One pass over the data (epoch ``epoch`` of the schedule); returns the epoch's mean
-        one-draw ELBO per sample. u: the segment of every row of Xw (a conditional prior)."""
+        one-draw ELBO per sample (the flow decoder: :meth:`flow_epoch`'s log-likelihood). u: the
+        segment of every row of Xw (a conditional prior)."""
+        if self.flow:
+            return self.flow_epoch(model, optimizers, Xw, generator, epoch, u)
         set_prior_trainable(model.prior,
                             epoch < prior_warmup_epochs(self.prior_warmup, self.max_iter))
         self.set_learning_rates(model, optimizers, lr_factor(epoch, self.max_iter, self.lr_decay))
@@ -480,11 +533,18 @@ class Recipe:
         Each is a step up the ELBO in the direction gradient steps are slowest in; realigning
         through the warm-up rather than once at its end did better in 19 of 22 comparisons
         (ICA_EXPERIMENTS.md section 19)."""
-        if self.posterior_covariance != "full" or self.n_groups < 2 or self.n_mixture != 1:
+        if self.posterior_covariance != "full" or self.n_groups < 2 or self.n_mixture != 1 \
+                or self.flow:
             return set()
         T = self.max_iter
         warmup, every = prior_warmup_epochs(self.prior_warmup, T), max(T // 20, 1)
         return (set(range(every, warmup + 1, every)) | {warmup, T // 2, T}) - {0}
 
     def final_elbo(self, model: HalfVAE, Xw: torch.Tensor, seed: int, u=None) -> float:
-        return final_elbo(model, Xw, seed, self.n_eval_samples, u)
+        """The restart's score: the ELBO per sample (the flow decoder: its exact
+        log-likelihood per sample, deterministic); -inf if not finite."""
+        if not self.flow:
+            return final_elbo(model, Xw, seed, self.n_eval_samples, u)
+        with torch.no_grad():
+            value = float(model.flow_log_likelihood(Xw, u)[0].mean())
+        return value if math.isfinite(value) else -math.inf

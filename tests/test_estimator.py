@@ -693,7 +693,7 @@ def test_sklearn_validate_params_checks_our_table():
         HalfVAEICA(n_components=0)._validate_params()
 
 
-@pytest.mark.parametrize("decoder", ["linear", "mlp", "residual"])
+@pytest.mark.parametrize("decoder", ["linear", "mlp", "residual", "flow"])
 def test_output_dtype_follows_fastica_for_every_decoder(laplace, decoder):
     import warnings
     from sklearn.decomposition import FastICA

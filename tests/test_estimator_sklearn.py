@@ -23,6 +23,12 @@ def small_residual():
                       n_eval_samples=1, transform_max_iter=30, tol=None, random_state=0)
 
 
+def small_flow():
+    """The invertible decoder, whose table is held at the decoder's inverse."""
+    return HalfVAEICA(decoder="flow", hidden=(8,), max_iter=20, n_restarts=1, tol=None,
+                      random_state=0)
+
+
 # Checks that cannot apply, with the reason (check name -> reason): empty, every check applies to
 # both instances and passes. One is skipped by scikit-learn itself unless the process starts with
 # SCIPY_ARRAY_API=1
@@ -34,7 +40,7 @@ def expected_failed_checks(estimator):
     return EXPECTED_FAILED_CHECKS
 
 
-@parametrize_with_checks([small(), small_residual()],
+@parametrize_with_checks([small(), small_residual(), small_flow()],
                          expected_failed_checks=expected_failed_checks)
 def test_sklearn_compatible(estimator, check):
     check(estimator)
