@@ -51,7 +51,7 @@ test: build
 
 # The main job: Half-VAE against a VAE, iVAE, FastICA, Picard and AMICA on the paper's problems,
 # linear mixes of assorted sources, two photographs and nonstationary nonlinear ICA (3 seeds; about
-# 6-8 minutes on 2 cores): table on stdout, results/demo/{results.json,sources_<problem>.png}.
+# 6-9 minutes on 2 cores): table on stdout, results/demo/{results.json,sources_<problem>.png}.
 demo: build
 	$(PY) -m halfvae_ext.cli demo --out results/demo
 
