@@ -489,8 +489,8 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         Xw = torch.as_tensor(Xw_np, dtype=torch.float32, device=device).contiguous()
         ut = None if codes is None else \
             torch.as_tensor(codes.reshape(-1), dtype=torch.int64, device=device)
-        if self.decoder not in ("linear", "flow"):  # transform() starts new rows at their nearest neighbor
-            self._Xw_train = Xw.detach().cpu()
+        if self.decoder not in ("linear", "flow"):  # transform() starts new rows at their
+            self._Xw_train = Xw.detach().cpu()      # nearest training row
         recipe = self._recipe()
         try:
             with torch_threads(self._threads(Xa.shape[0])):
@@ -612,6 +612,7 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         the batch shape and threads).
 
         Linear decoder: (X - mean_) @ components_.T, as FastICA.
+        Flow decoder: h(X), the decoder's inverse (a row's posterior at zero noise), in float64.
         MLP and residual decoders: the posterior mode argmax_z log p(x | z) + log p(z) with the
         trained decoder, noise and prior, found by ``transform_max_iter`` Adam steps (rate 0.02,
         cosine-decayed) on the sum over rows of the negative log joint, in float64, started at
