@@ -46,11 +46,13 @@ def test_sklearn_compatible(estimator, check):
     check(estimator)
 
 
-def test_array_api_check():
+@pytest.mark.parametrize("decoder_args", [
+    "", "decoder='residual', hidden=(8,), transform_max_iter=30, ", "decoder='flow', hidden=(8,), "])
+def test_array_api_check(decoder_args):
     code = ("from sklearn.utils.estimator_checks import check_array_api_input\n"
             "from halfvae_ext.estimator import HalfVAEICA\n"
-            "est = HalfVAEICA(max_iter=20, n_restarts=1, n_eval_samples=1, tol=None, "
-            "random_state=0)\n"
+            f"est = HalfVAEICA({decoder_args}max_iter=20, n_restarts=1, n_eval_samples=1, "
+            "tol=None, random_state=0)\n"
             "check_array_api_input('HalfVAEICA', est, array_namespace='numpy', "
             "expect_only_array_outputs=False)\n"
             "print('passed')\n")
