@@ -624,25 +624,22 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
 
         u: the segment label of every row [m], for an estimator fitted with u; each label must
         be one seen in fit (``segments_``). The posterior mode then uses each row's own segment
-        prior. Required for the MLP and residual decoders; optional for the linear decoder, whose
-        projection does not use the prior (it is checked when given).
+        prior. Required for the MLP and residual decoders; optional for the linear and flow decoders,
+        whose maps do not use the prior (it is checked when given).
         """
         check_is_fitted(self)
         X = self._check_X(X)
         codes = self._segment_codes(u, X.shape[0])
         if isinstance(self.model_.decoder, nn.Linear):
             return (X - self.mean_) @ self.components_.T
-        if isinstance(self.model_.decoder, FlowDecoder):
-            with torch_threads(self._threads(X.shape[0])):
-                return self._flow_inverse(X).astype(np.result_type(X.dtype, self.mean_.dtype),
-                                                    copy=False)
-        if codes is None and hasattr(self, "segments_"):
+        flow = isinstance(self.model_.decoder, FlowDecoder)
+        if codes is None and hasattr(self, "segments_") and not flow:
             raise ValueError(f"u is required: the estimator was fitted with u "
                              f"({len(self.segments_)} segments) and its {self.decoder} decoder's "
                              "transform uses each row's segment prior; pass u=the rows' segments")
         with torch_threads(self._threads(X.shape[0])):
-            return self._posterior_mode(X, codes).astype(
-                np.result_type(X.dtype, self.mean_.dtype), copy=False)
+            S = self._flow_inverse(X) if flow else self._posterior_mode(X, codes)
+        return S.astype(np.result_type(X.dtype, self.mean_.dtype), copy=False)
 
     def _segment_codes(self, u, n_rows):
         """u checked against X's rows and the segments seen in fit, as indices into segments_
@@ -664,9 +661,7 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
     def _posterior_mode(self, X: np.ndarray, codes=None) -> np.ndarray:
         model = self.model_
         device = model.latents.mu.device
-        Xw = torch.as_tensor(
-            (X.astype(np.float64) - self.mean_) @ self.whitening_.astype(np.float64).T,
-            dtype=torch.float64, device=device)
+        Xw = self._whitened64(X, device)
         train = self._training_whitened(device).double()
         # Pairwise distances computed per pair (no matrix product), so that a row's nearest
         # training row does not depend on the rows it is batched with.
@@ -685,13 +680,16 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
 
     def _flow_inverse(self, X: np.ndarray) -> np.ndarray:
         """h(x) of the flow decoder (a row's posterior at zero noise), in float64, row by row."""
-        model = self.model_
-        device = model.latents.mu.device
-        Xw = torch.as_tensor(
+        decoder = self.model_.decoder
+        Xw = self._whitened64(X, self.model_.latents.mu.device)
+        with torch.no_grad():
+            return copy.deepcopy(decoder).double().inverse(Xw)[0].cpu().numpy()
+
+    def _whitened64(self, X: np.ndarray, device) -> torch.Tensor:
+        """(X - mean_) @ whitening_.T in float64, on ``device``."""
+        return torch.as_tensor(
             (X.astype(np.float64) - self.mean_) @ self.whitening_.astype(np.float64).T,
             dtype=torch.float64, device=device)
-        with torch.no_grad():
-            return copy.deepcopy(model.decoder).double().inverse(Xw)[0].cpu().numpy()
 
     def _training_whitened(self, device):
         # Kept by fit for the MLP and residual decoders, and written to and read from files.

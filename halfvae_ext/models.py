@@ -28,8 +28,8 @@ from .ops import gmm_log_prob, reparam_gmm_kl, reparam_gmm_kl_rows
 from .table_memory import empty_record_table, empty_table, record_views
 from .table_optim import ROWWISE, FusedRowOptimizer, check_fused_optimizer, fused_rows_kl
 
-__all__ = ["GMMPrior", "LatentTable", "HalfVAE", "VAE", "ResidualDecoder", "FlowDecoder", "make_mlp",
-           "elbo_terms", "ACTIVATIONS", "DECODERS", "RECON_ESTIMATORS", "KL_ESTIMATORS"]
+__all__ = ["GMMPrior", "LatentTable", "HalfVAE", "VAE", "ResidualDecoder", "FlowDecoder",
+           "make_mlp", "random_orthogonal", "elbo_terms", "ACTIVATIONS", "DECODERS", "RECON_ESTIMATORS", "KL_ESTIMATORS"]
 
 LOG_2PI = math.log(2.0 * math.pi)
 KL_ESTIMATORS = ("mc", "bound")
@@ -69,6 +69,12 @@ def _check_hidden(hidden) -> tuple:
     for h in hidden:
         _check_pos_int("every hidden layer width", h)
     return tuple(int(h) for h in hidden)
+
+
+def random_orthogonal(k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A Haar-random k x k rotation (float64) drawn from ``generator``."""
+    q, r = torch.linalg.qr(torch.randn(k, k, generator=generator, dtype=torch.float64))
+    return q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
 
 
 def make_mlp(in_dim: int, out_dim: int, hidden: Sequence[int] = (64, 64),
@@ -192,9 +198,7 @@ class FlowDecoder(nn.Module):
             if isinstance(step, _AffineCoupling):
                 step.zero_()
                 continue
-            K = step.weight.shape[0]
-            q, r = torch.linalg.qr(torch.randn(K, K, generator=generator, dtype=torch.float64))
-            q = q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
+            q = random_orthogonal(step.weight.shape[0], generator)
             step.weight.copy_(q)
             step.bias.zero_()
             rotations = q @ rotations

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .models import FlowDecoder, GMMPrior, HalfVAE, ResidualDecoder
+from .models import FlowDecoder, GMMPrior, HalfVAE, ResidualDecoder, random_orthogonal
 
 __all__ = ["INIT_NOISE_STD", "Recipe", "LiveRestart", "restart_seeds", "random_orthogonal",
            "reset_parameters", "torch_threads", "lr_factor", "prior_warmup_epochs",
@@ -67,12 +67,6 @@ def restart_seeds(random_state, n_restarts: int) -> list:
         entropy = None if random_state is None else int(random_state)
     ss = np.random.SeedSequence(entropy)
     return [int(c.generate_state(1, np.uint64)[0] >> np.uint64(1)) for c in ss.spawn(n_restarts)]
-
-
-def random_orthogonal(k: int, generator: torch.Generator) -> torch.Tensor:
-    """A Haar-random k x k rotation (float64) drawn from ``generator``."""
-    q, r = torch.linalg.qr(torch.randn(k, k, generator=generator, dtype=torch.float64))
-    return q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
 
 
 def reset_parameters(module: nn.Module, generator: torch.Generator) -> None:
