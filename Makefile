@@ -13,7 +13,7 @@ export TORCH_CUDA_ARCH_LIST
 DEPS := numpy scikit-build-core cmake ninja pytest hypothesis scipy scikit-learn tqdm matplotlib \
 	python-picard jamica
 
-SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
+SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml $(VENV)/.py-files
 
 .PHONY: all build test demo bench clean FORCE
 
@@ -30,6 +30,12 @@ $(VENV)/.deps-installed: $(VENV)/.deps-list
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC) $(DEPS)
 	touch $@
+
+# The package's Python file names, rewritten only when a file is added, moved or removed: the
+# editable install maps each module to its file, so such a change needs a reinstall.
+$(VENV)/.py-files: FORCE
+	@mkdir -p $(VENV)
+	@find halfvae_ext -name '*.py' | sort | cmp -s - $@ || find halfvae_ext -name '*.py' | sort > $@
 
 # The build settings, rewritten only when they change, so that `make HALFVAE_CUDA=ON` after a
 # CPU-only build rebuilds instead of finding the stamp below up to date.
