@@ -7,6 +7,7 @@ from .ops import (cuda_kernels_available, cuda_kernels_compiled, gmm_log_prob, p
                   philox_normal_rows, reparam_gmm_kl, reparam_gmm_kl_rows)
 from .table_optim import FusedRowOptimizer, fused_rows_kl
 from .models import VAE, GMMPrior, HalfVAE, LatentTable
+from . import _moved  # noqa: F401  (the modules' old import paths)
 
 __all__ = [
     "reparam_gmm_kl",
@@ -32,7 +33,7 @@ def __getattr__(name):
     # The estimator pulls in scikit-learn, the sharded table torch.distributed: import them on
     # first use, not with the package.
     if name == "HalfVAEICA":
-        from .estimator import HalfVAEICA
+        from .ica.estimator import HalfVAEICA
         return HalfVAEICA
     if name == "ShardedLatentTable":
         from .distributed import ShardedLatentTable

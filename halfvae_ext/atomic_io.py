@@ -93,6 +93,12 @@ def write_json_atomic(path, obj) -> None:
     atomic_write(path, lambda f: json.dump(obj, f, indent=2))
 
 
-def save_figure_atomic(fig, path, **savefig_kwargs) -> None:
-    """matplotlib figure to PNG, atomically."""
-    atomic_write(path, lambda f: fig.savefig(f, format="png", **savefig_kwargs), "wb")
+def save_figure_atomic(fig, path, *, close: bool = True, **savefig_kwargs) -> None:
+    """matplotlib figure to PNG, atomically; ``close``: close the figure afterwards, whether the
+    write worked or not (pyplot keeps every open figure alive)."""
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", **savefig_kwargs), "wb")
+    finally:
+        if close:
+            import matplotlib.pyplot as plt
+            plt.close(fig)

@@ -174,7 +174,7 @@ def _plot(X, S, path, window=2000):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from .atomic_io import atomic_write
+    from .atomic_io import save_figure_atomic
 
     n = min(window, X.shape[0])
     fig, axes = plt.subplots(2, 1, figsize=(10, 5.5), sharex=True)
@@ -187,10 +187,7 @@ def _plot(X, S, path, window=2000):
         ax.set_title(title + (f" (first {n} samples)" if n < X.shape[0] else ""), fontsize=10)
     axes[1].set_xlabel("sample")
     fig.tight_layout()
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90), mode="wb")
-    finally:
-        plt.close(fig)
+    save_figure_atomic(fig, path, dpi=90)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -251,8 +248,8 @@ def _cmd_separate(args, out, err):
 
     from sklearn.exceptions import ConvergenceWarning
 
-    from .estimator import HalfVAEICA
-    from .preprocessing import centered_rank
+    from .ica.estimator import HalfVAEICA
+    from .ica.preprocessing import centered_rank
 
     _check_output(args.output, "-o")
     if args.plot:
@@ -285,7 +282,7 @@ def _cmd_separate(args, out, err):
             print(f"halfvae separate: warning: {w.message}", file=err)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    from .experiments import halfvae_sources
+    from .ica.demo import halfvae_sources
     S = halfvae_sources(est, X)  # the sources the demo reports
     S = (S - S.mean(0)) / np.maximum(S.std(0), np.finfo(np.float64).tiny)
     try:
@@ -305,7 +302,7 @@ def _cmd_separate(args, out, err):
 
 
 def _cmd_demo(args, out, err):
-    from .experiments import PROBLEMS, plan_methods, run_demo
+    from .ica.demo import PROBLEMS, plan_methods, run_demo
 
     problems = args.problems.split(",") if args.problems else list(PROBLEMS)
     for p in problems:

@@ -7,7 +7,8 @@ mixture densities, mean_n sum_k log p_k((B x_n)_k) + log|det B|, by L-BFGS over 
 """
 import sys, time, json, numpy as np, torch
 from halfvae_ext import HalfVAEICA
-from halfvae_ext.experiments import fit_linear_peer, halfvae_sources
+from halfvae_ext.ica.baselines import fit_linear_peer
+from halfvae_ext.ica.demo import halfvae_sources
 from halfvae_ext.ica import make_linear, per_component_rmse
 torch.set_num_threads(1)
 seeds=[int(s) for s in sys.argv[1].split(",")]; sources=[int(s) for s in sys.argv[2].split(",")]

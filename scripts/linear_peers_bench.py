@@ -16,7 +16,8 @@ import time
 import torch
 
 from halfvae_ext import HalfVAEICA
-from halfvae_ext.experiments import fit_linear_peer, halfvae_sources
+from halfvae_ext.ica.baselines import fit_linear_peer
+from halfvae_ext.ica.demo import halfvae_sources
 from halfvae_ext.ica import make_linear, per_component_rmse
 
 torch.set_num_threads(1)

@@ -12,7 +12,7 @@ Example (benchmarks/ICA_EXPERIMENTS.md, section 13):
 """
 import sys, time, json
 import numpy as np
-from halfvae_ext.experiments import run_nonstationary
+from halfvae_ext.ica.demo import run_nonstationary
 methods = sys.argv[1].split(",")
 seeds = [int(s) for s in sys.argv[2].split(",")]
 settings = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}

@@ -1,6 +1,6 @@
 """Where a nonstationary fit's gap is: Half-VAE with u started at the true sources, or with a
 decoder of the mixing's own shape (ICA_EXPERIMENTS.md section 20). A research tool: it swaps
-the recipe's decoder and start by patching halfvae_ext.recipe.Recipe in this process only.
+the recipe's decoder and start by patching halfvae_ext.ica.recipe.Recipe in this process only.
 
     OMP_NUM_THREADS=1 python scripts/nonstationary_start_diagnostic.py SEED N_LAYERS START \
         [ESTIMATOR_JSON [PROBLEM_JSON]]
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-import halfvae_ext.recipe as recipe
-from halfvae_ext.estimator import HalfVAEICA
+import halfvae_ext.ica.recipe as recipe
+from halfvae_ext.ica.estimator import HalfVAEICA
 from halfvae_ext.ica.data import make_nonstationary
 from halfvae_ext.ica.metrics import mean_corr_coef
 from halfvae_ext.models import ResidualDecoder

@@ -225,7 +225,7 @@ def test_demo_nonstationary_and_images(tmp_path):
 
 
 def test_demo_results_do_not_depend_on_worker_processes():
-    from halfvae_ext.experiments import run_experiments
+    from halfvae_ext.ica.demo import run_experiments
     kw = dict(seeds=[0, 1], problems=["linear", "nonlinear"], methods=["halfvae_plain"],
               n_samples=200, quick=True)
     one = run_experiments(n_jobs=1, **kw)
@@ -246,7 +246,7 @@ def test_python_dash_m_entry_point():
 @pytest.mark.parametrize("where", ["output_is_directory", "plot_missing_dir", "plot_is_directory",
                                    "plot_read_only", "output_read_only"])
 def test_separate_checks_outputs_before_training(problem, tmp_path, monkeypatch, where):
-    from halfvae_ext.estimator import HalfVAEICA
+    from halfvae_ext.ica.estimator import HalfVAEICA
 
     def no_fit(*a, **k):
         raise AssertionError("trained before checking the outputs")

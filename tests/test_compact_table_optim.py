@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from halfvae_ext import GMMPrior, LatentTable, reference
-from halfvae_ext.estimator import HalfVAEICA
+from halfvae_ext.ica.estimator import HalfVAEICA
 from halfvae_ext.ica import make_paper_linear, mean_corr_coef
 from halfvae_ext.table_memory import record_layout
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from halfvae_ext.estimator import HalfVAEICA
+from halfvae_ext.ica.estimator import HalfVAEICA
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,7 +50,7 @@ def test_sklearn_compatible(estimator, check):
     "", "decoder='residual', hidden=(8,), transform_max_iter=30, ", "decoder='flow', hidden=(8,), "])
 def test_array_api_check(decoder_args):
     code = ("from sklearn.utils.estimator_checks import check_array_api_input\n"
-            "from halfvae_ext.estimator import HalfVAEICA\n"
+            "from halfvae_ext.ica.estimator import HalfVAEICA\n"
             f"est = HalfVAEICA({decoder_args}max_iter=20, n_restarts=1, n_eval_samples=1, "
             "tol=None, random_state=0)\n"
             "check_array_api_input('HalfVAEICA', est, array_namespace='numpy', "

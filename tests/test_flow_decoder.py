@@ -12,7 +12,7 @@ from halfvae_ext import HalfVAEICA
 from halfvae_ext.ica.data import make_nonstationary
 from halfvae_ext.ica.metrics import mean_corr_coef
 from halfvae_ext.models import FlowDecoder
-from halfvae_ext.param_validation import InvalidParameterError
+from halfvae_ext.ica.param_validation import InvalidParameterError
 
 
 def _random_flow(K=3, seed=0, n_blocks=3):

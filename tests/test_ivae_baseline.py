@@ -1,9 +1,10 @@
-"""The iVAE baseline of the nonstationary experiment (halfvae_ext.experiments, issue 14)."""
+"""The iVAE and TCL baselines of the nonstationary experiment (halfvae_ext.ica.baselines)."""
 import numpy as np
 import pytest
 import torch
 
-from halfvae_ext.experiments import IVAE, fit_ivae, fit_tcl, run_nonstationary
+from halfvae_ext.ica.baselines import IVAE, fit_ivae, fit_tcl
+from halfvae_ext.ica.demo import run_nonstationary
 from halfvae_ext.ica import make_nonstationary, mean_corr_coef
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from halfvae_ext.experiments import fit_linear_peer
+from halfvae_ext.ica.baselines import fit_linear_peer
 from halfvae_ext.ica import make_linear, mean_corr_coef
 
 
@@ -30,7 +30,7 @@ def test_halfvae_sources_is_the_unmixing_for_the_linear_decoder_only():
     import warnings
 
     from halfvae_ext import HalfVAEICA
-    from halfvae_ext.experiments import halfvae_sources
+    from halfvae_ext.ica.demo import halfvae_sources
     P = make_linear(300, 2, "assorted", random_state=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a short fit warns that it has not converged

@@ -15,7 +15,10 @@ from numbers import Integral, Real
 
 import numpy as np
 
-__all__ = ["InvalidParameterError", "Interval", "Options", "Widths", "PathLike", "Device", "RandomState",
+from ..models import ACTIVATIONS, COVARIANCES, DECODERS
+from ..table_optim import FUSED_TABLE_OPTIMIZERS
+
+__all__ = ["HALFVAEICA_PARAMETERS", "InvalidParameterError", "Interval", "Options", "Widths", "PathLike", "Device", "RandomState",
            "validate_parameters"]
 
 
@@ -152,3 +155,38 @@ def validate_parameters(constraints: dict, params: dict) -> None:
             forms = [_describe(c) for c in allowed]
             listed = forms[0] if len(forms) == 1 else ", ".join(forms[:-1]) + " or " + forms[-1]
             raise InvalidParameterError(f"{name} must be {listed}, got {v!r}")
+
+
+_POSITIVE = Interval(float, 0, None, closed="neither")
+
+# HalfVAEICA's table. Our own, not scikit-learn's: the estimator holds it under another name than
+# scikit-learn's reserved _parameter_constraints, whose constraint language differs.
+HALFVAEICA_PARAMETERS = {
+    "n_components": [None, Interval(int, 1)],
+    "n_mixture": [Interval(int, 1, 64)],
+    "decoder": [Options(("auto", *DECODERS))],
+    "hidden": [Widths()],
+    "activation": [Options(sorted(ACTIVATIONS))],
+    "noise": ["learned", _POSITIVE, PositivePair()],
+    "whiten": [Options(("pca", "standardize")), False],
+    "init": [Options(("pca", "random", "fastica"))],
+    "max_iter": ["auto", Interval(int, 1)],
+    "batch_size": [None, Interval(int, 1)],
+    "table_optimizer": [Options(("torch", *FUSED_TABLE_OPTIMIZERS))],
+    "learning_rate": [_POSITIVE],
+    "table_learning_rate": [_POSITIVE],
+    "prior_warmup": [Interval(float, 0, 1, closed="left")],
+    "lr_decay": [Interval(float, 0, 1)],
+    "n_restarts": ["auto", Interval(int, 1)],
+    "n_eval_samples": [Interval(int, 1)],
+    "kl": [Options(("mc", "bound"))],
+    "posterior_covariance": [Options(COVARIANCES)],
+    "transform_max_iter": [Interval(int, 0)],
+    "tol": [None, Interval(float, 0)],
+    "checkpoint_path": [None, PathLike()],
+    "checkpoint_every": [None, Interval(int, 1)],
+    "random_state": [None, RandomState()],
+    "device": [Device()],
+    "n_threads": [None, Interval(int, 1)],
+    "verbose": [True, False, Interval(int, 0)],
+}

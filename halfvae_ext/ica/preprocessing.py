@@ -11,8 +11,10 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-__all__ = ["check_data", "centered_rank", "fingerprint", "Whitening", "fit_whitening"]
+__all__ = ["check_data", "check_u", "centered_rank", "fingerprint", "run_fingerprint",
+           "Whitening", "fit_whitening"]
 
 FLOAT_DTYPES = (np.float64, np.float32)
 
@@ -115,3 +117,34 @@ def fit_whitening(X: np.ndarray, n_components: int | None, whiten="pca",
         whitening = np.eye(d)
         dewhitening = np.eye(d)
     return Whitening(mean, whitening, dewhitening, K, rank), Xc @ whitening.T
+
+
+def check_u(u, n_rows: int) -> np.ndarray:
+    """u as a 1-D integer numpy array of n_rows segment labels; ValueError naming u otherwise."""
+    if isinstance(u, torch.Tensor):
+        u = u.detach().cpu().numpy()
+    if isinstance(u, (str, bytes)):
+        raise ValueError(f"u must be a 1-D array of integer segment labels, got a {type(u).__name__}")
+    arr = np.asarray(u)
+    if arr.ndim != 1:
+        raise ValueError(f"u must be a 1-D array of integer segment labels (one per row of X), "
+                         f"got shape {arr.shape}")
+    # Floats are refused even when integral: a float u is most likely a column taken by mistake.
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"u must hold integer segment labels, got dtype {arr.dtype}")
+    if arr.shape[0] != n_rows:
+        raise ValueError(f"u must have one segment label per row of X ({n_rows}), got "
+                         f"{arr.shape[0]}")
+    return arr.astype(np.int64, copy=False)
+
+
+def run_fingerprint(X: np.ndarray, segments, codes) -> str:
+    """The run's data fingerprint: X's, and u's when given (the same X with other segments is
+    other data). Without u it is fingerprint(X), as in files written before u existed."""
+    fp = fingerprint(X)
+    if segments is None:
+        return fp
+    h = hashlib.sha256(fp.encode())
+    h.update(np.ascontiguousarray(segments, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(codes, dtype=np.int64).tobytes())
+    return h.hexdigest()

@@ -2,8 +2,8 @@
 
 :class:`RunState` is everything needed to continue a run exactly (which restart and epoch, the
 restart seeds, the finished restarts, the best so far with its states, the live restart's states);
-``to_dict``/``from_dict`` give the plain structure that ``torch.save(weights_only=True)`` files
-hold (file format version 1). :func:`run_restarts` advances a run.
+``to_dict``/``from_dict`` give the plain structure that the estimator's files hold
+(:mod:`.file_format`). :func:`run_restarts` advances a run.
 """
 from __future__ import annotations
 
@@ -17,11 +17,7 @@ import torch
 
 from .recipe import LiveRestart, Recipe
 
-__all__ = ["RUN_FORMAT", "RUN_FORMAT_VERSION", "RestartSnapshot", "FinishedRestart",
-           "BestRestart", "RunState", "run_restarts"]
-
-RUN_FORMAT = "halfvae_ext.HalfVAEICA"
-RUN_FORMAT_VERSION = 1
+__all__ = ["RestartSnapshot", "FinishedRestart", "BestRestart", "RunState", "run_restarts"]
 
 
 @dataclass
@@ -104,8 +100,7 @@ class RunState:
         return self.done and (self.best is None or not math.isfinite(self.best.elbo))
 
     def to_dict(self) -> dict:
-        return {"format": RUN_FORMAT, "version": RUN_FORMAT_VERSION, "params": self.params,
-                "fingerprint": self.fingerprint, "seeds": list(self.seeds),
+        return {"params": self.params, "fingerprint": self.fingerprint, "seeds": list(self.seeds),
                 "restart": self.restart, "epoch": self.epoch,
                 "current": None if self.current is None else self.current.to_dict(),
                 "finished": [f.to_dict() for f in self.finished],
@@ -113,10 +108,7 @@ class RunState:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunState":
-        if not isinstance(d, dict) or d.get("format") != RUN_FORMAT:
-            raise ValueError("the run to resume is not a HalfVAEICA run")
-        if d.get("version") != RUN_FORMAT_VERSION:
-            raise ValueError(f"unsupported HalfVAEICA run version {d.get('version')!r}")
+        """The run of ``to_dict``'s structure (the file format checks the file around it)."""
         return cls(params=dict(d["params"]), fingerprint=d["fingerprint"],
                    seeds=[int(s) for s in d["seeds"]], restart=int(d["restart"]),
                    epoch=int(d["epoch"]),
