@@ -31,7 +31,7 @@ from torch import nn
 
 import halfvae_ext.ica.recipe as recipe
 from halfvae_ext.ica.estimator import HalfVAEICA
-from halfvae_ext.ica.data import make_nonstationary
+from halfvae_ext.ica import make_nonstationary
 from halfvae_ext.ica.metrics import mean_corr_coef
 from halfvae_ext.models import ResidualDecoder
 

@@ -9,7 +9,7 @@ import torch
 
 import halfvae_ext as hv
 from halfvae_ext import HalfVAEICA
-from halfvae_ext.ica.data import make_nonstationary
+from halfvae_ext.ica import make_nonstationary
 from halfvae_ext.ica.metrics import mean_corr_coef
 from halfvae_ext.models import FlowDecoder
 from halfvae_ext.ica.param_validation import InvalidParameterError

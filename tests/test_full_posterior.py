@@ -10,7 +10,7 @@ from torch.func import functional_call
 
 import halfvae_ext as hv
 from halfvae_ext import HalfVAEICA
-from halfvae_ext.ica.data import make_nonstationary
+from halfvae_ext.ica import make_nonstationary
 from halfvae_ext.ica.metrics import mean_corr_coef
 from halfvae_ext.ica.param_validation import InvalidParameterError
 from halfvae_ext.ica.realign import joint_diagonalizer, realign_latents

@@ -401,7 +401,7 @@ def test_nonstationary_segment_statistics(distribution):
 
 def test_nonstationary_mixing_matrices_are_well_conditioned():
     p = ica.make_nonstationary(50, 4, 5, n_layers=4, random_state=7)
-    threshold = ica.data.nonstationary_cond_threshold(5, np.random.default_rng(0))
+    threshold = ica.nonstationary_data.nonstationary_cond_threshold(5, np.random.default_rng(0))
     # The 25th percentile of random 5 x 5 unit-column matrices is an order of magnitude below
     # their median; every layer must come from the best-conditioned quarter.
     conds = [np.linalg.cond(A) for A in p.mixer.matrices]
@@ -409,7 +409,7 @@ def test_nonstationary_mixing_matrices_are_well_conditioned():
     assert max(conds) <= 1.05 * threshold  # the threshold re-estimated from another stream
     for A in p.mixer.matrices:
         np.testing.assert_allclose(np.linalg.norm(A, axis=0), 1.0, rtol=1e-12)
-    rand = ica.data._unit_column_matrices(np.random.default_rng(1), 5, 4000)
+    rand = ica.nonstationary_data._unit_column_matrices(np.random.default_rng(1), 5, 4000)
     assert np.mean(np.linalg.cond(rand) <= threshold) == pytest.approx(0.25, abs=0.03)
 
 

@@ -18,11 +18,10 @@ from .data import (
     make_nonlinear,
     make_paper_linear,
     make_piecewise_stationary,
-    make_nonstationary,
-    NonstationaryMixer,
     make_underdetermined,
     make_sample_images,
 )
+from .nonstationary_data import NonstationaryMixer, make_nonstationary
 from .metrics import (
     align_sources,
     amari_distance,

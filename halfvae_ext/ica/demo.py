@@ -56,10 +56,10 @@ from sklearn.exceptions import ConvergenceWarning
 
 from ..atomic_io import save_figure_atomic, write_json_atomic
 from .baselines import fit_ivae, fit_linear_peer, fit_tcl, fit_vae
-from .data import (make_linear, make_nonlinear, make_nonstationary, make_paper_linear,
-                   make_sample_images)
+from .data import make_linear, make_nonlinear, make_paper_linear, make_sample_images
 from .estimator import HalfVAEICA
 from .metrics import align_sources, mean_corr_coef, per_component_rmse
+from .nonstationary_data import make_nonstationary
 from .recipe import torch_threads
 
 __all__ = ["run_experiments", "run_demo", "format_table", "plot_sources", "METHODS", "PROBLEMS",

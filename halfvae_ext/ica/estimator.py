@@ -11,7 +11,6 @@ chosen by ELBO, as a resumable run), :mod:`.file_format` (the files) and
 """
 from __future__ import annotations
 
-import errno
 import os
 import warnings
 from numbers import Integral
@@ -24,9 +23,10 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..atomic_io import check_writable
 from . import file_format
-from .param_validation import HALFVAEICA_PARAMETERS, InvalidParameterError, validate_parameters
+from .param_validation import (HALFVAEICA_PARAMETERS, InvalidParameterError, usable_device,
+                               validate_parameters)
 from .preprocessing import (FLOAT_DTYPES, Whitening, check_data, check_u, fit_whitening,
-                            run_fingerprint)
+                            run_fingerprint, segment_codes)
 from .recipe import (ADDED_PARAMETER_DEFAULTS, Recipe, elbo_change, recipe_for,
                      recipe_from_parameters, resolve_decoder, restart_seeds, torch_threads,
                      training_parameters)
@@ -71,8 +71,7 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         apply; mini-batches of 1000 rows unless ``batch_size`` says otherwise); ``transform`` is
         h. "auto" (the default): "flow" when ``fit`` is given u, else "linear"; the decoder
         used is ``decoder_``.
-    hidden, activation : MLP widths and activation (decoders "mlp" and "residual"; the flow's
-        coupling MLPs).
+    hidden, activation : widths and activation of the MLPs (decoders "mlp", "residual", "flow").
     noise : "learned", float or (start, end)
         Observation noise: a learned per-feature variance; a fixed std (in whitened units); or a
         schedule of fixed stds, ``start`` for the first half of the epochs, then falling
@@ -98,10 +97,8 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         a step costs O(batch_size)): "fused" exact Adam, "rowwise_adam" FBGEMM's row-wise Adam,
         "rowwise_adam_bf16" the same with bfloat16 first moments, "rowwise_adagrad" row-wise
         Adagrad.
-    learning_rate : float
-        Adam learning rate of the decoder, noise and prior.
-    table_learning_rate : float
-        Adam learning rate of the latent table (mu, logvar).
+    learning_rate, table_learning_rate : float
+        Adam learning rates of the decoder, noise and prior, and of the latent table.
     prior_warmup : float in [0, 1)
         Fraction of each restart's epochs during which the prior's component means and weights
         stay at their initialization (the variances learn).
@@ -112,7 +109,7 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         Independent restarts; the one with the best final ELBO is kept. "auto": 4, and 1 for the
         flow decoder.
     n_eval_samples : int
-        Monte-Carlo draws of the final ELBO used to compare restarts.
+        Monte-Carlo draws of the final ELBO that compares restarts.
     kl : {"mc", "bound"}
         KL term of the ELBO: the one-draw Monte-Carlo estimate, or the closed-form upper bound
         of the KL to a mixture (no sampling noise in the KL; the ELBO stays a lower bound).
@@ -139,9 +136,8 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
     device : str or torch.device
         Must be usable here (a CUDA device needs torch.cuda.is_available()).
     n_threads : int or None
-        CPU threads for torch while fitting and transforming (restored afterwards). None: one
-        thread for small problems (n_samples * n_components < 131072), else torch's setting.
-        Results do not depend on it.
+        CPU threads while fitting and transforming (None: one for n_samples * n_components <
+        131072, else torch's setting). Results do not depend on it.
     verbose : bool
         Show a tqdm progress bar.
 
@@ -150,10 +146,8 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
     n_components_, n_features_in_ : int
     decoder_ : str
         The decoder the fit used ("auto" resolved).
-    mean_ : ndarray [n_features]
-    whitening_ : ndarray [d, n_features]
-        Preprocessing map: X_white = (X - mean_) @ whitening_.T.
-    dewhitening_ : ndarray [n_features, d]
+    mean_ [n_features], whitening_ [d, n_features], dewhitening_ [n_features, d] : ndarray
+        Preprocessing: X_white = (X - mean_) @ whitening_.T.
     mixing_ : ndarray [n_features, n_components]  (linear decoder only)
         X ~= S @ mixing_.T + mean_.
     components_ : ndarray [n_components, n_features]  (linear decoder only)
@@ -168,8 +162,7 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
     elbo_history_ : ndarray [n_iter_]
         ELBO per sample at every epoch of the kept restart (one-draw estimates; the flow: the
         mean log-likelihood of the epoch's mini-batches).
-    n_iter_, best_restart_ : int
-    restart_elbos_ : ndarray [n_restarts]
+    n_iter_, best_restart_ : int;  restart_elbos_ : ndarray [n_restarts]
     model_ : HalfVAE
         The trained model of the kept restart (on ``device``).
 
@@ -252,15 +245,7 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
             raise InvalidParameterError("checkpoint_every needs a checkpoint_path")
         recipe_for(resolve_decoder(self.decoder, with_u)).check_parameters(
             self.table_optimizer, self.posterior_covariance)
-        device = torch.device(self.device)
-        if device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise ValueError(f"device={self.device!r}: no usable CUDA device here "
-                                 "(torch.cuda.is_available() is False); use device='cpu'")
-            if device.index is not None and device.index >= torch.cuda.device_count():
-                raise ValueError(f"device={self.device!r}: there are only "
-                                 f"{torch.cuda.device_count()} CUDA device(s)")
-        return device
+        return usable_device(self.device)
 
     def _run_to_resume(self):
         run = getattr(self, "_run", None)
@@ -318,12 +303,8 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
             self._check_resumable(run, Xa, segments, codes, decoder)
         if self.checkpoint_path is not None:
             check_writable(self.checkpoint_path)
-            if run is None and os.path.exists(self.checkpoint_path) and not (
-                    resume and self._holds_diverged_run(self.checkpoint_path)):
-                raise FileExistsError(
-                    errno.EEXIST, "checkpoint_path holds a file that a fresh fit would replace; "
-                    "pass resume=True to continue its run, or remove it or choose another path",
-                    os.fspath(self.checkpoint_path))
+            if run is None:
+                file_format.refuse_to_replace(self.checkpoint_path, resume)
 
         validate_data(self, Xa if isinstance(X, torch.Tensor) else X, reset=True,
                       skip_check_array=True)
@@ -360,15 +341,6 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
             self._set_fitted(run, device)
             self._warn_if_not_converged()
         return self
-
-    @staticmethod
-    def _holds_diverged_run(path) -> bool:
-        """True if ``path`` is a checkpoint of a run whose every restart diverged (resume starts
-        afresh over it: it holds no model)."""
-        try:
-            return RunState.from_dict(file_format.read(path)["run"]).diverged
-        except (ValueError, KeyError, TypeError):
-            return False
 
     def _threads(self, n_rows):
         if self.n_threads is not None:
@@ -483,7 +455,7 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         """
         check_is_fitted(self)
         X = self._check_X(X)
-        codes = self._segment_codes(u, X.shape[0])
+        codes = segment_codes(u, X.shape[0], getattr(self, "segments_", None))
         kind = self._fit_recipe.transform_kind
         if kind == "unmixing":
             return (X - self.mean_) @ self.components_.T
@@ -500,23 +472,6 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
                                          None if train is None else train.to(device),
                                          self.transform_max_iter, ut)
         return S.astype(np.result_type(X.dtype, self.mean_.dtype), copy=False)
-
-    def _segment_codes(self, u, n_rows):
-        """u checked against X's rows and the segments seen in fit, as indices into segments_
-        (None for u=None)."""
-        if u is None:
-            return None
-        u = check_u(u, n_rows)
-        if not hasattr(self, "segments_"):
-            raise ValueError("u: this estimator was fitted without u (an unconditional prior); "
-                             "fit it with u=... to use segments")
-        seen = np.isin(u, self.segments_)
-        if not seen.all():
-            unseen = np.unique(u[~seen])
-            raise ValueError(f"u has segment label(s) not seen in fit: {unseen[:10].tolist()}"
-                             f"{' ...' if unseen.size > 10 else ''} (the fitted segments are "
-                             "segments_)")
-        return np.searchsorted(self.segments_, u)
 
     def _whitened64(self, X: np.ndarray, device) -> torch.Tensor:
         """(X - mean_) @ whitening_.T in float64, on ``device``."""

@@ -12,6 +12,7 @@ checksum existed (no "sha256") are read as they are.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from numbers import Integral
@@ -22,7 +23,7 @@ import torch
 from ..atomic_io import atomic_torch_save
 
 __all__ = ["FORMAT", "VERSION", "write", "read", "checksum", "file_params", "estimator_params",
-           "plain"]
+           "plain", "refuse_to_replace"]
 
 FORMAT = "halfvae_ext.HalfVAEICA"
 VERSION = 1
@@ -125,3 +126,21 @@ def read(path) -> dict:
     if missing:
         raise ValueError(f"{path}: not a complete HalfVAEICA file (no {', '.join(missing)})")
     return payload
+
+
+def refuse_to_replace(path, resume: bool) -> None:
+    """FileExistsError naming ``path`` if a fresh fit would replace a file there. With
+    ``resume`` a checkpoint of a run whose every restart diverged may be replaced: it holds no
+    model, and resuming it starts afresh."""
+    if not os.path.exists(path):
+        return
+    if resume:
+        from .restarts import RunState  # restarts -> recipe -> this module
+        try:
+            if RunState.from_dict(read(path)["run"]).diverged:
+                return
+        except (ValueError, KeyError, TypeError):
+            pass
+    raise FileExistsError(errno.EEXIST, "checkpoint_path holds a file that a fresh fit would "
+                          "replace; pass resume=True to continue its run, or remove it or choose "
+                          "another path", os.fspath(path))

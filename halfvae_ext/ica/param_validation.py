@@ -136,6 +136,20 @@ class RandomState:
         return "a non-negative integer or a numpy.random.RandomState"
 
 
+def usable_device(device):
+    """torch.device(device), checked to be usable here (ValueError naming device otherwise)."""
+    import torch
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}: no usable CUDA device here "
+                             "(torch.cuda.is_available() is False); use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}: there are only "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def _describe(c) -> str:
     return repr(c) if c is None or isinstance(c, (str, bool)) else str(c)
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 __all__ = ["check_data", "check_u", "centered_rank", "fingerprint", "run_fingerprint",
-           "Whitening", "fit_whitening"]
+           "segment_codes", "Whitening", "fit_whitening"]
 
 FLOAT_DTYPES = (np.float64, np.float32)
 
@@ -148,3 +148,21 @@ def run_fingerprint(X: np.ndarray, segments, codes) -> str:
     h.update(np.ascontiguousarray(segments, dtype=np.int64).tobytes())
     h.update(np.ascontiguousarray(codes, dtype=np.int64).tobytes())
     return h.hexdigest()
+
+
+def segment_codes(u, n_rows: int, segments) -> np.ndarray | None:
+    """u checked against X's rows and the segments seen in fit (``segments``; None: fitted
+    without u), as indices into segments (None for u=None). ValueError naming u otherwise."""
+    if u is None:
+        return None
+    u = check_u(u, n_rows)
+    if segments is None:
+        raise ValueError("u: this estimator was fitted without u (an unconditional prior); "
+                         "fit it with u=... to use segments")
+    seen = np.isin(u, segments)
+    if not seen.all():
+        unseen = np.unique(u[~seen])
+        raise ValueError(f"u has segment label(s) not seen in fit: {unseen[:10].tolist()}"
+                         f"{' ...' if unseen.size > 10 else ''} (the fitted segments are "
+                         "segments_)")
+    return np.searchsorted(segments, u)
