@@ -38,6 +38,47 @@ def _refuse_read_only(path: str) -> None:
         raise PermissionError(errno.EACCES, "Permission denied (the file is read-only)", path)
 
 
+def _prefix(path: str) -> str:
+    return ".tmp-" + os.path.basename(path) + "-"
+
+
+def _temporary(path: str, directory: str):
+    """(fd, name) of a new temporary file beside ``path``, named after it and this process (so
+    that a later write can tell an orphan of a killed writer from a live writer's file)."""
+    try:
+        return tempfile.mkstemp(prefix=f"{_prefix(path)}{os.getpid()}-", dir=directory)
+    except OSError as e:
+        raise _naming(e, path) from None
+
+
+def _remove_orphans(path: str, directory: str) -> None:
+    """Delete the temporary files of earlier writes of ``path`` whose process is gone (killed
+    mid-write: SIGKILL leaves no chance to clean up)."""
+    prefix = _prefix(path)
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(prefix)]
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but is not ours
+        return True
+    return True
+
+
 def check_writable(path) -> None:
     """Raise the OSError (naming ``path``) that atomic_write(path, ...) would meet, without writing
     ``path``: a missing or unwritable directory, a directory at ``path``, a read-only file."""
@@ -48,24 +89,20 @@ def check_writable(path) -> None:
     if not os.path.isdir(directory):
         raise FileNotFoundError(errno.ENOENT, f"No such directory {directory!r}", path)
     _refuse_read_only(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=directory)
-    except OSError as e:
-        raise _naming(e, path) from None
+    fd, tmp = _temporary(path, directory)
     os.close(fd)
     os.unlink(tmp)
 
 
 def atomic_write(path, write, mode="w") -> None:
     """write(f) into a temporary file in the target's directory, fsync, then os.replace. An
-    OSError names ``path``; a read-only file at ``path`` is refused (PermissionError)."""
+    OSError names ``path``; a read-only file at ``path`` is refused (PermissionError). Temporary
+    files that killed writers of ``path`` left behind are removed first."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     _refuse_read_only(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=directory)
-    except OSError as e:
-        raise _naming(e, path) from None
+    _remove_orphans(path, directory)
+    fd, tmp = _temporary(path, directory)
     try:
         os.fchmod(fd, _new_file_mode(path))
         with os.fdopen(fd, mode) as f:

@@ -25,9 +25,7 @@ Methods:
   not the default, which runs no other ICA algorithm).
 - ``halfvae_u`` (nonstationary): Half-VAE given u, one prior mixture component per segment and
   latent, the invertible decoder (``decoder="flow"``, coupling MLPs (64, 64); the table held at
-  the decoder's inverse), 60 epochs, one restart: ICA_EXPERIMENTS.md section 22 (200 epochs
-  there; on the demo's 2-layer data 60 reach the same MCC, 0.988 / 0.989 on seeds 0 and 1 against
-  0.988 / 0.988 with 100, in a third of the time).
+  the decoder's inverse), 60 epochs, one restart.
 - ``vae``: a VAE with an MLP encoder, trained with the same recipe (whitening, closed-form
   expected log-likelihood for the linear decoder, prior warm-up, restarts chosen by ELBO).
 - ``ivae`` (nonstationary): :func:`fit_ivae`, encoder q(z | x, u), Gaussian prior with
@@ -219,9 +217,9 @@ def _method_settings(quick: bool):
 
 
 def _nonstationary_settings(quick: bool):
-    """Half-VAE with u (the flow decoder, ICA_EXPERIMENTS.md section 22: one prior component per
-    segment, coupling MLPs (64, 64), 60 epochs of mini-batches of 1000) and iVAE (MLP decoder,
-    30 epochs of mini-batches of 1000; section 13), one restart each; quick: a quarter."""
+    """Half-VAE with u (the flow decoder: one prior component per segment, coupling MLPs
+    (64, 64), 60 epochs of mini-batches of 1000) and iVAE (MLP decoder, 30 epochs of mini-batches
+    of 1000), one restart each; quick: a quarter."""
     return dict(halfvae_u=dict(decoder="flow", n_mixture=1, hidden=(64, 64),
                                max_iter=15 if quick else 60, n_restarts=1),
                 ivae=dict(max_iter=8 if quick else 30, n_restarts=1))

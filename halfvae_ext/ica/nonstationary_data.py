@@ -12,8 +12,8 @@ from .data import DISTRIBUTIONS, ICAProblem, check_choice, check_int, check_real
 __all__ = ["make_nonstationary", "NonstationaryMixer", "nonstationary_cond_threshold"]
 
 _MIXER_ACTIVATIONS = ("lrelu", "xtanh")
-# Default slopes: leaky ReLU 0.2 (ICE-BeeM's and TCL's code, and issue 14's setting; the iVAE
-# code's default is 0.1), xtanh(x) = tanh(x) + 0.1 x (the iVAE code).
+# Default slopes: leaky ReLU 0.2 (ICE-BeeM's and TCL's code; the iVAE code's default is 0.1),
+# xtanh(x) = tanh(x) + 0.1 x (the iVAE code).
 _DEFAULT_SLOPES = {"lrelu": 0.2, "xtanh": 0.1}
 # Whose simulation make_nonstationary follows (see its docstring).
 _NONSTATIONARY_BENCHMARKS = ("ivae", "icebeem")

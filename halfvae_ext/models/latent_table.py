@@ -58,7 +58,7 @@ class LatentTable(nn.Module):
     ``scale_tril_offdiag`` [N, K (K - 1) / 2] (starting at 0: the diagonal posterior). A mean-field
     posterior pays, in its entropy, for every latent basis in which the decoder's Jacobian columns
     are not orthogonal (Hadamard's inequality), so it pulls the latents toward such a basis; a full
-    one does not (benchmarks/ICA_EXPERIMENTS.md section 19). Its KL and sample are computed in
+    one does not. Its KL and sample are computed in
     PyTorch around the fused prior kernel (``gmm_log_prob``); not with a fused optimizer.
     """
 
@@ -213,10 +213,7 @@ class LatentTable(nn.Module):
         (a conditional prior only); kl: "mc" or "bound"."""
         if self.covariance == "full":
             return self.sample_full(idx, prior, generator, eps, u, kl)[:2]
-        prior_params = (prior.logits, prior.means, prior.logvars)
-        idx = None if idx is None else self._check_idx(idx)
-        options = dict(eps=eps, generator=generator, reduction="row", kl=_check_kl(kl),
-                       prior_index=prior.group_index(u, self._batch_rows(idx)))
+        idx, prior_params, options = self._op_arguments(idx, prior, generator, eps, u, kl)
         if self.table_optimizer is not None:
             return fused_rows_kl(self.mu, self.logvar, self._rows_idx(idx), *prior_params,
                                  self.table_optimizer, **options)
@@ -236,16 +233,20 @@ class LatentTable(nn.Module):
         diagonal of the scale factor, not the variances)."""
         if self.covariance == "full":
             return self.sample_full(idx, prior, generator, eps, u, kl)[:4]
-        prior_params = (prior.logits, prior.means, prior.logvars)
-        idx = None if idx is None else self._check_idx(idx)
-        options = dict(eps=eps, generator=generator, reduction="row", kl=_check_kl(kl),
-                       prior_index=prior.group_index(u, self._batch_rows(idx)))
+        idx, prior_params, options = self._op_arguments(idx, prior, generator, eps, u, kl)
         if self.table_optimizer is not None:
             return fused_rows_kl(self.mu, self.logvar, self._rows_idx(idx), *prior_params,
                                  self.table_optimizer, return_rows=True, **options)
         mu, logvar = self._rows(self.mu, idx), self._rows(self.logvar, idx)
         z, kl_value = reparam_gmm_kl(mu, logvar, *prior_params, **options)
         return z, kl_value, mu, logvar
+
+    def _op_arguments(self, idx, prior: GMMPrior, generator, eps, u, kl):
+        """(checked idx, the prior's tables, the ops' keyword arguments) of forward and sample."""
+        idx = None if idx is None else self._check_idx(idx)
+        options = dict(eps=eps, generator=generator, reduction="row", kl=_check_kl(kl),
+                       prior_index=prior.group_index(u, self._batch_rows(idx)))
+        return idx, (prior.logits, prior.means, prior.logvars), options
 
     def _rows(self, table: torch.Tensor, idx):
         """Rows idx of one of the table's parameters (all for None), sparse-gradient when the

@@ -90,7 +90,7 @@ class GMMPrior(nn.Module):
         the mean and variance of z[u == g, k] (z [n, K], u [n] groups in [0, U)). The components
         keep their relative positions, widths and weights; a group without rows keeps its
         mixture. A conditional prior then starts where the latents start, not at N(0, 1) for
-        every group (sources with per-segment means: ICA_EXPERIMENTS.md section 16)."""
+        every group (sources with per-segment means)."""
         if not self.conditional:
             raise ValueError("match_moments_ is for a conditional prior (num_groups > 1)")
         U, K = self.num_groups, self.num_latents
