@@ -55,8 +55,8 @@ from .schedule import (elbo_change, lr_factor, noise_schedule_std, prior_warmup_
 
 __all__ = ["INIT_NOISE_STD", "Recipe", "LinearRecipe", "ResidualRecipe", "FlowRecipe",
            "recipe_for", "RECIPES", "resolve_decoder", "training_parameters",
-           "recipe_from_parameters", "ADDED_PARAMETER_DEFAULTS", "LiveRestart", "restart_seeds", "reset_parameters",
-           "torch_threads", "lr_factor", "prior_warmup_epochs", "set_prior_trainable",
+           "recipe_from_parameters", "ADDED_PARAMETER_DEFAULTS", "LiveRestart", "restart_seeds",
+           "reset_parameters", "torch_threads", "lr_factor", "prior_warmup_epochs", "set_prior_trainable",
            "noise_schedule_std", "final_elbo", "elbo_change", "posterior_mode",
            "FUSED_TABLE_OPTIMIZERS"]
 
@@ -502,6 +502,7 @@ def recipe_for(decoder: str) -> type:
         raise ValueError(f"decoder must be one of {sorted(RECIPES)}, got {decoder!r}") from None
 
 
+# ----------------------------------------------------------------------------- runs' parameters
 # Parameters added after files were first written, with the behaviour those files had.
 ADDED_PARAMETER_DEFAULTS = {"table_optimizer": "torch", "kl": "mc",
                             "posterior_covariance": "diagonal"}
