@@ -19,7 +19,7 @@ import time
 import torch
 
 import halfvae_ext as hv
-from halfvae_ext.bench_tables import FUSED_METHODS
+from halfvae_ext.table_optim import FUSED_TABLE_OPTIMIZERS
 
 K = 8
 
@@ -33,9 +33,9 @@ def main(argv=None):
     p.add_argument("--turn", type=int, default=10)
     a = p.parse_args(argv)
     methods = a.methods.split(",")
-    unknown = [m for m in methods if m not in FUSED_METHODS]
+    unknown = [m for m in methods if m not in FUSED_TABLE_OPTIMIZERS]
     if unknown:
-        p.error(f"--methods: unknown {unknown}; choose from {list(FUSED_METHODS)}")
+        p.error(f"--methods: unknown {unknown}; choose from {list(FUSED_TABLE_OPTIMIZERS)}")
     sizes = [int(float(r)) for r in a.rows.split(",")]
     g = torch.Generator().manual_seed(0)
     setups = []
@@ -44,7 +44,7 @@ def main(argv=None):
         batches = [torch.randint(0, N, (a.batch,), generator=g) for _ in range(a.calls)]
         gm, gl = torch.randn(a.batch, K, generator=g), 0.1 * torch.randn(a.batch, K, generator=g)
         for m in methods:
-            kind, state_dtype = FUSED_METHODS[m]
+            kind, state_dtype = FUSED_TABLE_OPTIMIZERS[m]
             t = hv.LatentTable(N, K, fused_optimizer=kind, state_dtype=state_dtype)
             setups.append(dict(method=m, N=N, table=t, batches=batches, gm=gm, gl=gl, times=[]))
     for s in setups:  # the code and the small buffers warm, outside the timing

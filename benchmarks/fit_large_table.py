@@ -5,24 +5,24 @@
 
 Data: --rows samples of 4 Laplace sources mixed by a random 4x4 matrix. The table (mu, logvar) is
 trained by the optimizer fused into the backward (LatentTable(fused_optimizer=...), see
-halfvae_ext.bench_tables.FUSED_METHODS), the decoder, noise and prior by torch.optim.Adam. Each
-optimizer gets the same data, initialization and batches. Prints step time, the negative ELBO per
-sample over training and the table + optimizer-state bytes; then each optimizer's final -ELBO (mean
-of the last 20 steps) against exact Adam's.
+halfvae_ext.table_optim.FUSED_TABLE_OPTIMIZERS), the decoder, noise and prior by
+torch.optim.Adam. Each optimizer gets the same data, initialization and batches. Prints step time,
+the negative ELBO per sample over training and the table + optimizer-state bytes; then each
+optimizer's final -ELBO (mean of the last 20 steps) against exact Adam's.
 """
 import argparse
 import time
 
 import torch
 
-from halfvae_ext.bench_tables import FUSED_METHODS
 from halfvae_ext.models import HalfVAE
+from halfvae_ext.table_optim import FUSED_TABLE_OPTIMIZERS
 
 
 def fit(X, method, steps, batch, seed=0):
     """(median step seconds, per-step -ELBO per sample, bytes a table row takes)."""
     N, D = X.shape
-    kind, state_dtype = FUSED_METHODS[method]
+    kind, state_dtype = FUSED_TABLE_OPTIMIZERS[method]
     torch.manual_seed(seed)
     model = HalfVAE(N, D, D, decoder="linear", table_optimizer=kind,
                     table_state_dtype=state_dtype, table_lr=0.05, init_noise_std=0.5)
@@ -51,13 +51,14 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--dim", type=int, default=4)
-    p.add_argument("--optimizers", default=",".join(FUSED_METHODS),
-                   help=f"comma-separated, of {', '.join(FUSED_METHODS)} (fused: exact Adam)")
+    p.add_argument("--optimizers", default=",".join(FUSED_TABLE_OPTIMIZERS),
+                   help=f"comma-separated, of {', '.join(FUSED_TABLE_OPTIMIZERS)} "
+                   "(fused: exact Adam)")
     args = p.parse_args(argv)
     methods = args.optimizers.split(",")
-    unknown = [m for m in methods if m not in FUSED_METHODS]
+    unknown = [m for m in methods if m not in FUSED_TABLE_OPTIMIZERS]
     if unknown:
-        p.error(f"--optimizers: unknown {unknown}; choose from {list(FUSED_METHODS)}")
+        p.error(f"--optimizers: unknown {unknown}; choose from {list(FUSED_TABLE_OPTIMIZERS)}")
     g = torch.Generator().manual_seed(0)
     N, D = args.rows, args.dim
     S = torch.distributions.Laplace(0.0, 1.0).sample((N, D))

@@ -40,17 +40,14 @@ import halfvae_ext as hv
 from .atomic_io import save_figure_atomic, write_json_atomic
 from .bench_ops import peak_memory
 from .table_memory import empty_table, huge_page_bytes, huge_pages_enabled
+from .table_optim import FUSED_TABLE_OPTIMIZERS
 
 K, C = 8, 3
-# Methods that are LatentTable with a fused optimizer: (fused_optimizer, state_dtype).
-FUSED_METHODS = {"fused": ("adam", None), "rowwise_adam": ("rowwise_adam", None),
-                 "rowwise_adam_bf16": ("rowwise_adam", torch.bfloat16),
-                 "rowwise_adagrad": ("rowwise_adagrad", None)}
 
 
 def fused_bytes_per_row(name):
     """Bytes a row of LatentTable takes with this method's optimizer (float32, K = 8)."""
-    kind, state_dtype = FUSED_METHODS[name]
+    kind, state_dtype = FUSED_TABLE_OPTIMIZERS[name]
     return hv.LatentTable(1, K, fused_optimizer=kind, state_dtype=state_dtype).bytes_per_row
 
 
@@ -83,8 +80,8 @@ class Method:
                 self.emb.weight[:, K:].mul_(0.1).sub_(2)
             self.opt = torch.optim.SparseAdam(list(self.emb.parameters()), lr=lr)
             self.params = [self.emb.weight]
-        elif name in FUSED_METHODS:  # the product as a user gets it: LatentTable(fused_optimizer=)
-            kind, state_dtype = FUSED_METHODS[name]
+        elif name in FUSED_TABLE_OPTIMIZERS:  # as a user gets it: LatentTable(fused_optimizer=)
+            kind, state_dtype = FUSED_TABLE_OPTIMIZERS[name]
             self.table = hv.LatentTable(N, K, fused_optimizer=kind, state_dtype=state_dtype, lr=lr,
                                         init_logvar=-2.0)
             self.gmm = hv.GMMPrior(K, C)
@@ -104,7 +101,7 @@ class Method:
 
     def state_bytes(self):
         """Table plus optimizer state (Adam: two moments), whether or not allocated yet."""
-        if self.name in FUSED_METHODS:
+        if self.name in FUSED_TABLE_OPTIMIZERS:
             return self.N * self.table.bytes_per_row
         return 3 * sum(p.numel() * p.element_size() for p in self.params)
 
@@ -113,7 +110,7 @@ class Method:
             torch.index_select(self.rows, 0, idx, out=self.buf).add_(1e-3)
             self.rows.index_copy_(0, idx, self.buf)
             return
-        if self.name in FUSED_METHODS:
+        if self.name in FUSED_TABLE_OPTIMIZERS:
             z, kl = self.table(idx, self.gmm)
             (kl.sum() + 0.5 * (z * z).sum()).backward()
             return
@@ -233,7 +230,7 @@ def available_bytes():
 
 
 def needed_bytes(name, N):
-    if name in FUSED_METHODS:
+    if name in FUSED_TABLE_OPTIMIZERS:
         return N * fused_bytes_per_row(name)
     table = 2 * N * K * 4
     extra = {"fused": 2 * table, "sparse": 2 * table, "embedding": 2 * table,
@@ -308,14 +305,14 @@ def main(argv=None):
 
 def summarize(rows):
     t = {(r["N"], r["method"]): r["step_seconds"] for r in rows if "step_seconds" in r}
-    for method in FUSED_METHODS:
+    for method in FUSED_TABLE_OPTIMIZERS:
         steps = sorted((N, s) for (N, m), s in t.items() if m == method)
         if len(steps) >= 2:
             (n0, s0), (n1, s1) = steps[0], steps[-1]
             print(f"{method} step at N={n1:.0e} / at N={n0:.0e}: {s1 / s0:.2f}x "
                   f"({fused_bytes_per_row(method)} bytes a row)")
     for N in sorted({N for N, _ in t}):
-        for method in list(FUSED_METHODS)[1:]:
+        for method in list(FUSED_TABLE_OPTIMIZERS)[1:]:
             if (N, "fused") in t and (N, method) in t:
                 print(f"N={N:.0e}: {method} is {t[(N, 'fused')] / t[(N, method)]:.2f}x as fast as "
                       f"exact Adam (fused), one after the other")

@@ -27,8 +27,11 @@ _below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nul
 
 FUSED_OPTIMIZERS = ("adam", "rowwise_adam", "rowwise_adagrad", "sgd")
 ROWWISE = ("rowwise_adam", "rowwise_adagrad")
-# The table optimizers by the names HalfVAEICA's table_optimizer and the benchmarks use:
-# (LatentTable's fused_optimizer, state_dtype; None: the table's dtype).
+# The fused table optimizers by the names users pick them by (HalfVAEICA's table_optimizer, the
+# benchmarks' methods), each as the arguments LatentTable takes for it: (fused_optimizer,
+# state_dtype; None: the table's dtype). "fused" is exact Adam; "rowwise_adam_bf16" keeps the
+# per-element moments in bfloat16. The one mapping, so that a name means the same table
+# everywhere.
 FUSED_TABLE_OPTIMIZERS = {"fused": ("adam", None), "rowwise_adam": ("rowwise_adam", None),
                           "rowwise_adam_bf16": ("rowwise_adam", torch.bfloat16),
                           "rowwise_adagrad": ("rowwise_adagrad", None)}
