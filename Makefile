@@ -61,8 +61,10 @@ test: build
 demo: build
 	$(PY) -m halfvae_ext.cli demo --out results/demo
 
+# The fused op against what users would write, short sizes (a few minutes on 2 cores): table on
+# stdout, results/bench/bench_ops.{json,png}. The suites live in benchmarks/, not in the wheel.
 bench: build
-	$(PY) -m halfvae_ext.bench_ops --quick
+	$(PY) -m benchmarks.bench_ops --quick
 
 clean:
 	rm -rf build $(VENV)/.ext-built

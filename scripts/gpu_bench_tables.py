@@ -12,8 +12,8 @@ import sys
 import torch
 
 import halfvae_ext as hv
+from benchmarks.bench_ops import time_once
 from halfvae_ext.atomic_io import write_json_atomic
-from halfvae_ext.bench_ops import time_once
 from halfvae_ext.models import GMMPrior, LatentTable
 
 K, C = 8, 3

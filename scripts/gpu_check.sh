@@ -84,7 +84,7 @@ bench)
   ROWS_LOG2=${ROWS_LOG2:-26}  # N*K = 2^26 with K = 8: N = 2^23
   # The fused op (eps given and in-kernel) against eager, torch.compile and a device copy of the
   # same bytes, float32, K = 8, C = 3, forward+backward.
-  step bench_ops "${BENCH_OPS_S:-240}" "$PY" -m halfvae_ext.bench_ops --device "$DEVICE" \
+  step bench_ops "${BENCH_OPS_S:-240}" "$PY" -m benchmarks.bench_ops --device "$DEVICE" \
     --sizes "$ROWS_LOG2" --components 3 --variants mc --budget "${BUDGET:-0.5}" \
     --slow-max-log2 "$ROWS_LOG2" --out "$OUT"
   step bench_quick "${BENCH_QUICK_S:-90}" "$PY" benchmarks/bench_quick.py --device "$DEVICE" \

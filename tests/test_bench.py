@@ -1,7 +1,19 @@
-"""The benchmark suite runs end to end (tiny sizes) and writes its table, JSON and plot."""
+"""The benchmark suites (benchmarks/, run from the repository root) end to end at tiny sizes:
+their tables, JSON and plots; and `halfvae bench`, which runs the op suite from a source checkout
+and says where the suites are elsewhere."""
+import io
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
+import pytest
+
+import halfvae_ext
 from halfvae_ext.cli import main
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_halfvae_bench_runs_and_writes_results(tmp_path, capsys):
@@ -31,8 +43,7 @@ def test_halfvae_bench_help():
 
 
 def test_bench_tables_runs_all_methods_and_writes_results(tmp_path):
-    import json
-    from halfvae_ext import bench_tables
+    from benchmarks import bench_tables
     rows = bench_tables.main(["--rows", "1000,3000", "--steps", "2", "--batch", "64",
                               "--out", str(tmp_path)])
     methods = ("fused", "rowwise_adam", "rowwise_adam_bf16", "rowwise_adagrad", "sparse",
@@ -51,8 +62,35 @@ def test_bench_tables_runs_all_methods_and_writes_results(tmp_path):
 
 
 def test_bench_tables_alternating_pair_in_a_fresh_process(monkeypatch):
-    from halfvae_ext import bench_tables
+    from benchmarks import bench_tables
     monkeypatch.setattr(bench_tables, "ISOLATE_BYTES", 0)  # force the subprocess path
     a, b = bench_tables.measure_isolated([("fused", 2000), ("embedding", 500)], 32, 3, 0)
     assert (a["method"], a["N"], b["method"], b["N"]) == ("fused", 2000, "embedding", 500)
     assert a["step_seconds"] > 0 and b["step_seconds"] > 0
+
+
+def test_halfvae_bench_runs_anywhere_with_an_editable_install(tmp_path):
+    """Not only from the repository root: the editable install makes the checkout's benchmarks
+    importable (the `halfvae` script does not put the working directory on sys.path)."""
+    if pathlib.Path(halfvae_ext.__file__).resolve().parents[1] != ROOT:
+        pytest.skip("halfvae_ext is not installed from this checkout (editable)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-m", "halfvae_ext.cli", "bench", "--help"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--quick" in proc.stdout and "--variants" in proc.stdout
+
+
+def test_halfvae_bench_without_the_source_tree_says_where_it_is(tmp_path, monkeypatch):
+    # An installed wheel: benchmarks.bench_ops cannot be imported.
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setitem(sys.modules, "benchmarks.bench_ops", None)
+    out, err = io.StringIO(), io.StringIO()
+    rc = main(["bench", "--quick", "--out", str(tmp_path / "b")], stdout=out, stderr=err)
+    assert rc == 2
+    lines = err.getvalue().strip().splitlines()
+    assert len(lines) == 1, err.getvalue()
+    for fragment in ("benchmarks/", "make bench", "python -m benchmarks.bench_ops --quick"):
+        assert fragment in lines[0]
+    assert not (tmp_path / "b").exists()
+
