@@ -427,7 +427,10 @@ def main(argv=None, *, stdout=None, stderr=None) -> int:
         try:
             bench_main(argv[1:])
         except SystemExit as e:
-            return int(e.code or 0) if not isinstance(e.code, str) else 2
+            if isinstance(e.code, str):  # the suite's own one-line errors
+                print(e.code, file=err)
+                return 2
+            return int(e.code or 0)
         return 0
     parser = build_parser()
     try:

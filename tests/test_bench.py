@@ -94,3 +94,9 @@ def test_halfvae_bench_without_the_source_tree_says_where_it_is(tmp_path, monkey
         assert fragment in lines[0]
     assert not (tmp_path / "b").exists()
 
+
+def test_halfvae_bench_reports_the_suites_own_errors():
+    err = io.StringIO()
+    assert main(["bench", "--variants", "nope"], stderr=err) == 2
+    assert err.getvalue().strip() == ("bench_ops: --variants takes mc, prior_index, bound; "
+                                      "got 'nope'")
