@@ -18,24 +18,25 @@ import torch
 
 from halfvae_ext import models, reference
 from halfvae_ext.atomic_io import write_json_atomic
+from halfvae_ext.models import latent_table
 
 
-def _reference_op(mu, logvar, logits, means, logvars, *, eps=None, generator=None,
-                  reduction="row"):
+def _reference_op(mu, logvar, logits, means, logvars, *, eps=None, generator=None, **options):
     if eps is None:
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-    return reference.reparam_gmm_kl(mu, logvar, logits, means, logvars, eps=eps,
-                                    reduction=reduction)
+    return reference.reparam_gmm_kl(mu, logvar, logits, means, logvars, eps=eps, **options)
 
 
 @contextlib.contextmanager
 def reference_ops():
-    fused = models.reparam_gmm_kl
-    models.reparam_gmm_kl = _reference_op
+    """The reference op in place of the fused one where HalfVAE's ELBO calls it: the KL of
+    LatentTable.sample (a table without a fused optimizer, as here)."""
+    fused = latent_table.reparam_gmm_kl
+    latent_table.reparam_gmm_kl = _reference_op
     try:
         yield
     finally:
-        models.reparam_gmm_kl = fused
+        latent_table.reparam_gmm_kl = fused
 
 
 def epoch_seconds(N, data_dim, latent_dim, batch_size, epochs, device, seed=0):

@@ -100,3 +100,21 @@ def test_halfvae_bench_reports_the_suites_own_errors():
     assert main(["bench", "--variants", "nope"], stderr=err) == 2
     assert err.getvalue().strip() == ("bench_ops: --variants takes mc, prior_index, bound; "
                                       "got 'nope'")
+
+
+def test_bench_training_times_the_fused_and_the_reference_op(tmp_path, monkeypatch):
+    from benchmarks import bench_training
+    from halfvae_ext import reference
+    calls, real = [], reference.reparam_gmm_kl
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(reference, "reparam_gmm_kl", counted)
+    rows = bench_training.main(["--rows", "600", "--batch-size", "200", "--epochs", "1",
+                                "--out", str(tmp_path)])
+    # Two epochs (warm-up + 1) of 3 batches each on the reference; none on the fused run.
+    assert len(calls) == 6
+    assert rows[0]["N"] == 600
+    assert rows[0]["fused_seconds"] > 0 and rows[0]["reference_seconds"] > 0
+    assert json.loads((tmp_path / "bench_training.json").read_text())["rows"] == rows
