@@ -372,10 +372,7 @@ def plot(rows, meta, path):
         axes[0][j].grid(True, which="both", alpha=0.3)
         axes[1][j].grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    try:
-        save_figure_atomic(fig, path, dpi=110)
-    finally:
-        plt.close(fig)
+    save_figure_atomic(fig, path, dpi=110)  # closes the figure, written or not
 
 
 if __name__ == "__main__":

@@ -343,10 +343,7 @@ def plot(rows, path):
         a.grid(True, which="both", alpha=0.3)
         a.legend()
     fig.tight_layout()
-    try:
-        save_figure_atomic(fig, path, dpi=110)
-    finally:
-        plt.close(fig)
+    save_figure_atomic(fig, path, dpi=110)  # closes the figure, written or not
 
 
 if __name__ == "__main__":

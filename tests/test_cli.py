@@ -176,6 +176,21 @@ def test_usage_errors(argv, fragment):
     assert_clean_error(rc, err, fragment)
 
 
+def test_integer_options_take_their_lowest_value_and_refuse_below_it():
+    from halfvae_ext.cli import build_parser
+    args = build_parser().parse_args(["separate", "f.csv", "-k", "1", "-o", "o.csv", "--seed", "0"])
+    assert (args.k, args.seed) == (1, 0)
+    assert build_parser().parse_args(["demo", "--first-seed", "0"]).first_seed == 0
+    for argv, fragment in (
+            (["separate", "f.csv", "-k", "2", "-o", "o.csv", "--seed", "-1"],
+             "expected a non-negative integer, got '-1'"),
+            (["demo", "--first-seed", "1.5"], "expected a non-negative integer, got '1.5'"),
+            (["demo", "--seeds", "0"], "expected a positive integer, got '0'")):
+        rc, _, err = run(argv)
+        assert rc == 2
+        assert_clean_error(rc, err, fragment)
+
+
 def test_help_exits_zero(capsys):
     assert main(["--help"]) == 0
     assert "separate" in capsys.readouterr().out
