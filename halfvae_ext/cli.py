@@ -205,6 +205,26 @@ def _check_output(path, option):
         raise UsageError(f"{option} {path}: cannot write there ({e.strerror or e})") from None
 
 
+def _same_file(a, b) -> bool:
+    """Whether paths a and b name one file: the same path once symlinks and ``..`` are resolved
+    (whether or not it exists yet), or two links to one file."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist: realpath has said all there is
+        return False
+
+
+def _refuse_outputs_at_input(args):
+    """An output that is the input file would replace the data being separated: a usage error,
+    before anything is read or written (the sharded run included)."""
+    for option, path in (("-o", args.output), ("--plot", args.plot)):
+        if path and _same_file(path, args.file):
+            raise UsageError(f"{option} {path}: the same file as the input {args.file} (it would "
+                             "be overwritten)")
+
+
 def _cmd_separate_sharded(args, out, err):
     """separate on a latent table split across the processes of torchrun (or one process with
     --sharded): the features standardized, a Half-VAE fitted in mini-batches (--max-iter steps
@@ -243,6 +263,7 @@ def _cmd_separate_sharded(args, out, err):
 def _cmd_separate(args, out, err):
     import warnings
 
+    _refuse_outputs_at_input(args)
     if args.sharded or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _cmd_separate_sharded(args, out, err)
 
@@ -254,7 +275,7 @@ def _cmd_separate(args, out, err):
     _check_output(args.output, "-o")
     if args.plot:
         _check_output(args.plot, "--plot")
-        if os.path.abspath(args.plot) == os.path.abspath(args.output):
+        if _same_file(args.plot, args.output):
             raise UsageError(f"--plot {args.plot}: the same file as -o")
     X, info = read_signals(args.file)
     n, d = X.shape

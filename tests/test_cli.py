@@ -286,3 +286,65 @@ def test_separate_checks_outputs_before_training(problem, tmp_path, monkeypatch,
     assert_clean_error(rc, err, "error: --plot " if where.startswith("plot") else "error: -o ")
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
     assert ro.read_bytes() == b"old"
+
+
+# ----------------------------------------------------------------------------- input kept
+@pytest.mark.parametrize("where", ["output_same_path", "output_other_spelling",
+                                   "output_symlink_to_input", "output_hard_link_to_input",
+                                   "plot_is_input", "output_is_input_sharded"])
+def test_separate_refuses_to_write_over_its_input(problem, tmp_path, monkeypatch, where):
+    from halfvae_ext import fit_sharded
+    from halfvae_ext.ica.estimator import HalfVAEICA
+
+    def no_fit(*a, **k):
+        raise AssertionError("trained although an output is the input")
+
+    monkeypatch.setattr(HalfVAEICA, "fit", no_fit)
+    monkeypatch.setattr(fit_sharded, "fit", no_fit)
+    data = tmp_path / "data"
+    data.mkdir()
+    src = data / ("mix.npy" if where.endswith("sharded") else "mix.csv")
+    if src.suffix == ".npy":
+        np.save(src, problem.X)
+    else:
+        np.savetxt(src, problem.X, delimiter=",")
+    link = tmp_path / "link.csv"
+    if where == "output_symlink_to_input":
+        link.symlink_to(src)
+    elif where == "output_hard_link_to_input":
+        os.link(src, link)
+    out, option, extra = {
+        "output_same_path": (src, "-o", []),
+        "output_other_spelling": (tmp_path / "data" / ".." / "data" / "mix.csv", "-o", []),
+        "output_symlink_to_input": (link, "-o", []),
+        "output_hard_link_to_input": (link, "-o", []),
+        "plot_is_input": (tmp_path / "s.csv", "--plot", ["--plot", str(src)]),
+        "output_is_input_sharded": (src, "-o", ["--sharded", "--batch-size", "64"]),
+    }[where]
+    before = src.read_bytes()
+    listing = sorted(str(p) for p in tmp_path.rglob("*"))
+    rc, stdout, err = run(["separate", str(src), "-k", "3", "-o", str(out), *extra, *FAST])
+    assert rc == 2
+    assert_clean_error(rc, err, f"error: {option} ", "the same file as the input")
+    assert src.read_bytes() == before
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == listing  # nothing written
+    assert stdout == ""
+
+
+def test_separate_refuses_a_plot_that_is_the_output_through_a_symlink(problem, tmp_path,
+                                                                      monkeypatch):
+    from halfvae_ext.ica.estimator import HalfVAEICA
+
+    def no_fit(*a, **k):
+        raise AssertionError("trained although the plot would replace -o")
+
+    monkeypatch.setattr(HalfVAEICA, "fit", no_fit)
+    src = tmp_path / "mix.npy"
+    np.save(src, problem.X)
+    out = tmp_path / "s.npy"
+    png = tmp_path / "p.png"
+    png.symlink_to(out)  # dangling until -o is written
+    rc, _, err = run(["separate", str(src), "-k", "3", "-o", str(out), "--plot", str(png), *FAST])
+    assert rc == 2
+    assert_clean_error(rc, err, "error: --plot ", "the same file as -o")
+    assert not out.exists()
