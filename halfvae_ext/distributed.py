@@ -56,9 +56,6 @@ Design (benchmarks/SCALING.md has the numbers):
 from __future__ import annotations
 
 import datetime
-import math
-import os
-import shutil
 import time
 from numbers import Integral
 from typing import Callable
@@ -67,8 +64,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import _C  # noqa: F401  (registers the operators)
-from .ops import _kl_code, philox_normal_rows
+from .collectives import Comm, Plan, timedelta_of
+from .ops import kl_code as op_kl_code, philox_normal_rows
+from .sharded_checkpoint import load_checkpoint, save_checkpoint
 from .table_memory import empty_table
 from .table_optim import FUSED_OPTIMIZERS, FusedRowOptimizer, check_fused_optimizer
 
@@ -96,100 +94,6 @@ def row_block(num_rows: int, world_size: int, rank: int) -> tuple[int, int]:
     per = -(-num_rows // world_size)
     start = min(num_rows, rank * per)
     return start, min(num_rows, start + per)
-
-
-def _timedelta(timeout) -> datetime.timedelta:
-    if isinstance(timeout, datetime.timedelta):
-        return timeout
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds or a timedelta, "
-                         f"got {timeout!r}")
-    return datetime.timedelta(seconds=float(timeout))
-
-
-class _Comm:
-    """The collectives of one table on one group, each waited for at most `timeout`."""
-
-    def __init__(self, group, timeout: datetime.timedelta, device: torch.device):
-        self.group, self.timeout, self.device = group, timeout, device
-        self.world = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
-        # Counters for benchmarks: payload bytes this rank sent to other ranks, seconds spent in
-        # collectives (launch to completion) and in the owner's kernels.
-        self.bytes_sent = 0
-        self.exchange_s = 0.0
-        self.kernel_s = 0.0
-
-    def _wait(self, work, what: str):
-        t0 = time.perf_counter()
-        try:
-            work.wait(self.timeout)
-        except Exception as e:  # gloo/NCCL raise RuntimeError subclasses with their own text
-            raise RuntimeError(f"ShardedLatentTable: {what} failed on rank {self.rank} of "
-                               f"{self.world} within the timeout of "
-                               f"{self.timeout.total_seconds():g} s (a rank died, hung or called "
-                               f"a different collective; resume from the last checkpoint): "
-                               f"{e}") from e
-        finally:
-            self.exchange_s += time.perf_counter() - t0
-
-    def all_gather_ints(self, values: list[int]) -> torch.Tensor:
-        """[world, len(values)] int64 on the CPU."""
-        t = torch.tensor(values, dtype=torch.int64, device=self.device)
-        out = [torch.empty_like(t) for _ in range(self.world)]
-        self._wait(dist.all_gather(out, t, group=self.group, async_op=True), "all_gather")
-        self.bytes_sent += t.numel() * 8 * (self.world - 1)
-        return torch.stack(out).cpu()
-
-    def all_gather_objects(self, obj) -> list:
-        # Only on the error path: a pickle exchange, no timeout argument of its own, so bounded by
-        # the process group's timeout.
-        out = [None] * self.world
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
-
-    def all_to_all(self, send: torch.Tensor, send_counts: list[int],
-                   recv_counts: list[int]) -> torch.Tensor:
-        """Rows of `send` (grouped by destination, send_counts[d] to rank d) exchanged; returns
-        the rows received, grouped by source."""
-        send = send.contiguous()
-        recv = send.new_empty((sum(recv_counts), *send.shape[1:]))
-        if self.world == 1:
-            return recv.copy_(send)
-        self._wait(dist.all_to_all_single(recv, send, recv_counts, send_counts, group=self.group,
-                                          async_op=True), "all_to_all")
-        row_bytes = send.element_size() * math.prod(send.shape[1:])
-        self.bytes_sent += (sum(send_counts) - send_counts[self.rank]) * row_bytes
-        return recv
-
-    def all_reduce_sum(self, t: torch.Tensor):
-        if self.world > 1:
-            self._wait(dist.all_reduce(t, group=self.group, async_op=True), "all_reduce")
-            self.bytes_sent += t.numel() * t.element_size()  # per rank, ring all-reduce ~2x(W-1)/W
-        return t
-
-    def barrier(self):
-        if self.world > 1:
-            self._wait(dist.barrier(group=self.group, async_op=True), "barrier")
-
-
-class _Plan:
-    """Where a call's ids go: owner-sorted order, per-owner counts, and what each rank receives."""
-
-    def __init__(self, order, send_counts, recv_counts):
-        self.order, self.send_counts, self.recv_counts = order, send_counts, recv_counts
-
-    def to_owners(self, comm: _Comm, rows: torch.Tensor) -> torch.Tensor:
-        """Rows aligned with the caller's ids -> the rows of the ids this rank owns, rank-major."""
-        return comm.all_to_all(rows.index_select(0, self.order), self.send_counts,
-                               self.recv_counts)
-
-    def to_callers(self, comm: _Comm, rows: torch.Tensor) -> torch.Tensor:
-        """The inverse: rows computed by the owner -> aligned with the caller's ids."""
-        back = comm.all_to_all(rows, self.recv_counts, self.send_counts)
-        out = torch.empty_like(back)
-        out.index_copy_(0, self.order, back)
-        return out
 
 
 class ShardedLatentTable(nn.Module):
@@ -245,7 +149,7 @@ class ShardedLatentTable(nn.Module):
                       else torch.device("cpu"))
         device = torch.device(device)
         self.process_group = group
-        self.comm = _Comm(group, _timedelta(timeout), device)
+        self.comm = Comm(group, timedelta_of(timeout), device)
         N, K = int(num_rows), int(num_latents)
         self.num_rows, self.num_latents = N, K
         self.world_size, self.rank = self.comm.world, self.comm.rank
@@ -463,7 +367,7 @@ class ShardedLatentTable(nn.Module):
                              f"them on every rank or on none; kl: the same on every rank)")
         send_counts = meta[self.rank, 1 + nf:].tolist()
         recv_counts = meta[:, 1 + nf + self.rank].tolist()
-        return _Plan(order, send_counts, recv_counts), meta
+        return Plan(order, send_counts, recv_counts), meta
 
     def _received_ids(self, plan, idx):
         return plan.to_owners(self.comm, idx)
@@ -471,7 +375,7 @@ class ShardedLatentTable(nn.Module):
     def _call(self, idx, prior, generator, eps, u, kl, with_rows):
         idx, error = self._check_call(idx, prior, eps, u, generator)
         try:
-            kl_code = _kl_code(kl)
+            kl_code = op_kl_code(kl)
         except ValueError as e:
             kl_code, error = -1, error or ("ValueError", str(e))
         if generator is not None and error is None:
@@ -587,7 +491,7 @@ def all_reduce_gradients(module_or_params, process_group=None,
     if not params:
         return
     group = process_group if process_group is not None else dist.group.WORLD
-    comm = _Comm(group, _timedelta(timeout), params[0].device)
+    comm = Comm(group, timedelta_of(timeout), params[0].device)
     by_dtype: dict = {}
     for p in params:
         by_dtype.setdefault((p.dtype, p.device), []).append(p)
@@ -600,62 +504,3 @@ def all_reduce_gradients(module_or_params, process_group=None,
             n = p.numel()
             p.grad = flat[offset:offset + n].view_as(p).clone()
             offset += n
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def _optimizer_state(model, optimizer):
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    return get_optimizer_state_dict(model, optimizer)
-
-
-def save_checkpoint(path, model: nn.Module, optimizer=None, extra: dict | None = None,
-                    process_group=None) -> None:
-    """Save model (its ShardedLatentTable as row shards with their global offsets), optimizer
-    and `extra` (ints/tensors, e.g. the step) with torch.distributed.checkpoint, collectively.
-    Written to PATH.partial and renamed to PATH when every rank has finished, so PATH is always
-    a complete checkpoint (the previous one until the rename). PATH must be on a file system
-    every rank sees."""
-    import torch.distributed.checkpoint as dcp
-    path = os.fspath(path)
-    group = process_group if process_group is not None else dist.group.WORLD
-    rank = dist.get_rank(group)
-    partial = path + ".partial"
-    if rank == 0:
-        shutil.rmtree(partial, ignore_errors=True)
-    dist.barrier(group=group)
-    state = {"model": model.state_dict()}
-    if optimizer is not None:
-        state["optimizer"] = _optimizer_state(model, optimizer)
-    state["extra"] = {k: torch.as_tensor(v) for k, v in (extra or {}).items()}
-    dcp.save(state, checkpoint_id=partial, process_group=group)
-    dist.barrier(group=group)
-    if rank == 0:
-        old = path + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.exists(path):
-            os.rename(path, old)
-        os.rename(partial, path)
-        shutil.rmtree(old, ignore_errors=True)
-    dist.barrier(group=group)
-
-
-def load_checkpoint(path, model: nn.Module, optimizer=None, extra: dict | None = None,
-                    process_group=None) -> dict:
-    """Load a save_checkpoint directory into model (and optimizer), on any number of ranks: each
-    rank reads the rows it owns now, whatever the layout they were saved in. extra: the keys to
-    read, with example values (their dtype and shape); returns them."""
-    import torch.distributed.checkpoint as dcp
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"path: no checkpoint directory at {path!r}")
-    group = process_group if process_group is not None else dist.group.WORLD
-    state = {"model": model.state_dict()}
-    if optimizer is not None:
-        state["optimizer"] = _optimizer_state(model, optimizer)
-    state["extra"] = {k: torch.as_tensor(v).clone() for k, v in (extra or {}).items()}
-    dcp.load(state, checkpoint_id=path, process_group=group)
-    model.load_state_dict(state["model"])
-    if optimizer is not None:
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-        set_optimizer_state_dict(model, optimizer, state["optimizer"])
-    return state["extra"]

@@ -29,6 +29,11 @@ def _reduction_code(reduction) -> int:
     return _REDUCTION_CODES[reduction]
 
 
+def kl_code(kl) -> int:
+    """The ops' integer code of a KL estimator name (\"mc\" or \"bound\"); ValueError otherwise."""
+    return _kl_code(kl)
+
+
 def _kl_code(kl) -> int:
     if not isinstance(kl, str) or kl not in _KL_CODES:
         raise ValueError(f"kl must be 'mc' (Monte-Carlo estimate) or 'bound' (closed-form upper "

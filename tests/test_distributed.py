@@ -109,7 +109,7 @@ def test_halfvae_takes_a_table_of_its_size_only():
     assert HalfVAE(10, 4, 3, latents=table).latents is table
     with pytest.raises(ValueError, match=r"latents has 10 rows of 3 latents, the model 11 of 3"):
         HalfVAE(11, 4, 3, latents=table)
-    with pytest.raises(TypeError, match="latents must be a LatentTable or a ShardedLatentTable"):
+    with pytest.raises(TypeError, match="latents must provide the Latents protocol"):
         HalfVAE(10, 4, 3, latents=torch.nn.Linear(3, 3))
 
 
