@@ -12,8 +12,7 @@
 #include <utility>
 #include <vector>
 
-#include "ops/latent_rows_update.h"
-#include "ops/reparam_gmm_kl.h"
+#include "kernel_args.h"
 
 namespace halfvae {
 

@@ -1,27 +1,14 @@
-// Device-independent preparation shared by the ops: the per-(k, c) prior tables the kernels read,
-// and the conversion of the kernels' per-(k, c) sums into prior gradients. Both are tiny [K, C]
-// computations done with ATen, so the kernels stay element-wise.
-//
-// A conditional prior has U groups: tables [U, K, C], stored as [U*K, C] (group u's dimension k
-// is table row u*K + k), and `index` gives row n's group.
+// Device-independent preparation shared by the ops: the per-(k, c) prior tables the kernels read
+// (PriorTables, kernel_args.h), and the conversion of the kernels' per-(k, c) sums into prior
+// gradients. Both are tiny [K, C] computations done with ATen, so the kernels stay element-wise.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <tuple>
 #include <vector>
 
-namespace halfvae {
+#include "kernel_args.h"
 
-struct PriorTables {
-  at::Tensor w;     // log_softmax(logits) - 0.5*(log 2pi + logvars), [U*K, C], compute dtype
-  at::Tensor m;     // means, [U*K, C]
-  at::Tensor prec;  // exp(-logvars), [U*K, C]
-  at::Tensor pi;    // softmax(logits), [U*K, C]
-  at::Tensor index;  // int64 [N] contiguous, row n's group in [0, U); undefined: one prior (U = 1)
-  int64_t U = 1;
-  int64_t K = 0;
-  int64_t C = 0;
-  bool conditional() const { return index.defined(); }
-};
+namespace halfvae {
 
 // dtype of the arithmetic for a given input dtype: float32 for the half types.
 at::ScalarType compute_dtype(at::ScalarType input_dtype);
@@ -47,14 +34,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prior_grads_or_zeros(
     const at::Tensor& sums, const PriorTables& tables, double sign,
     const at::Tensor& prior_logits, const at::Tensor& prior_means,
     const at::Tensor& prior_logvars);
-
-constexpr int64_t kReductionNone = 0;
-constexpr int64_t kReductionRow = 1;
-
-// The KL estimate of reparam_gmm_kl: the one-sample Monte-Carlo estimate
-// log N(z; mu, s^2) - log p(z), or the closed-form variational upper bound
-// -H(q) - log sum_c pi_c exp(-KL(q || N(m_c, v_c)))  (Hershey & Olsen 2007; see gmm_math.h).
-constexpr int64_t kKlMonteCarlo = 0;
-constexpr int64_t kKlBound = 1;
 
 }  // namespace halfvae

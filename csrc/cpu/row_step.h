@@ -15,7 +15,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "../ops/latent_rows_update.h"
+#include "../kernel_args.h"
 #include "halfvae/row_optimizer.h"
 #include "prefetch.h"
 

@@ -21,7 +21,7 @@
 #include <numeric>
 #include <vector>
 
-#include "../prior_tables.h"
+#include "../kernel_args.h"
 #include "halfvae/gmm_math.h"
 #include "halfvae/philox.h"
 #include "prefetch.h"

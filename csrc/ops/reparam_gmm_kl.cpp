@@ -7,6 +7,7 @@
 
 #include "../arg_checks.h"
 #include "../kernel_table.h"
+#include "../prior_tables.h"
 
 namespace halfvae {
 

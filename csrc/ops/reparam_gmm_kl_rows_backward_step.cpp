@@ -5,6 +5,7 @@
 
 #include "../arg_checks.h"
 #include "../kernel_table.h"
+#include "../prior_tables.h"
 #include "latent_rows_update.h"
 #include "reparam_gmm_kl.h"
 
