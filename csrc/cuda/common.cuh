@@ -107,14 +107,18 @@ struct LanePrior<T, 0> {
   __device__ T half_prec(int c) const { return T(0.5) * __ldg(p_ + c); }
 };
 
-// Prior-gradient sums of one lane. CT > 0: registers, flushed once per thread; CT == 0: each
-// element adds straight into the block's table (shared memory, or global when it does not fit).
-template <typename T, int CT>
+// Prior-gradient sums of one lane for table row `row` of the [rows, 3C+1] sums table. CT > 0:
+// registers, added into the row by flush() (the specialized kernels flush once per thread, the
+// general ones also when a lane's row changes); CT == 0: each element adds straight into the
+// table (shared memory, or global when it does not fit): registers for up to 64 components would
+// not fit. kOptional: the table may be absent (nullptr: prior gradients not wanted, nothing is
+// written), a test the specialized kernels, which take sums only with a table, do not pay.
+template <typename T, int CT, bool kOptional>
 struct LaneSums {
   T s_[3 * CT + 1];
-  double* table_;  // [K, 3C+1] row of this lane's k
-  __device__ void init(double* table, int64_t k, int C) {
-    table_ = table + k * (3 * CT + 1);
+  double* row_;
+  __device__ void init(double* table, int64_t row, int C) {
+    row_ = kOptional && table == nullptr ? nullptr : table + row * (3 * CT + 1);
 #pragma unroll
     for (int q = 0; q < 3 * CT + 1; ++q) s_[q] = T(0);
   }
@@ -125,31 +129,36 @@ struct LaneSums {
   }
   __device__ void add_weight(T g) { s_[3 * CT] += g; }
   __device__ void flush() {
+    if (kOptional && row_ == nullptr) return;
 #pragma unroll
     for (int q = 0; q < 3 * CT + 1; ++q)
-      if (s_[q] != T(0)) atomicAdd(table_ + q, static_cast<double>(s_[q]));
+      if (s_[q] != T(0)) atomicAdd(row_ + q, static_cast<double>(s_[q]));
   }
 };
-template <typename T>
-struct LaneSums<T, 0> {
-  double* table_;
+template <typename T, bool kOptional>
+struct LaneSums<T, 0, kOptional> {
+  double* row_;
   int C_;
-  __device__ void init(double* table, int64_t k, int C) {
-    table_ = table + k * (3 * C + 1);
+  __device__ void init(double* table, int64_t row, int C) {
+    row_ = kOptional && table == nullptr ? nullptr : table + row * (3 * C + 1);
     C_ = C;
   }
   __device__ void operator()(int c, T r, T r_dprec, T r_lv) {
-    atomicAdd(table_ + c, static_cast<double>(r));
-    atomicAdd(table_ + C_ + c, static_cast<double>(r_dprec));
-    atomicAdd(table_ + 2 * C_ + c, static_cast<double>(r_lv));
+    if (kOptional && row_ == nullptr) return;
+    atomicAdd(row_ + c, static_cast<double>(r));
+    atomicAdd(row_ + C_ + c, static_cast<double>(r_dprec));
+    atomicAdd(row_ + 2 * C_ + c, static_cast<double>(r_lv));
   }
-  __device__ void add_weight(T g) { atomicAdd(table_ + 3 * C_, static_cast<double>(g)); }
+  __device__ void add_weight(T g) {
+    if (!kOptional || row_ != nullptr) atomicAdd(row_ + 3 * C_, static_cast<double>(g));
+  }
   __device__ void flush() {}
 };
 
 // A thread's 4 lanes: the prior of each lane's latent dimension, and (backward) its sums.
 template <typename T, int CT, bool kPriorGrads>
-__device__ __forceinline__ void init_lanes(LanePrior<T, CT> (&prior)[4], LaneSums<T, CT> (&sums)[4],
+__device__ __forceinline__ void init_lanes(LanePrior<T, CT> (&prior)[4],
+                                           LaneSums<T, CT, false> (&sums)[4],
                                            const T* w, const T* m, const T* prec, double* table,
                                            int64_t first, int64_t K, int C) {
 #pragma unroll
@@ -165,51 +174,6 @@ __device__ __forceinline__ void init_lanes(LanePrior<T, CT> (&prior)[4], LaneSum
 // the read-only cache (the tables are small and hot: no shared-memory copy per block, whatever U),
 // and moves its sums to the new row only when the group changes, so a run of rows of one group
 // costs what one prior costs. Without a group index, lanes never move: the layout above.
-
-// Prior-gradient sums of one lane for its current table row. CT > 0: registers, flushed when the
-// row changes and at the end; CT == 0: each element adds straight into the table. No table
-// (nullptr): prior gradients are not wanted, nothing is written.
-template <typename T, int CT>
-struct GroupSums {
-  T s_[3 * CT + 1];
-  double* row_;
-  __device__ void init(double* table, int64_t row, int C) {
-    row_ = table == nullptr ? nullptr : table + row * (3 * CT + 1);
-#pragma unroll
-    for (int q = 0; q < 3 * CT + 1; ++q) s_[q] = T(0);
-  }
-  __device__ void operator()(int c, T r, T r_dprec, T r_lv) {
-    s_[c] += r;
-    s_[CT + c] += r_dprec;
-    s_[2 * CT + c] += r_lv;
-  }
-  __device__ void add_weight(T g) { s_[3 * CT] += g; }
-  __device__ void flush() {
-    if (row_ == nullptr) return;
-#pragma unroll
-    for (int q = 0; q < 3 * CT + 1; ++q)
-      if (s_[q] != T(0)) atomicAdd(row_ + q, static_cast<double>(s_[q]));
-  }
-};
-template <typename T>
-struct GroupSums<T, 0> {
-  double* row_;
-  int C_;
-  __device__ void init(double* table, int64_t row, int C) {
-    row_ = table == nullptr ? nullptr : table + row * (3 * C + 1);
-    C_ = C;
-  }
-  __device__ void operator()(int c, T r, T r_dprec, T r_lv) {
-    if (row_ == nullptr) return;
-    atomicAdd(row_ + c, static_cast<double>(r));
-    atomicAdd(row_ + C_ + c, static_cast<double>(r_dprec));
-    atomicAdd(row_ + 2 * C_ + c, static_cast<double>(r_lv));
-  }
-  __device__ void add_weight(T g) {
-    if (row_ != nullptr) atomicAdd(row_ + 3 * C_, static_cast<double>(g));
-  }
-  __device__ void flush() {}
-};
 
 // The prior tables of the general kernels: [U*K, C] each, and the group of every row (nullptr:
 // one prior, U = 1).
@@ -227,7 +191,7 @@ struct GroupTables {
 template <typename T, int CT, bool kSums>
 struct GroupLane {
   LanePrior<T, CT> prior;
-  GroupSums<T, CT> sums;
+  LaneSums<T, CT, true> sums;
   int64_t row;  // the table row its prior and sums are for; -1 before the first row's group
   __device__ void start(int64_t first, int q, const GroupTables<T>& t, double* table) {
     // One prior: the lane's row (its latent dimension) never changes, load it once. A group
@@ -253,6 +217,21 @@ struct GroupLane {
   }
 };
 
+// The 4 lanes of a general kernel's thread, started at its first element.
+template <typename T, int CT, bool kSums>
+struct GroupLanes {
+  GroupLane<T, CT, kSums> lane[4];
+  __device__ GroupLanes(int64_t first, const GroupTables<T>& t, double* table) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) lane[q].start(first, q, t, table);
+  }
+  __device__ GroupLane<T, CT, kSums>& operator[](int q) { return lane[q]; }
+  __device__ void finish() {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) lane[q].finish();
+  }
+};
+
 // Shared-memory staging of the [U*K, 3C+1] sums table when it fits; `global` otherwise.
 struct SumsTable {
   double* global;
@@ -272,6 +251,35 @@ __device__ __forceinline__ void end_sums(const SumsTable& t, double* smem) {
   __syncthreads();
   for (int64_t i = threadIdx.x; i < t.size; i += blockDim.x)
     if (smem[i] != 0.0) atomicAdd(t.global + i, smem[i]);
+}
+
+// The first element of this thread's first group of 4 (the layout above).
+__device__ __forceinline__ int64_t first_element() {
+  return 4 * (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x);
+}
+
+// f(i, q) for the elements i = base + q (lane q) of the group at `base` that are below numel.
+template <class F>
+__device__ __forceinline__ void for_each_lane(int64_t base, int64_t numel, const F& f) {
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const int64_t i = base + q;
+    if (i >= numel) break;
+    f(i, q);
+  }
+}
+
+// The frame of a backward kernel: with sums (uniform across the block: begin_sums and end_sums
+// synchronize it), the block's table is staged first and added into the global one last; between,
+// body(first, table) runs on a thread that has elements (table: nullptr without sums).
+template <class Body>
+__device__ __forceinline__ void backward_frame(const SumsTable& sums_table, bool with_sums,
+                                               int64_t numel, const Body& body) {
+  extern __shared__ double smem[];
+  double* table = with_sums ? begin_sums(sums_table, smem) : nullptr;
+  const int64_t first = first_element();
+  if (first < numel) body(first, table);
+  if (with_sums) end_sums(sums_table, smem);
 }
 
 // The number of SMs of `device`, queried once per device (the query costs microseconds, and

@@ -10,25 +10,27 @@
 namespace halfvae::cuda {
 namespace {
 
+// f(i, q) for each element i (lane q) of this thread, from its first element on.
+template <class F>
+__device__ __forceinline__ void for_each_element(int64_t first, int64_t numel, int64_t stride,
+                                                 const F& f) {
+  for (int64_t base = first; base < numel; base += stride) for_each_lane(base, numel, f);
+}
+
 template <typename scalar_t, typename acc_t, int CT>
 __global__ void __launch_bounds__(kThreads) forward_kernel(
     const scalar_t* __restrict__ z, const acc_t* __restrict__ w, const acc_t* __restrict__ m,
     const acc_t* __restrict__ prec, int64_t numel, int64_t K, int C, int64_t stride,
     scalar_t* __restrict__ out) {
-  const int64_t first = 4 * (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x);
+  const int64_t first = first_element();
   if (first >= numel) return;
   LanePrior<acc_t, CT> prior[4];
 #pragma unroll
   for (int q = 0; q < 4; ++q) prior[q].load(w, m, prec, (first + q) % K, C);
-  for (int64_t base = first; base < numel; base += stride) {
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int64_t i = base + q;
-      if (i >= numel) break;
-      out[i] = static_cast<scalar_t>(
-          gmm_log_density<DevMath<acc_t>, CT>(static_cast<acc_t>(z[i]), C, prior[q]));
-    }
-  }
+  for_each_element(first, numel, stride, [&](int64_t i, int q) {
+    out[i] = static_cast<scalar_t>(
+        gmm_log_density<DevMath<acc_t>, CT>(static_cast<acc_t>(z[i]), C, prior[q]));
+  });
 }
 
 template <typename scalar_t, typename acc_t, int CT, bool kPriorGrads>
@@ -37,31 +39,22 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
     const acc_t* __restrict__ w, const acc_t* __restrict__ m, const acc_t* __restrict__ prec,
     int64_t numel, int64_t K, int C, int64_t stride, SumsTable sums_table,
     scalar_t* __restrict__ grad_z) {
-  extern __shared__ double smem[];
-  double* table = kPriorGrads ? begin_sums(sums_table, smem) : nullptr;
-  const int64_t first = 4 * (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x);
-  if (first < numel) {
+  backward_frame(sums_table, kPriorGrads, numel, [&](int64_t first, double* table) {
     LanePrior<acc_t, CT> prior[4];
-    LaneSums<acc_t, CT> sums[4];
+    LaneSums<acc_t, CT, false> sums[4];
     init_lanes<acc_t, CT, kPriorGrads>(prior, sums, w, m, prec, table, first, K, C);
-    for (int64_t base = first; base < numel; base += stride) {
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int64_t i = base + q;
-        if (i >= numel) break;
-        const acc_t g = static_cast<acc_t>(grad[i]);
-        const acc_t score = gmm_score<DevMath<acc_t>, CT, kPriorGrads>(static_cast<acc_t>(z[i]),
-                                                                       g, C, prior[q], sums[q]);
-        if constexpr (kPriorGrads) sums[q].add_weight(g);
-        grad_z[i] = static_cast<scalar_t>(g * score);
-      }
-    }
+    for_each_element(first, numel, stride, [&](int64_t i, int q) {
+      const acc_t g = static_cast<acc_t>(grad[i]);
+      const acc_t score = gmm_score<DevMath<acc_t>, CT, kPriorGrads>(static_cast<acc_t>(z[i]),
+                                                                     g, C, prior[q], sums[q]);
+      if constexpr (kPriorGrads) sums[q].add_weight(g);
+      grad_z[i] = static_cast<scalar_t>(g * score);
+    });
     if constexpr (kPriorGrads) {
 #pragma unroll
       for (int q = 0; q < 4; ++q) sums[q].flush();
     }
-  }
-  if constexpr (kPriorGrads) end_sums(sums_table, smem);
+  });
 }
 
 // A prior chosen per row (prior_index, tables [U*K, C]): lanes follow their rows' groups
@@ -72,22 +65,15 @@ __global__ void __launch_bounds__(kThreads) grouped_forward_kernel(
     const scalar_t* __restrict__ z, const int64_t* __restrict__ prior_index,
     const acc_t* __restrict__ w, const acc_t* __restrict__ m, const acc_t* __restrict__ prec,
     int64_t numel, int64_t K, int C, int64_t stride, scalar_t* __restrict__ out) {
-  const int64_t first = 4 * (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x);
+  const int64_t first = first_element();
   if (first >= numel) return;
   const GroupTables<acc_t> tables{w, m, prec, prior_index, K, C};
-  GroupLane<acc_t, CT, false> lane[4];
-#pragma unroll
-  for (int q = 0; q < 4; ++q) lane[q].start(first, q, tables, nullptr);
-  for (int64_t base = first; base < numel; base += stride) {
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int64_t i = base + q;
-      if (i >= numel) break;
-      lane[q].follow(i, i / K, tables, nullptr);
-      out[i] = static_cast<scalar_t>(
-          gmm_log_density<DevMath<acc_t>, CT>(static_cast<acc_t>(z[i]), C, lane[q].prior));
-    }
-  }
+  GroupLanes<acc_t, CT, false> lanes(first, tables, nullptr);
+  for_each_element(first, numel, stride, [&](int64_t i, int q) {
+    lanes[q].follow(i, i / K, tables, nullptr);
+    out[i] = static_cast<scalar_t>(
+        gmm_log_density<DevMath<acc_t>, CT>(static_cast<acc_t>(z[i]), C, lanes[q].prior));
+  });
 }
 
 template <typename scalar_t, typename acc_t, int CT>
@@ -96,33 +82,21 @@ __global__ void __launch_bounds__(kThreads) grouped_backward_kernel(
     const int64_t* __restrict__ prior_index, const acc_t* __restrict__ w,
     const acc_t* __restrict__ m, const acc_t* __restrict__ prec, int64_t numel, int64_t K, int C,
     int64_t stride, SumsTable sums_table, scalar_t* __restrict__ grad_z) {
-  extern __shared__ double smem[];
-  const bool prior_grads = sums_table.global != nullptr;  // uniform: the syncs below are safe
-  double* table = prior_grads ? begin_sums(sums_table, smem) : nullptr;
-  const int64_t first = 4 * (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x);
-  if (first < numel) {
+  const bool prior_grads = sums_table.global != nullptr;  // uniform, as backward_frame needs
+  backward_frame(sums_table, prior_grads, numel, [&](int64_t first, double* table) {
     const GroupTables<acc_t> tables{w, m, prec, prior_index, K, C};
-    GroupLane<acc_t, CT, true> lane[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) lane[q].start(first, q, tables, table);
-    for (int64_t base = first; base < numel; base += stride) {
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int64_t i = base + q;
-        if (i >= numel) break;
-        lane[q].follow(i, i / K, tables, table);
-        const acc_t g = static_cast<acc_t>(grad[i]);
-        // Responsibility terms computed either way (GroupSums drops them without a table).
-        const acc_t score = gmm_score<DevMath<acc_t>, CT, true>(static_cast<acc_t>(z[i]), g, C,
-                                                                lane[q].prior, lane[q].sums);
-        lane[q].sums.add_weight(g);
-        grad_z[i] = static_cast<scalar_t>(g * score);
-      }
-    }
-#pragma unroll
-    for (int q = 0; q < 4; ++q) lane[q].finish();
-  }
-  if (prior_grads) end_sums(sums_table, smem);
+    GroupLanes<acc_t, CT, true> lanes(first, tables, table);
+    for_each_element(first, numel, stride, [&](int64_t i, int q) {
+      lanes[q].follow(i, i / K, tables, table);
+      const acc_t g = static_cast<acc_t>(grad[i]);
+      // Responsibility terms computed either way (LaneSums drops them without a table).
+      const acc_t score = gmm_score<DevMath<acc_t>, CT, true>(static_cast<acc_t>(z[i]), g, C,
+                                                              lanes[q].prior, lanes[q].sums);
+      lanes[q].sums.add_weight(g);
+      grad_z[i] = static_cast<scalar_t>(g * score);
+    });
+    lanes.finish();
+  });
 }
 
 void forward(const at::Tensor& z, const PriorTables& prior, at::Tensor& out) {

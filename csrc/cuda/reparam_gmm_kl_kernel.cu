@@ -7,6 +7,7 @@
 #include <ATen/Dispatch.h>
 
 #include <numeric>
+#include <tuple>
 
 #include "../kernel_table.h"
 #include "common.cuh"
@@ -68,8 +69,47 @@ __device__ __forceinline__ int64_t latent_offset(const int64_t* idx, int64_t i, 
   return idx == nullptr ? i : idx[i / K] * row_stride + i % K;
 }
 
-// kl_row (row reduction) is a zeroed acc_t buffer of N entries; rows are summed by atomics, at most
-// two per row and group (a group of 4 can straddle a row boundary).
+// A forward thread's walk over its elements: element(i, q) computes element i (lane q), writes
+// its z and returns its kl, stored in kl[i]; or with row_reduction summed into kl_row (a zeroed
+// acc_t buffer of N entries) by atomics, one per row a group of 4 touches (at most two: a group
+// can straddle a row boundary).
+template <typename scalar_t, typename acc_t, class Eps, class Element>
+__device__ __forceinline__ void forward_walk(int64_t first, int64_t numel, int64_t K,
+                                             int64_t stride, bool row_reduction, Eps& e,
+                                             scalar_t* kl, acc_t* kl_row, const Element& element) {
+  for (int64_t base = first; base < numel; base += stride) {
+    e.begin_group(base);
+    acc_t row_sum = 0;
+    int64_t row = base / K;
+    for_each_lane(base, numel, [&](int64_t i, int q) {
+      const acc_t klv = element(i, q);
+      if (row_reduction) {
+        const int64_t n = i / K;
+        if (n != row) {
+          atomicAdd(kl_row + row, row_sum);
+          row = n;
+          row_sum = 0;
+        }
+        row_sum += klv;
+      } else {
+        kl[i] = static_cast<scalar_t>(klv);
+      }
+    });
+    if (row_reduction) atomicAdd(kl_row + row, row_sum);
+  }
+}
+
+// A backward thread's walk over its elements: element(i, q, n) for element i (lane q, latent
+// row n).
+template <class Eps, class Element>
+__device__ __forceinline__ void backward_walk(int64_t first, int64_t numel, int64_t K,
+                                              int64_t stride, Eps& e, const Element& element) {
+  for (int64_t base = first; base < numel; base += stride) {
+    e.begin_group(base);
+    for_each_lane(base, numel, [&](int64_t i, int q) { element(i, q, i / K); });
+  }
+}
+
 template <typename scalar_t, typename acc_t, int CT, bool kSampled, bool kRow>
 __global__ void __launch_bounds__(kThreads) forward_kernel(
     const scalar_t* __restrict__ mu, const scalar_t* __restrict__ logvar,
@@ -79,39 +119,21 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
     int64_t stride,
     scalar_t* __restrict__ z,
     scalar_t* __restrict__ kl, acc_t* __restrict__ kl_row) {
-  const int64_t first = 4 * (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x);
+  const int64_t first = first_element();
   if (first >= numel) return;
   LanePrior<acc_t, CT> prior[4];
 #pragma unroll
   for (int q = 0; q < 4; ++q) prior[q].load(w, m, prec, (first + q) % K, C);
   auto e = make_eps<scalar_t, acc_t, kSampled>(eps, seed);
-  for (int64_t base = first; base < numel; base += stride) {
-    e.begin_group(base);
-    acc_t row_sum = 0;
-    int64_t row = base / K;
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int64_t i = base + q;
-      if (i >= numel) break;
-      acc_t zv, klv;
-      const int64_t li = latent_offset(idx, i, K, row_stride);
-      reparam_kl_forward<DevMath<acc_t>, CT>(static_cast<acc_t>(mu[li]),
-                                             static_cast<acc_t>(logvar[li]), e.at(i, q), C,
-                                             prior[q], zv, klv);
-      z[i] = static_cast<scalar_t>(zv);
-      if constexpr (kRow) {
-        if (i / K != row) {
-          atomicAdd(kl_row + row, row_sum);
-          row = i / K;
-          row_sum = 0;
-        }
-        row_sum += klv;
-      } else {
-        kl[i] = static_cast<scalar_t>(klv);
-      }
-    }
-    if constexpr (kRow) atomicAdd(kl_row + row, row_sum);
-  }
+  forward_walk(first, numel, K, stride, kRow, e, kl, kl_row, [&](int64_t i, int q) {
+    acc_t zv, klv;
+    const int64_t li = latent_offset(idx, i, K, row_stride);
+    reparam_kl_forward<DevMath<acc_t>, CT>(static_cast<acc_t>(mu[li]),
+                                           static_cast<acc_t>(logvar[li]), e.at(i, q), C,
+                                           prior[q], zv, klv);
+    z[i] = static_cast<scalar_t>(zv);
+    return klv;
+  });
 }
 
 // A row gradient from the kernel plus, when given, the same element's gradient from other terms;
@@ -134,37 +156,27 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
     SumsTable sums_table, const scalar_t* __restrict__ extra_grad_mu,
     const scalar_t* __restrict__ extra_grad_logvar,
     scalar_t* __restrict__ grad_mu, scalar_t* __restrict__ grad_logvar) {
-  extern __shared__ double smem[];
-  double* table = kPriorGrads ? begin_sums(sums_table, smem) : nullptr;
-  const int64_t first = 4 * (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x);
-  if (first < numel) {
+  backward_frame(sums_table, kPriorGrads, numel, [&](int64_t first, double* table) {
     LanePrior<acc_t, CT> prior[4];
-    LaneSums<acc_t, CT> sums[4];
+    LaneSums<acc_t, CT, false> sums[4];
     init_lanes<acc_t, CT, kPriorGrads>(prior, sums, w, m, prec, table, first, K, C);
     auto e = make_eps<scalar_t, acc_t, kSampled>(eps, seed);
-    for (int64_t base = first; base < numel; base += stride) {
-      e.begin_group(base);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int64_t i = base + q;
-        if (i >= numel) break;
-        const acc_t gk = static_cast<acc_t>(kRow ? grad_kl[i / K] : grad_kl[i]);
-        acc_t gmu, glv;
-        const int64_t li = latent_offset(idx, i, K, row_stride);
-        reparam_kl_backward<DevMath<acc_t>, CT, kPriorGrads>(
-            static_cast<acc_t>(mu[li]), static_cast<acc_t>(logvar[li]), e.at(i, q),
-            static_cast<acc_t>(grad_z[i]), gk, C, prior[q], sums[q], gmu, glv);
-        if constexpr (kPriorGrads) sums[q].add_weight(gk);
-        grad_mu[i] = plus_extra(gmu, extra_grad_mu, i);
-        grad_logvar[i] = plus_extra(glv, extra_grad_logvar, i);
-      }
-    }
+    backward_walk(first, numel, K, stride, e, [&](int64_t i, int q, int64_t n) {
+      const acc_t gk = static_cast<acc_t>(kRow ? grad_kl[n] : grad_kl[i]);
+      acc_t gmu, glv;
+      const int64_t li = latent_offset(idx, i, K, row_stride);
+      reparam_kl_backward<DevMath<acc_t>, CT, kPriorGrads>(
+          static_cast<acc_t>(mu[li]), static_cast<acc_t>(logvar[li]), e.at(i, q),
+          static_cast<acc_t>(grad_z[i]), gk, C, prior[q], sums[q], gmu, glv);
+      if constexpr (kPriorGrads) sums[q].add_weight(gk);
+      grad_mu[i] = plus_extra(gmu, extra_grad_mu, i);
+      grad_logvar[i] = plus_extra(glv, extra_grad_logvar, i);
+    });
     if constexpr (kPriorGrads) {
 #pragma unroll
       for (int q = 0; q < 4; ++q) sums[q].flush();
     }
-  }
-  if constexpr (kPriorGrads) end_sums(sums_table, smem);
+  });
 }
 
 // The KL of one element, Monte-Carlo or the bound (gmm_math.h).
@@ -202,41 +214,21 @@ __global__ void __launch_bounds__(kThreads) general_forward_kernel(
     const acc_t* __restrict__ w, const acc_t* __restrict__ m, const acc_t* __restrict__ prec,
     int64_t numel, int64_t K, int64_t row_stride, int C, int64_t stride,
     scalar_t* __restrict__ z, scalar_t* __restrict__ kl, acc_t* __restrict__ kl_row) {
-  const int64_t first = 4 * (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x);
+  const int64_t first = first_element();
   if (first >= numel) return;
   const GroupTables<acc_t> tables{w, m, prec, prior_index, K, C};
-  GroupLane<acc_t, CT, false> lane[4];
-#pragma unroll
-  for (int q = 0; q < 4; ++q) lane[q].start(first, q, tables, nullptr);
+  GroupLanes<acc_t, CT, false> lanes(first, tables, nullptr);
   RuntimeEpsSource<scalar_t, acc_t> e(eps, seed);
-  for (int64_t base = first; base < numel; base += stride) {
-    e.begin_group(base);
-    acc_t row_sum = 0;
-    int64_t row = base / K;
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int64_t i = base + q;
-      if (i >= numel) break;
-      const int64_t n = i / K;
-      lane[q].follow(i, n, tables, nullptr);
-      acc_t zv, klv;
-      const int64_t li = latent_offset(idx, i, K, row_stride);
-      element_forward<kBound, CT>(static_cast<acc_t>(mu[li]), static_cast<acc_t>(logvar[li]),
-                                  e.at(i, q), C, lane[q].prior, zv, klv);
-      z[i] = static_cast<scalar_t>(zv);
-      if (kl_row != nullptr) {
-        if (n != row) {
-          atomicAdd(kl_row + row, row_sum);
-          row = n;
-          row_sum = 0;
-        }
-        row_sum += klv;
-      } else {
-        kl[i] = static_cast<scalar_t>(klv);
-      }
-    }
-    if (kl_row != nullptr) atomicAdd(kl_row + row, row_sum);
-  }
+  forward_walk(first, numel, K, stride, kl_row != nullptr, e, kl, kl_row,
+               [&](int64_t i, int q) {
+    lanes[q].follow(i, i / K, tables, nullptr);
+    acc_t zv, klv;
+    const int64_t li = latent_offset(idx, i, K, row_stride);
+    element_forward<kBound, CT>(static_cast<acc_t>(mu[li]), static_cast<acc_t>(logvar[li]),
+                                e.at(i, q), C, lanes[q].prior, zv, klv);
+    z[i] = static_cast<scalar_t>(zv);
+    return klv;
+  });
 }
 
 template <typename scalar_t, typename acc_t, int CT, bool kBound>
@@ -250,41 +242,27 @@ __global__ void __launch_bounds__(kThreads) general_backward_kernel(
     SumsTable sums_table, const scalar_t* __restrict__ extra_grad_mu,
     const scalar_t* __restrict__ extra_grad_logvar,
     scalar_t* __restrict__ grad_mu, scalar_t* __restrict__ grad_logvar) {
-  extern __shared__ double smem[];
-  const bool prior_grads = sums_table.global != nullptr;  // uniform: the syncs below are safe
-  double* table = prior_grads ? begin_sums(sums_table, smem) : nullptr;
-  const int64_t first = 4 * (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x);
-  if (first < numel) {
+  const bool prior_grads = sums_table.global != nullptr;  // uniform, as backward_frame needs
+  backward_frame(sums_table, prior_grads, numel, [&](int64_t first, double* table) {
     const GroupTables<acc_t> tables{w, m, prec, prior_index, K, C};
-    GroupLane<acc_t, CT, true> lane[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) lane[q].start(first, q, tables, table);
+    GroupLanes<acc_t, CT, true> lanes(first, tables, table);
     RuntimeEpsSource<scalar_t, acc_t> e(eps, seed);
-    for (int64_t base = first; base < numel; base += stride) {
-      e.begin_group(base);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int64_t i = base + q;
-        if (i >= numel) break;
-        const int64_t n = i / K;
-        lane[q].follow(i, n, tables, table);
-        const acc_t gk = static_cast<acc_t>(row_reduction ? grad_kl[n] : grad_kl[i]);
-        acc_t gmu, glv;
-        const int64_t li = latent_offset(idx, i, K, row_stride);
-        // The responsibility terms are computed whether or not prior gradients are wanted (a
-        // few multiplies; GroupSums writes nothing without a table): one inlined copy of the math.
-        element_backward<kBound, CT>(static_cast<acc_t>(mu[li]), static_cast<acc_t>(logvar[li]),
-                                     e.at(i, q), static_cast<acc_t>(grad_z[i]), gk, C,
-                                     lane[q].prior, lane[q].sums, gmu, glv);
-        lane[q].sums.add_weight(gk);
-        grad_mu[i] = plus_extra(gmu, extra_grad_mu, i);
-        grad_logvar[i] = plus_extra(glv, extra_grad_logvar, i);
-      }
-    }
-#pragma unroll
-    for (int q = 0; q < 4; ++q) lane[q].finish();
-  }
-  if (prior_grads) end_sums(sums_table, smem);
+    backward_walk(first, numel, K, stride, e, [&](int64_t i, int q, int64_t n) {
+      lanes[q].follow(i, n, tables, table);
+      const acc_t gk = static_cast<acc_t>(row_reduction ? grad_kl[n] : grad_kl[i]);
+      acc_t gmu, glv;
+      const int64_t li = latent_offset(idx, i, K, row_stride);
+      // The responsibility terms are computed whether or not prior gradients are wanted (a
+      // few multiplies; LaneSums writes nothing without a table): one inlined copy of the math.
+      element_backward<kBound, CT>(static_cast<acc_t>(mu[li]), static_cast<acc_t>(logvar[li]),
+                                   e.at(i, q), static_cast<acc_t>(grad_z[i]), gk, C,
+                                   lanes[q].prior, lanes[q].sums, gmu, glv);
+      lanes[q].sums.add_weight(gk);
+      grad_mu[i] = plus_extra(gmu, extra_grad_mu, i);
+      grad_logvar[i] = plus_extra(glv, extra_grad_logvar, i);
+    });
+    lanes.finish();
+  });
 }
 
 template <typename F>
@@ -307,10 +285,37 @@ bool needs_general_kernels(const ReparamGmmKlProblem& p) {
   return p.bound() || p.prior.conditional();
 }
 
+// The arguments all four kernels take, in their order: the latents and eps (or the seed), then
+// (the general kernels: after the group index, group_index) the prior's tables and the sizes.
+template <typename scalar_t>
+std::tuple<const scalar_t*, const scalar_t*, const int64_t*, const scalar_t*, const int64_t*>
+latent_args(const ReparamGmmKlProblem& p) {
+  return {p.mu.data_ptr<scalar_t>(), p.logvar.data_ptr<scalar_t>(),
+          p.gathered() ? p.idx.data_ptr<int64_t>() : nullptr,
+          p.sampled() ? nullptr : p.eps.data_ptr<scalar_t>(),
+          p.sampled() ? p.seed.data_ptr<int64_t>() : nullptr};
+}
+std::tuple<const int64_t*> group_index(const ReparamGmmKlProblem& p) {
+  return {p.prior.conditional() ? p.prior.index.data_ptr<int64_t>() : nullptr};
+}
+template <typename acc_t>
+std::tuple<const acc_t*, const acc_t*, const acc_t*, int64_t, int64_t, int64_t, int, int64_t>
+prior_args(const ReparamGmmKlProblem& p, const Launch& launch) {
+  return {p.prior.w.data_ptr<acc_t>(), p.prior.m.data_ptr<acc_t>(), p.prior.prec.data_ptr<acc_t>(),
+          p.N * p.K, p.K, p.row_stride, static_cast<int>(p.C), launch.stride};
+}
+
+// kernel<<<launch.blocks, kThreads, smem, stream>>>(args...).
+template <typename Kernel, typename Args>
+void launch_kernel(Kernel kernel, const Launch& launch, size_t smem, cudaStream_t stream,
+                   const Args& args) {
+  std::apply([&](auto... a) { kernel<<<launch.blocks, kThreads, smem, stream>>>(a...); }, args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 void forward(const ReparamGmmKlProblem& p, at::Tensor& z, at::Tensor& kl) {
   const c10::cuda::CUDAGuard guard(p.mu.device());
-  const int64_t numel = p.N * p.K;
-  const Launch launch = plan_launch(numel, p.K);
+  const Launch launch = plan_launch(p.N * p.K, p.K);
   // Row sums by atomics: a row gets one partial sum per group of 4 it touches. Up to two, added
   // onto zero, commute exactly; more (K = 7 or K >= 9) make kl depend on the order the atomics
   // land in. Under torch.use_deterministic_algorithms the kernel then writes every element's kl
@@ -320,7 +325,6 @@ void forward(const ReparamGmmKlProblem& p, at::Tensor& z, at::Tensor& kl) {
   const bool row = p.reduction == kReductionRow && !sum_after;
   at::Tensor kl_elements = sum_after ? at::empty({p.N, p.K}, kl.options()) : at::Tensor();
   at::Tensor& kl_out = sum_after ? kl_elements : kl;
-  const bool general = needs_general_kernels(p);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.mu.scalar_type(),
                                   "reparam_gmm_kl_cuda", [&] {
@@ -330,37 +334,22 @@ void forward(const ReparamGmmKlProblem& p, at::Tensor& z, at::Tensor& kl) {
     at::Tensor kl_row;
     if (row) kl_row = kSameType ? kl.zero_() : at::zeros({p.N}, kl.options().dtype(
                                                    c10::CppTypeToScalarType<acc_t>::value));
+    const auto outputs = std::make_tuple(z.data_ptr<scalar_t>(),
+                                         row ? nullptr : kl_out.data_ptr<scalar_t>(),
+                                         row ? kl_row.data_ptr<acc_t>() : nullptr);
     dispatch_components(p.C, [&]<int CT>() {
-      if (general) {
+      const auto args_after_group = std::tuple_cat(prior_args<acc_t>(p, launch), outputs);
+      if (needs_general_kernels(p)) {
         dispatch_bound(p.bound(), [&]<bool kBound>() {
-          general_forward_kernel<scalar_t, acc_t, CT, kBound>
-              <<<launch.blocks, kThreads, 0, stream>>>(
-                  p.mu.data_ptr<scalar_t>(), p.logvar.data_ptr<scalar_t>(),
-                  p.gathered() ? p.idx.data_ptr<int64_t>() : nullptr,
-                  p.sampled() ? nullptr : p.eps.data_ptr<scalar_t>(),
-                  p.sampled() ? p.seed.data_ptr<int64_t>() : nullptr,
-                  p.prior.conditional() ? p.prior.index.data_ptr<int64_t>() : nullptr,
-                  p.prior.w.data_ptr<acc_t>(), p.prior.m.data_ptr<acc_t>(),
-                  p.prior.prec.data_ptr<acc_t>(), numel, p.K, p.row_stride,
-                  static_cast<int>(p.C), launch.stride, z.data_ptr<scalar_t>(),
-                  row ? nullptr : kl_out.data_ptr<scalar_t>(),
-                  row ? kl_row.data_ptr<acc_t>() : nullptr);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          launch_kernel(general_forward_kernel<scalar_t, acc_t, CT, kBound>, launch, 0, stream,
+                        std::tuple_cat(latent_args<scalar_t>(p), group_index(p),
+                                       args_after_group));
         });
         return;
       }
       dispatch_flags(p.sampled(), row, [&]<bool kSampled, bool kRow>() {
-        forward_kernel<scalar_t, acc_t, CT, kSampled, kRow>
-            <<<launch.blocks, kThreads, 0, stream>>>(
-                p.mu.data_ptr<scalar_t>(), p.logvar.data_ptr<scalar_t>(),
-                p.gathered() ? p.idx.data_ptr<int64_t>() : nullptr,
-                kSampled ? nullptr : p.eps.data_ptr<scalar_t>(),
-                kSampled ? p.seed.data_ptr<int64_t>() : nullptr, p.prior.w.data_ptr<acc_t>(),
-                p.prior.m.data_ptr<acc_t>(), p.prior.prec.data_ptr<acc_t>(), numel, p.K,
-                p.row_stride, static_cast<int>(p.C), launch.stride, z.data_ptr<scalar_t>(),
-                kRow ? nullptr : kl_out.data_ptr<scalar_t>(),
-                kRow ? kl_row.data_ptr<acc_t>() : nullptr);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_kernel(forward_kernel<scalar_t, acc_t, CT, kSampled, kRow>, launch, 0, stream,
+                      std::tuple_cat(latent_args<scalar_t>(p), args_after_group));
       });
     });
     if (row && !kSameType) kl.copy_(kl_row);
@@ -371,8 +360,7 @@ void forward(const ReparamGmmKlProblem& p, at::Tensor& z, at::Tensor& kl) {
 void backward(const ReparamGmmKlProblem& p, const at::Tensor& grad_z, const at::Tensor& grad_kl,
               at::Tensor& grad_mu, at::Tensor& grad_logvar, at::Tensor& prior_sums) {
   const c10::cuda::CUDAGuard guard(p.mu.device());
-  const int64_t numel = p.N * p.K;
-  const Launch launch = plan_launch(numel, p.K);
+  const Launch launch = plan_launch(p.N * p.K, p.K);
   const bool row = p.reduction == kReductionRow;
   const bool prior_grads = prior_sums.defined();
   // The prior's gradients are sums over all elements, added by atomics in an order that varies.
@@ -388,48 +376,32 @@ void backward(const ReparamGmmKlProblem& p, const at::Tensor& grad_z, const at::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.mu.scalar_type(),
                                   "reparam_gmm_kl_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const auto grads_in =
+        std::make_tuple(grad_z.data_ptr<scalar_t>(), grad_kl.data_ptr<scalar_t>());
+    const auto extra = [](const at::Tensor& g) {
+      return g.defined() ? g.data_ptr<scalar_t>() : nullptr;
+    };
+    const auto sums_and_outputs =
+        std::make_tuple(table, extra(p.extra_grad_mu), extra(p.extra_grad_logvar),
+                        grad_mu.data_ptr<scalar_t>(), grad_logvar.data_ptr<scalar_t>());
     dispatch_components(p.C, [&]<int CT>() {
+      const auto prior = prior_args<acc_t>(p, launch);
       if (needs_general_kernels(p)) {
         dispatch_bound(p.bound(), [&]<bool kBound>() {
-          general_backward_kernel<scalar_t, acc_t, CT, kBound>
-              <<<launch.blocks, kThreads, smem, stream>>>(
-                  grad_z.data_ptr<scalar_t>(), grad_kl.data_ptr<scalar_t>(),
-                  p.mu.data_ptr<scalar_t>(), p.logvar.data_ptr<scalar_t>(),
-                  p.gathered() ? p.idx.data_ptr<int64_t>() : nullptr,
-                  p.sampled() ? nullptr : p.eps.data_ptr<scalar_t>(),
-                  p.sampled() ? p.seed.data_ptr<int64_t>() : nullptr,
-                  p.prior.conditional() ? p.prior.index.data_ptr<int64_t>() : nullptr,
-                  p.prior.w.data_ptr<acc_t>(), p.prior.m.data_ptr<acc_t>(),
-                  p.prior.prec.data_ptr<acc_t>(), numel, p.K, p.row_stride,
-                  static_cast<int>(p.C), launch.stride, row, table,
-                  p.extra_grad_mu.defined() ? p.extra_grad_mu.data_ptr<scalar_t>() : nullptr,
-                  p.extra_grad_logvar.defined() ? p.extra_grad_logvar.data_ptr<scalar_t>()
-                                                : nullptr,
-                  grad_mu.data_ptr<scalar_t>(), grad_logvar.data_ptr<scalar_t>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          launch_kernel(general_backward_kernel<scalar_t, acc_t, CT, kBound>, launch, smem, stream,
+                        std::tuple_cat(grads_in, latent_args<scalar_t>(p), group_index(p), prior,
+                                       std::make_tuple(row), sums_and_outputs));
         });
         return;
       }
+      const auto args = std::tuple_cat(grads_in, latent_args<scalar_t>(p), prior, sums_and_outputs);
       dispatch_flags(p.sampled(), row, [&]<bool kSampled, bool kRow>() {
-        auto launch_with = [&](auto kernel) {
-          kernel<<<launch.blocks, kThreads, smem, stream>>>(
-              grad_z.data_ptr<scalar_t>(), grad_kl.data_ptr<scalar_t>(),
-              p.mu.data_ptr<scalar_t>(), p.logvar.data_ptr<scalar_t>(),
-              p.gathered() ? p.idx.data_ptr<int64_t>() : nullptr,
-              kSampled ? nullptr : p.eps.data_ptr<scalar_t>(),
-              kSampled ? p.seed.data_ptr<int64_t>() : nullptr, p.prior.w.data_ptr<acc_t>(),
-              p.prior.m.data_ptr<acc_t>(), p.prior.prec.data_ptr<acc_t>(), numel, p.K,
-              p.row_stride, static_cast<int>(p.C), launch.stride, table,
-              p.extra_grad_mu.defined() ? p.extra_grad_mu.data_ptr<scalar_t>() : nullptr,
-              p.extra_grad_logvar.defined() ? p.extra_grad_logvar.data_ptr<scalar_t>() : nullptr,
-              grad_mu.data_ptr<scalar_t>(),
-              grad_logvar.data_ptr<scalar_t>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        };
         if (prior_grads)
-          launch_with(backward_kernel<scalar_t, acc_t, CT, kSampled, kRow, true>);
+          launch_kernel(backward_kernel<scalar_t, acc_t, CT, kSampled, kRow, true>, launch, smem,
+                        stream, args);
         else
-          launch_with(backward_kernel<scalar_t, acc_t, CT, kSampled, kRow, false>);
+          launch_kernel(backward_kernel<scalar_t, acc_t, CT, kSampled, kRow, false>, launch, smem,
+                        stream, args);
       });
     });
   });
