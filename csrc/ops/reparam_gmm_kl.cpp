@@ -11,17 +11,10 @@
 
 namespace halfvae {
 
-ReparamGmmKlProblem prepare_reparam_gmm_kl(const Kernels& kernels, const at::Tensor& mu,
-                                           const at::Tensor& logvar,
-                                           const at::Tensor& prior_logits,
-                                           const at::Tensor& prior_means,
-                                           const at::Tensor& prior_logvars,
-                                           const c10::optional<at::Tensor>& eps,
-                                           const c10::optional<at::Tensor>& seed,
-                                           int64_t reduction,
-                                           const c10::optional<at::Tensor>& idx,
-                                           const c10::optional<at::Tensor>& prior_index,
-                                           int64_t kl_kind, bool range_checked) {
+ReparamGmmKlProblem prepare_reparam_gmm_kl(const Kernels& kernels, const ReparamGmmKlArgs& args,
+                                           bool range_checked) {
+  const auto& [mu, logvar, prior_logits, prior_means, prior_logvars, eps, seed, reduction, idx,
+               prior_index, kl_kind] = args;
   check_prior(prior_logits, prior_means, prior_logvars);
   check_latent(mu, "mu", prior_logits);
   check_latent(logvar, "logvar", prior_logits);
@@ -122,9 +115,10 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& mu, const at::Tenso
                                            const OptTensor& idx, const OptTensor& prior_index,
                                            int64_t kl_kind) {
   const Kernels& kernels = kernels_for(mu);
-  const auto p = prepare_reparam_gmm_kl(kernels, mu, logvar, prior_logits, prior_means,
-                                        prior_logvars, eps, seed, reduction, idx, prior_index,
-                                        kl_kind, /*range_checked=*/false);
+  const auto p = prepare_reparam_gmm_kl(kernels,
+                                        {mu, logvar, prior_logits, prior_means, prior_logvars,
+                                         eps, seed, reduction, idx, prior_index, kl_kind},
+                                        /*range_checked=*/false);
   auto z = kernels.empty(p.latent_shape(), p.options());
   auto kl = kernels.empty(p.reduction == kReductionRow ? std::vector<int64_t>{p.N}
                                                        : p.latent_shape(),
@@ -144,9 +138,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     int64_t reduction, bool prior_grads, const OptTensor& idx, const OptTensor& prior_index,
     int64_t kl_kind, bool range_checked) {
   const Kernels& kernels = kernels_for(mu);
-  const auto p = prepare_reparam_gmm_kl(kernels, mu, logvar, prior_logits, prior_means,
-                                        prior_logvars, eps, seed, reduction, idx, prior_index,
-                                        kl_kind, range_checked);
+  const auto p = prepare_reparam_gmm_kl(kernels,
+                                        {mu, logvar, prior_logits, prior_means, prior_logvars,
+                                         eps, seed, reduction, idx, prior_index, kl_kind},
+                                        range_checked);
   const auto g = reparam_gmm_kl_backward_of(kernels, p, grad_z, grad_kl, prior_grads);
   auto [gl, gm, gv] =
       prior_grads_or_zeros(g.prior_sums, p.prior, -1.0, prior_logits, prior_means, prior_logvars);

@@ -40,8 +40,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reparam_gmm_kl_rows_backward_step
   RowUpdate u =
       make_row_update(kernels, mu, logvar, state, optimizer, lr, beta1, beta2, adam_eps, step,
                       row_state, row_offset);
-  auto p = prepare_reparam_gmm_kl(kernels, mu, logvar, prior_logits, prior_means, prior_logvars,
-                                  eps, seed, reduction, idx, prior_index, kl_kind, range_checked);
+  const OptTensor gathered_rows{idx};
+  auto p = prepare_reparam_gmm_kl(kernels,
+                                  {mu, logvar, prior_logits, prior_means, prior_logvars, eps,
+                                   seed, reduction, gathered_rows, prior_index, kl_kind},
+                                  range_checked);
   p.extra_grad_mu = extra_row_gradient(grad_mu_rows, "grad_mu_rows", p, mu);
   p.extra_grad_logvar = extra_row_gradient(grad_logvar_rows, "grad_logvar_rows", p, mu);
   u.idx = p.idx;
