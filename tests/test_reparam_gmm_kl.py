@@ -1,4 +1,9 @@
 """The fused ops against the plain PyTorch reference: values, every gradient, gradcheck."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -194,3 +199,140 @@ def test_prior_gradients_are_deterministic_and_thread_count_independent():
         torch.set_num_threads(threads)
     for a, b, c in zip(first, again, single):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def nan_propagation_failures():
+    """Puts one NaN into one input of the fused ops (a prior logit, mean or log-variance, an entry
+    of mu or logvar) and lists every output and gradient whose NaNs are not exactly where that
+    NaN reaches: the elements of the poisoned latent dimension in the rows of the poisoned prior
+    group, or the poisoned element itself (and the prior-gradient rows they feed). Empty when
+    NaN propagates as in plain floating point. Covers float32 and float64, a compile-time (3)
+    and a runtime (4) component count, one prior and a conditional one, K = 5 (vectors span
+    rows) and K = 16 (whole vectors per row), each component position of the poisoned mean or
+    log-variance, and every op: reparam_gmm_kl ("mc", "bound"; per element and per row),
+    reparam_gmm_kl_rows and gmm_log_prob."""
+    failures = []
+    N = 24
+    for dtype in (torch.float32, torch.float64):
+        for K in (5, 16):
+            for C in (3, 4):
+                for U in (1, 2):
+                    for which in ("logits", "means", "logvars", "mu", "logvar"):
+                        positions = range(C) if which in ("means", "logvars") else [0]
+                        for c in positions:
+                            failures += _nan_case(N, K, C, U, dtype, which, c)
+    return failures
+
+
+def _nan_case(N, K, C, U, dtype, which, c):
+    g = torch.Generator().manual_seed(K * 100 + C * 10 + U)
+    r = lambda *s, scale=1.0: (torch.randn(*s, generator=g, dtype=torch.float64) * scale).to(dtype)
+    mu, logvar, eps = r(N, K), r(N, K, scale=0.5), r(N, K)
+    pshape = (K, C) if U == 1 else (U, K, C)
+    prior = {"logits": r(*pshape), "means": r(*pshape, scale=2.0),
+             "logvars": r(*pshape, scale=0.5)}
+    group = torch.arange(N) % U  # the group of each (gathered) row; every group has rows
+    pidx = None if U == 1 else group
+    k, u, n = K - 2, U - 1, N // 2
+    poisoned = torch.zeros(N, K, dtype=torch.bool)  # of mu / logvar
+    if which in prior:
+        prior[which][(k, c) if U == 1 else (u, k, c)] = float("nan")
+    else:
+        (mu if which == "mu" else logvar)[n, k] = float("nan")
+        poisoned[n, k] = True
+
+    def reached(latent_rows):
+        """The NaN elements of an op on rows latent_rows of mu / logvar (groups: `group`)."""
+        if which in prior:
+            return (group == u)[:, None] & (torch.arange(K) == k)[None, :]
+        return poisoned[latent_rows]
+
+    tag = f"{dtype} K={K} C={C} U={U} NaN in {which}" + (f"[c={c}]" if which in prior else "")
+    failures = []
+
+    def expect(name, t, want):
+        got = t.detach().isnan()
+        if not torch.equal(got, want):
+            failures.append(f"{tag}: {name} has NaN at {got.nonzero().tolist()[:6]}, "
+                            f"want at {want.nonzero().tolist()[:6]}")
+
+    def expect_prior_grads(name, grads, bad):
+        # Row (group, k) of each prior gradient is all NaN when a NaN element of that group's
+        # dimension k feeds it, else finite.
+        want = torch.zeros(U, K, dtype=torch.bool)
+        nz = bad.nonzero()
+        want[group[nz[:, 0]], nz[:, 1]] = True
+        for pname, gr in zip(prior, grads):
+            rows = gr.detach().reshape(U, K, C).isnan()
+            if not (torch.equal(rows.any(2), want) and torch.equal(rows.all(2), want)):
+                failures.append(f"{tag}: {name}: the gradient of prior {pname} has NaN in rows "
+                                f"{rows.any(2).nonzero().tolist()}, want {want.nonzero().tolist()}")
+
+    leaves = [mu, logvar, *prior.values()]
+    for t in leaves:
+        t.requires_grad_(True)
+    # Rows gathered from the tables in another order, one twice.
+    idx = (torch.arange(N) * 5 + 3) % N
+    idx[0] = idx[1]
+    for kl_kind in ("mc", "bound"):
+        for reduction in ("none", "row"):
+            name = f"reparam_gmm_kl(kl={kl_kind}, reduction={reduction})"
+            z, kl = hv.reparam_gmm_kl(mu, logvar, *prior.values(), eps=eps, prior_index=pidx,
+                                      reduction=reduction, kl=kl_kind)
+            bad = reached(torch.arange(N))
+            expect(name + " kl", kl, bad if reduction == "none" else bad.any(1))
+            gm, gl, *gp = torch.autograd.grad(kl.sum() + z.sum(), leaves)
+            expect(name + " grad_mu", gm, bad)
+            expect(name + " grad_logvar", gl, bad)
+            expect_prior_grads(name, gp, bad)
+        name = f"reparam_gmm_kl_rows(kl={kl_kind})"
+        z, kl = hv.reparam_gmm_kl_rows(mu, logvar, idx, *prior.values(), eps=eps,
+                                       prior_index=pidx, reduction="none", kl=kl_kind)
+        bad = reached(idx)
+        expect(name + " kl", kl, bad)
+        gm, gl, *gp = torch.autograd.grad(kl.sum() + z.sum(), leaves)
+        table_bad = torch.zeros(N, K).index_add_(0, idx, bad.to(torch.float32)) > 0
+        expect(name + " grad of the mu table", gm, table_bad)
+        expect(name + " grad of the logvar table", gl, table_bad)
+        expect_prior_grads(name, gp, bad)
+    if which != "logvar":  # gmm_log_prob at z = eps, with mu's NaN as z's
+        z = eps.clone()
+        if which == "mu":
+            z[n, k] = float("nan")
+        z.requires_grad_(True)
+        lp = hv.gmm_log_prob(z, *prior.values(), prior_index=pidx)
+        bad = reached(torch.arange(N))
+        expect("gmm_log_prob", lp, bad)
+        gz, *gp = torch.autograd.grad(lp.sum(), [z, *prior.values()])
+        expect("gmm_log_prob grad_z", gz, bad)
+        expect_prior_grads("gmm_log_prob", gp, bad)
+    return failures
+
+
+def test_a_nan_input_gives_nan_exactly_where_it_reaches():
+    """A NaN prior parameter or latent must not vanish in the log-sum-exp (a float32 fast log
+    turned NaN into a finite KL, float64 did not); nor may it spread past the elements it
+    feeds. This CPU's own kernel variant; the others: the test below."""
+    failures = nan_propagation_failures()
+    assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures[:20])
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_a_nan_input_gives_nan_in_every_cpu_kernel_variant(capability):
+    variant = f"cpu-{capability.upper()}"
+    missing = hv._C.cpu_kernel_variants().get(variant)
+    if missing is None:
+        pytest.skip(f"{variant} is not built here")
+    if missing:
+        pytest.skip(f"this CPU lacks {', '.join(missing)}")
+    script = ("import sys, json; sys.path.insert(0, sys.argv[1]); import test_reparam_gmm_kl as t; "
+              "from halfvae_ext import _C; "
+              "print(json.dumps([_C.cpu_kernel_name(), t.nan_propagation_failures()]))")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    env.pop("HALFVAE_CPU_HIDE_FEATURES", None)
+    proc = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    name, failures = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert name == variant
+    assert not failures, f"{variant}: {len(failures)} failures:\n" + "\n".join(failures[:20])

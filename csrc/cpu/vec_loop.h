@@ -32,8 +32,9 @@ inline namespace CPU_CAPABILITY {
 using at::vec::Vectorized;
 
 // Natural log of positive, finite float32 lanes (Cephes logf: frexp by bit manipulation, then a
-// degree-9 polynomial; about 1 ulp). Inlined, it costs a fraction of the Sleef call it replaces,
-// which took ~30% of the forward. The kernels only take logs of sums of exponentials >= 1.
+// degree-9 polynomial; about 1 ulp); NaN lanes give NaN. Inlined, it costs a fraction of the Sleef
+// call it replaces, which took ~30% of the forward. The kernels only take logs of sums of
+// exponentials >= 1, or of NaN: a NaN prior parameter or latent reaches the log-sum-exp's sum.
 inline Vectorized<float> fast_logf(const Vectorized<float>& x) {
   using VF = Vectorized<float>;
   using VI = Vectorized<int32_t>;
@@ -58,7 +59,11 @@ inline Vectorized<float> fast_logf(const Vectorized<float>& x) {
   y = y * m * z;
   y = at::vec::fmadd(e, VF(-2.12194440e-4f), y);
   y = at::vec::fmadd(z, VF(-0.5f), y);
-  return at::vec::fmadd(e, VF(0.693359375f), m + y);
+  // The bit manipulation above reads a NaN's bits as a finite number's (about 2^129): x * 0 +
+  // ln2_hi is ln2_hi exactly for finite x and NaN for NaN, which hands the NaN on at the cost of
+  // one multiply-add off the critical path.
+  const VF ln2_hi = at::vec::fmadd(x, VF(0.0f), VF(0.693359375f));
+  return at::vec::fmadd(e, ln2_hi, m + y);
 }
 
 // exp of float32 lanes x <= 0 (NaN passes through), for the shifted log-sum-exp terms
@@ -102,7 +107,7 @@ struct VecMath {
     else return x.exp();
   }
   // max(a, b) in one instruction (at::vec::maximum spends two more on NaN): a NaN lane still
-  // reaches the result, through exp_nonpos(a_c - max) of the NaN term.
+  // reaches the result, through exp_nonpos(a_c - max) of the NaN term and the log of the sum.
   static V max(const V& a, const V& b) { return at::vec::clamp_min(b, a); }
 };
 

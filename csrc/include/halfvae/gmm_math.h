@@ -28,7 +28,9 @@ C10_HOST_DEVICE constexpr int component_capacity() { return CT > 0 ? CT : kMaxCo
 // spread = 0 (kSpread false) gives log p(x); spread = s^2 gives the log-sum-exp of the KL bound
 // (reparam_kl_bound_forward). `prior` exposes w(c), m(c), prec(c) and half_prec(c) = 0.5 * prec(c)
 // returning V; `M` exp, log, max and exp_nonpos (exp of arguments <= 0, which the log-sum-exp's
-// shifted terms always are: a CPU vector can skip the overflow handling).
+// shifted terms always are: a CPU vector can skip the overflow handling). NaN: M::max may drop a
+// NaN operand (fmax does), so a NaN a_c reaches the result only through exp_nonpos(a_c - amax)
+// and the log of the sum, and M::exp_nonpos and M::log must return NaN for NaN.
 template <class M, int CT, bool kSpread, class V, class Prior>
 C10_HOST_DEVICE inline V gmm_log_sum_exp(const V& x, const V& spread, int C_runtime,
                                          const Prior& prior) {
