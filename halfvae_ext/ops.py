@@ -31,10 +31,6 @@ def _reduction_code(reduction) -> int:
 
 def kl_code(kl) -> int:
     """The ops' integer code of a KL estimator name (\"mc\" or \"bound\"); ValueError otherwise."""
-    return _kl_code(kl)
-
-
-def _kl_code(kl) -> int:
     if not isinstance(kl, str) or kl not in _KL_CODES:
         raise ValueError(f"kl must be 'mc' (Monte-Carlo estimate) or 'bound' (closed-form upper "
                          f"bound), got {kl!r}")
@@ -97,11 +93,11 @@ def reparam_gmm_kl(mu, logvar, prior_logits, prior_means, prior_logvars, *, eps=
     """
     _require_tensors(mu=mu, logvar=logvar, prior_logits=prior_logits, prior_means=prior_means,
                      prior_logvars=prior_logvars)
-    code, kl_code = _reduction_code(reduction), _kl_code(kl)
+    code, kl_id = _reduction_code(reduction), kl_code(kl)
     prior_index = _prior_index_argument(prior_index)
     seed = _seed_unless_eps(eps, generator, mu.device)
     z, kl_out = _ops.reparam_gmm_kl(mu, logvar, prior_logits, prior_means, prior_logvars, eps,
-                                    seed, code, prior_index, kl_code)
+                                    seed, code, prior_index, kl_id)
     if reduction == "sum":
         kl_out = kl_out.sum()
     return z, kl_out
@@ -117,9 +113,9 @@ def rows_op_arguments(mu, logvar, idx, prior_logits, prior_means, prior_logvars,
     seed tensor (None when eps is given) and the kl code."""
     _require_tensors(mu=mu, logvar=logvar, idx=idx, prior_logits=prior_logits,
                      prior_means=prior_means, prior_logvars=prior_logvars)
-    code, kl_code = _reduction_code(reduction), _kl_code(kl)
+    code, kl_id = _reduction_code(reduction), kl_code(kl)
     _prior_index_argument(prior_index)
-    return code, _seed_unless_eps(eps, generator, mu.device), kl_code
+    return code, _seed_unless_eps(eps, generator, mu.device), kl_id
 
 
 def reparam_gmm_kl_rows(mu, logvar, idx, prior_logits, prior_means, prior_logvars, *, eps=None,
@@ -136,14 +132,14 @@ def reparam_gmm_kl_rows(mu, logvar, idx, prior_logits, prior_means, prior_logvar
     For an optimizer step fused into the backward (no table gradient at all), use
     halfvae_ext.LatentTable(..., fused_optimizer="adam"|"rowwise_adam"|"rowwise_adagrad"|"sgd").
     """
-    code, seed, kl_code = rows_op_arguments(mu, logvar, idx, prior_logits, prior_means,
+    code, seed, kl_id = rows_op_arguments(mu, logvar, idx, prior_logits, prior_means,
                                             prior_logvars, eps, generator, reduction,
                                             prior_index, kl)
     if table_grad not in _TABLE_GRADS:
         raise ValueError(f"table_grad must be 'dense' or 'sparse', got {table_grad!r}")
     z, kl_out = _ops.reparam_gmm_kl_rows(mu, logvar, idx, prior_logits, prior_means,
                                          prior_logvars, eps, seed, code,
-                                         _TABLE_GRADS[table_grad], prior_index, kl_code)
+                                         _TABLE_GRADS[table_grad], prior_index, kl_id)
     if reduction == "sum":
         kl_out = kl_out.sum()
     return z, kl_out
