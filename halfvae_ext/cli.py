@@ -225,13 +225,20 @@ def _refuse_outputs_at_input(args):
                              "be overwritten)")
 
 
+# The one-process recipe's start and schedules (halfvae_ext.ica.recipe), which the sharded fit
+# takes as options: whitened PCA scores as the start, noise and posterior std 0.1, the prior's
+# means and weights held for the first 30% of the steps, the rates decaying over the last 30%.
+SHARDED_SEPARATE_RECIPE = dict(whiten="pca", init="pca", init_logvar=2.0 * math.log(0.1),
+                               init_noise_std=0.1, prior_warmup=0.3, lr_decay=0.3)
+
+
 def _cmd_separate_sharded(args, out, err):
     """separate on a latent table split across the processes of torchrun (or one process with
-    --sharded): the features standardized, a Half-VAE fitted in mini-batches (--max-iter steps
-    of --batch-size rows, global), the standardized posterior means written to a .npy by every
-    rank for its own rows. No restarts, no PCA whitening, no plot: the data need not fit in one
-    process (FILE is memory-mapped)."""
-    from .fit_sharded import fit, parser
+    --sharded): the data PCA-whitened, a Half-VAE fitted in mini-batches from the whitened scores
+    (--max-iter steps of --batch-size rows, global; SHARDED_SEPARATE_RECIPE), the standardized
+    posterior means written to a .npy by every rank for its own rows. No restarts, no plot: the
+    data need not fit in one process (FILE is memory-mapped)."""
+    from . import fit_sharded
     if not args.file.endswith(".npy"):
         raise UsageError(f"{args.file}: a sharded run reads a .npy file (memory-mapped)")
     if not args.output.endswith(".npy"):
@@ -248,11 +255,12 @@ def _cmd_separate_sharded(args, out, err):
     if len(shape) != 2 or args.k > shape[1]:
         raise CLIError(f"-k {args.k}: {args.file} has shape {shape}; at most its number of "
                        "columns of sources can be separated")
-    fit_args = parser().parse_args([
-        args.file, "--latent-dim", str(args.k), "--batch-size", str(args.batch_size), "--steps",
-        str(args.max_iter), "--out", args.output, "--standardize-out", "--decoder", args.decoder,
-        "--seed", str(args.seed)])
-    result = fit(fit_args)
+    try:
+        result = fit_sharded.fit(args.file, args.k, batch_size=args.batch_size,
+                                 steps=args.max_iter, out=args.output, standardize_out=True,
+                                 decoder=args.decoder, seed=args.seed, **SHARDED_SEPARATE_RECIPE)
+    except (ValueError, fit_sharded.RankFailure) as e:
+        raise CLIError(str(e)) from None
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"separated {shape[1]} signal(s) x {shape[0]} samples into {args.k} source(s) -> "
               f"{args.output} ({result['steps']} steps on {result['world']} process(es), "

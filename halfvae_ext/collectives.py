@@ -10,7 +10,16 @@ import time
 import torch
 import torch.distributed as dist
 
-__all__ = ["Comm", "Plan", "timedelta_of"]
+__all__ = ["Comm", "CollectiveError", "Plan", "timedelta_of"]
+
+
+class CollectiveError(RuntimeError):
+    """A collective that failed or did not complete within its timeout on this rank (a peer
+    died, hung or called another collective). ``what``: the collective; ``rank``, ``world``."""
+
+    def __init__(self, message: str, what: str = "", rank: int = -1, world: int = 0):
+        super().__init__(message)
+        self.what, self.rank, self.world = what, rank, world
 
 
 def timedelta_of(timeout) -> datetime.timedelta:
@@ -23,10 +32,12 @@ def timedelta_of(timeout) -> datetime.timedelta:
 
 
 class Comm:
-    """The collectives of one table on one group, each waited for at most `timeout`."""
+    """The collectives of one table on one group, each waited for at most `timeout`. owner: who
+    runs them, the first words of the error message."""
 
-    def __init__(self, group, timeout: datetime.timedelta, device: torch.device):
-        self.group, self.timeout, self.device = group, timeout, device
+    def __init__(self, group, timeout: datetime.timedelta, device: torch.device,
+                 owner: str = "ShardedLatentTable"):
+        self.group, self.timeout, self.device, self.owner = group, timeout, device, owner
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         # Counters for benchmarks: payload bytes this rank sent to other ranks, seconds spent in
@@ -40,11 +51,11 @@ class Comm:
         try:
             work.wait(self.timeout)
         except Exception as e:  # gloo/NCCL raise RuntimeError subclasses with their own text
-            raise RuntimeError(f"ShardedLatentTable: {what} failed on rank {self.rank} of "
-                               f"{self.world} within the timeout of "
-                               f"{self.timeout.total_seconds():g} s (a rank died, hung or called "
-                               f"a different collective; resume from the last checkpoint): "
-                               f"{e}") from e
+            raise CollectiveError(f"{self.owner}: {what} failed on rank {self.rank} of "
+                                  f"{self.world} within the timeout of "
+                                  f"{self.timeout.total_seconds():g} s (a rank died, hung or "
+                                  f"called a different collective; resume from the last "
+                                  f"checkpoint): {e}", what, self.rank, self.world) from e
         finally:
             self.exchange_s += time.perf_counter() - t0
 
@@ -77,15 +88,15 @@ class Comm:
         self.bytes_sent += (sum(send_counts) - send_counts[self.rank]) * row_bytes
         return recv
 
-    def all_reduce_sum(self, t: torch.Tensor):
+    def all_reduce_sum(self, t: torch.Tensor, what: str = "all_reduce"):
         if self.world > 1:
-            self._wait(dist.all_reduce(t, group=self.group, async_op=True), "all_reduce")
+            self._wait(dist.all_reduce(t, group=self.group, async_op=True), what)
             self.bytes_sent += t.numel() * t.element_size()  # per rank, ring all-reduce ~2x(W-1)/W
         return t
 
-    def barrier(self):
+    def barrier(self, what: str = "barrier"):
         if self.world > 1:
-            self._wait(dist.barrier(group=self.group, async_op=True), "barrier")
+            self._wait(dist.barrier(group=self.group, async_op=True), what)
 
 
 class Plan:

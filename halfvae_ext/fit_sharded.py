@@ -3,19 +3,27 @@
     torchrun --nproc-per-node 2 -m halfvae_ext.fit_sharded DATA.npy --latent-dim 8 \\
         --batch-size 4096 --epochs 5 --out MEANS.npy [--checkpoint DIR [--resume]]
 
+or from Python, on every rank (or in one process without torchrun)::
+
+    from halfvae_ext.fit_sharded import fit
+    result = fit("DATA.npy", 8, batch_size=4096, epochs=5, out="MEANS.npy")
+
 DATA.npy: [N, D] float rows. No rank loads it whole: each reads its share of every global batch
-(fancy indexing of the memory map) and its own row block for the feature statistics. The global
-batch of step s is a function of (seed, s) only (an affine permutation of the rows per epoch), and
-each rank asks for a contiguous part of it, so 1, 2 or W processes fit the same model (to float
-rounding). MEANS.npy: the posterior means [N, K] (float32), each rank writing its own rows into
-one file, renamed into place when all have finished. Without torchrun it runs as one process.
-With --checkpoint the state is saved every --checkpoint-every steps and at the end (DCP; any
-number of ranks can resume it with --resume).
+(fancy indexing of the memory map) and its share of fixed blocks of rows for one pass that checks
+every value is finite, sums the feature statistics and hashes the bytes (the data's fingerprint,
+kept with a checkpoint). The global batch of step s is a function of (seed, s) only (an affine
+permutation of the rows per epoch), and each rank asks for a contiguous part of it, so 1, 2 or W
+processes fit the same model (to float rounding). MEANS.npy: the posterior means [N, K]
+(float32), each rank writing its own rows into one file, renamed into place when all have
+finished. Without torchrun it runs as one process. With --checkpoint the state is saved every
+--checkpoint-every steps and at the end (DCP with a manifest of checksums and of what the run
+trained on; any number of ranks can resume it with --resume, the same data and settings only).
 """
 from __future__ import annotations
 
 import argparse
 import math
+import numbers
 import os
 import socket
 import sys
@@ -25,10 +33,25 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .collectives import CollectiveError, Comm, timedelta_of
 from .distributed import (ShardedLatentTable, all_reduce_gradients, init_process_group,
                           load_checkpoint, save_checkpoint)
 from .models import HalfVAE
+from .sharded_data import apply_transform, data_transform, open_data, scan_data
+from .sharded_checkpoint import verify_checkpoint
 from .table_optim import FUSED_OPTIMIZERS, check_fused_optimizer
+
+__all__ = ["fit", "main", "parser", "batch_rows", "write_means", "RankFailure"]
+
+DECODERS = ("linear", "mlp", "residual")
+# The settings a checkpoint's step counter and shapes mean something under: a resume must match.
+_RUN_KEYS = ("data_sha256", "rows", "features", "batch_size", "seed", "latent_dim", "decoder",
+             "components", "table_optimizer", "state_dtype", "whiten")
+
+
+class RankFailure(RuntimeError):
+    """A collective of the fit failed or timed out on this rank (a peer died, hung or is slower
+    than ``timeout`` allows); the message says which rank, what and what to do."""
 
 
 def _ensure_env():
@@ -67,20 +90,26 @@ def batch_rows(n: int, batch: int, seed: int, step: int, world: int, rank: int) 
     return (a * pos + b) % n
 
 
-def _feature_stats(data, start, stop, device):
-    """Mean and standard deviation of every feature over all rows: each rank sums its own block."""
-    D = data.shape[1]
-    sums = torch.zeros(2 * D + 1, dtype=torch.float64, device=device)
-    for r0 in range(start, stop, 1 << 16):
-        x = torch.from_numpy(np.asarray(data[r0:min(stop, r0 + (1 << 16))], dtype=np.float64))
-        sums[:D] += x.sum(0).to(device)
-        sums[D:2 * D] += (x * x).sum(0).to(device)
-        sums[2 * D] += x.shape[0]
-    dist.all_reduce(sums)
-    n = sums[2 * D]
-    mean = sums[:D] / n
-    std = (sums[D:2 * D] / n - mean * mean).clamp_min(1e-12).sqrt()
-    return mean.float(), std.float()
+# ----------------------------------------------------------------------------- checks
+def _int(name, v, least):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {v!r}")
+    return int(v)
+
+
+def _real(name, v, low, high=math.inf, low_open=True, high_open=True):
+    ok = not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v) and \
+        (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    if not ok:
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        raise ValueError(f"{name} must be a finite number in {lo}{low:g}, {high:g}{hi}, got {v!r}")
+    return float(v)
+
+
+def _choice(name, v, choices):
+    if v not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {v!r}")
+    return v
 
 
 def write_means(table: ShardedLatentTable, path: str, standardize: bool = False) -> None:
@@ -115,70 +144,255 @@ def write_means(table: ShardedLatentTable, path: str, standardize: bool = False)
     table.comm.barrier()
 
 
-def fit(args) -> dict:
-    _ensure_env()
-    init_process_group("gloo" if args.device == "cpu" else "nccl", timeout_s=args.timeout)
+def _check_resume(saved: dict, run: dict, checkpoint: str, steps_per_epoch: int):
+    """ValueError naming the first setting of `run` the checkpoint was not trained under."""
+    step = saved.get("step")
+    for key in _RUN_KEYS:
+        if saved.get(key) != run[key]:
+            what = "other data (its bytes' sha256 differs)" if key == "data_sha256" else \
+                f"{key}={saved.get(key)!r}, this run has {key}={run[key]!r}"
+            arg = {"data_sha256": "data", "rows": "data", "features": "data"}.get(key, key)
+            raise ValueError(
+                f"{arg}: checkpoint {checkpoint!r} was trained on {what}; its step counter "
+                f"({step}, epoch {step // steps_per_epoch if step is not None else '?'} at this "
+                f"batch size) would not mean the same run. Resume with the settings it was "
+                f"saved with, or give another checkpoint directory (without resume) to start "
+                f"afresh")
+
+
+def _lr_factor(step, total, lr_decay):
+    """1, then a half cosine down to 0.01 over the last lr_decay fraction of the steps."""
+    start = (1.0 - lr_decay) * total
+    if lr_decay == 0 or step < start:
+        return 1.0
+    return max(0.5 * (1.0 + math.cos(math.pi * (step - start) / (total - start))), 0.01)
+
+
+def fit(data, latent_dim, *, batch_size=4096, epochs=1, steps=None, out=None,
+        standardize_out=False, decoder="linear", components=3, lr=1e-2, table_lr=5e-2,
+        table_optimizer="adam", state_dtype="float32", init_std=1.0, seed=0, checkpoint=None,
+        checkpoint_every=1000, resume=False, timeout=300.0, device="cpu",
+        whiten="standardize", init="random", init_logvar=-2.0, init_noise_std=1.0,
+        lr_decay=0.0, prior_warmup=0.0) -> dict:
+    """Fit a Half-VAE with its latent table split across the ranks of the torchrun job (or of a
+    process group already initialized; else one process), collectively: every rank calls it
+    with the same arguments.
+
+    data: [N, D] real array, or the path of a .npy file (memory-mapped, never loaded whole).
+    latent_dim: K >= 1. batch_size: global rows per step. epochs or steps: the length of the
+    fit (steps, when given, replaces epochs; give one). out: path of the posterior means
+    [N, K] float32 .npy (standardize_out: each column to zero mean and unit variance).
+    decoder: "linear", "mlp" or "residual"; components: the prior's mixture components per
+    latent. lr: Adam's rate for the prior and decoder; table_lr, table_optimizer ("adam",
+    "rowwise_adam", "rowwise_adagrad", "sgd"), state_dtype ("float32" or "bfloat16"): the
+    latent table's fused optimizer. init_std, init_logvar: the table's random start and its
+    logvars; seed: the start, the draws and the batches. checkpoint: a DCP directory, saved
+    every checkpoint_every steps and at the end; resume: continue from it (it must exist, be
+    undamaged and have been trained on the same data (sha256), batch_size, seed and shapes).
+    timeout: seconds a collective (and the start of the group) may wait for the other ranks.
+    device: "cpu" (gloo) or "cuda" (NCCL). whiten: "standardize" (each feature) or "pca"
+    (whitened principal components: K for the linear decoder, all for the others); init:
+    "random" or "pca" (the table at the whitened scores, the decoder's linear part at the
+    identity; needs whiten="pca"). init_noise_std: the observation noise's starting std;
+    lr_decay: the last fraction of the steps over which both rates fall along a half cosine;
+    prior_warmup: the first fraction of the steps during which the prior's means and weights
+    are held (its variances learn).
+
+    Returns {"steps": the step reached, "seconds": training time, "world": ranks}.
+
+    Raises ValueError, naming the argument, for a bad argument, data that cannot be read, a NaN
+    or infinite value in data (before any output or checkpoint is written), or a resume that
+    does not match its checkpoint; sharded_checkpoint.CheckpointError (a ValueError, naming the
+    directory) for a missing or damaged checkpoint; RankFailure when a collective fails or
+    times out (a peer died or hung: which rank, what, and how to resume). Never SystemExit.
+
+    Example (one process, 3 latents of a [600, 4] array, 10 steps)::
+
+        fit(np.random.default_rng(0).laplace(size=(600, 4)), 3, batch_size=128, steps=10,
+            out="means.npy")
+    """
+    K = _int("latent_dim", latent_dim, 1)
+    B = _int("batch_size", batch_size, 1)
+    if steps is not None:
+        steps = _int("steps", steps, 1)
+        if epochs != 1:
+            raise ValueError(f"epochs and steps: give one of them, got epochs={epochs!r} and "
+                             f"steps={steps!r}")
+    epochs = _int("epochs", epochs, 1)
+    _int("components", components, 1)
+    _int("checkpoint_every", checkpoint_every, 1)
+    seed = _int("seed", seed, 0)
+    lr, table_lr = _real("lr", lr, 0), _real("table_lr", table_lr, 0)
+    _real("init_std", init_std, 0, low_open=False)
+    _real("init_logvar", init_logvar, -math.inf)
+    _real("init_noise_std", init_noise_std, 0)
+    _real("lr_decay", lr_decay, 0, 1, low_open=False)
+    _real("prior_warmup", prior_warmup, 0, 1, low_open=False)
+    timedelta_of(timeout)
+    _choice("decoder", decoder, DECODERS)
+    _choice("table_optimizer", table_optimizer, FUSED_OPTIMIZERS)
+    _choice("state_dtype", state_dtype, ("float32", "bfloat16"))
+    _choice("device", device, ("cpu", "cuda"))
+    _choice("whiten", whiten, ("standardize", "pca"))
+    _choice("init", init, ("random", "pca"))
+    if init == "pca" and whiten != "pca":
+        raise ValueError("init='pca' starts the table at the whitened scores: it needs "
+                         f"whiten='pca', got whiten={whiten!r}")
+    try:  # the table's own rule, before any process group starts
+        check_fused_optimizer(table_optimizer, torch.float32, getattr(torch, state_dtype))
+    except ValueError as e:
+        raise ValueError(f"state_dtype {state_dtype}: {e}") from None
+    if resume and not checkpoint:
+        raise ValueError("resume: needs checkpoint, the directory to continue from")
+    arr, name = open_data(data)
+    N, D = arr.shape
+    if K > D:
+        raise ValueError(f"latent_dim {K}: {name} has {D} feature column(s); at most that many "
+                         f"latents")
+    if out is not None:
+        out = os.fspath(out)
+        if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+            raise ValueError(f"out: no directory for {out!r}")
+        if isinstance(data, (str, os.PathLike)) and \
+                os.path.realpath(out) == os.path.realpath(os.fspath(data)):
+            raise ValueError(f"out {out!r}: the same file as the data (it would be overwritten)")
+    checkpoint = os.fspath(checkpoint) if checkpoint else None
+
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        _ensure_env()
+        try:
+            init_process_group("gloo" if device == "cpu" else "nccl", timeout_s=float(timeout))
+        except dist.DistError as e:
+            raise RankFailure(
+                f"fit_sharded: rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')}: "
+                f"the process group did not start within timeout={timeout:g} s (a rank did not "
+                f"start or cannot reach MASTER_ADDR {os.environ.get('MASTER_ADDR')}:"
+                f"{os.environ.get('MASTER_PORT')}): {e}") from e
+    where = {"stage": "the data pass", "step": 0}
+    ok = False
+    try:
+        result = _fit(arr, name, K, B, epochs, steps, out, standardize_out, decoder, components,
+                      lr, table_lr, table_optimizer, state_dtype, init_std, seed, checkpoint,
+                      checkpoint_every, resume, timeout, device, whiten, init, init_logvar,
+                      init_noise_std, lr_decay, prior_warmup, where)
+        ok = True
+        return result
+    except (CollectiveError, dist.DistError) as e:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        again = (f"rerun with resume=True (--resume) from checkpoint {checkpoint!r}, saved every "
+                 f"{checkpoint_every} steps" if checkpoint else
+                 "rerun (with a checkpoint, a later failure can resume from it)")
+        raise RankFailure(
+            f"fit_sharded: rank {rank} of {world} gave up on {where['stage']} (step "
+            f"{where['step']}): the other ranks did not take part within timeout={timeout:g} s "
+            f"or a connection failed, so a rank died, hung or is slower than the timeout allows. "
+            f"Look at the other ranks' output for their own error; then {again}, or give a "
+            f"larger timeout (--timeout) if a rank is merely slow. ({type(e).__name__}: "
+            f"{str(e)[:300]})") from e
+    finally:
+        if owns_group:
+            if ok:
+                dist.barrier()  # no rank tears down while a peer may still talk to it
+            dist.destroy_process_group()
+
+
+def _fit(arr, name, K, B, epochs, steps, out, standardize_out, decoder, components, lr,
+         table_lr, table_optimizer, state_dtype, init_std, seed, checkpoint, checkpoint_every,
+         resume, timeout, device_name, whiten, init, init_logvar, init_noise_std, lr_decay,
+         prior_warmup, where):
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cpu") if args.device == "cpu" else torch.device(
+    device = torch.device("cpu") if device_name == "cpu" else torch.device(
         "cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    try:
-        data = np.load(args.data, mmap_mode="r")
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"data: cannot read {args.data!r} as a .npy file: {e}")
-    if data.ndim != 2:
-        raise SystemExit(f"data: {args.data!r} must hold a 2-D array [rows, features], got "
-                         f"shape {data.shape}")
-    N, D = data.shape
-    K = args.latent_dim
-    torch.manual_seed(args.seed)  # the decoder's start: the same on every rank
-    table = ShardedLatentTable(N, K, fused_optimizer=args.table_optimizer, lr=args.table_lr,
-                               state_dtype=getattr(torch, args.state_dtype), seed=args.seed,
-                               init_std=args.init_std, device=device, timeout=args.timeout)
-    model = HalfVAE(N, D, K, decoder=args.decoder, num_components=args.components,
-                    latents=table).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    mean, std = _feature_stats(data, table.row_start, table.row_stop, device)
-    steps_per_epoch = -(-N // args.batch_size)
-    total = args.steps if args.steps is not None else args.epochs * steps_per_epoch
+    comm = Comm(dist.group.WORLD, timedelta_of(timeout), device, owner="fit_sharded")
+    N, D = arr.shape
+    mean, cov, fingerprint = scan_data(arr, name, comm)
+    shift, proj = data_transform(mean, cov, whiten, K, decoder, name)
+    Dw = proj.shape[1]
+    steps_per_epoch = -(-N // B)
+    total = steps if steps is not None else epochs * steps_per_epoch
+    run = {"data_sha256": fingerprint, "rows": N, "features": D, "batch_size": B, "seed": seed,
+           "latent_dim": K, "decoder": decoder, "components": components,
+           "table_optimizer": table_optimizer, "state_dtype": state_dtype, "whiten": whiten}
+    if resume:
+        where["stage"] = f"checking checkpoint {checkpoint!r}"
+        saved = verify_checkpoint(checkpoint)
+        _check_resume(saved, run, checkpoint, steps_per_epoch)
+    torch.manual_seed(seed)  # the decoder's start: the same on every rank
+    def scores(rows):  # init="pca": each rank its own (contiguous) rows' whitened scores
+        r0, r1 = int(rows[0]), int(rows[-1]) + 1
+        return apply_transform(arr[r0:r1], shift, proj, torch.float64)[:, :K]
+    table = ShardedLatentTable(N, K, fused_optimizer=table_optimizer, lr=table_lr,
+                               state_dtype=getattr(torch, state_dtype), seed=seed,
+                               init_std=init_std, init_mu=scores if init == "pca" else None,
+                               init_logvar=init_logvar, device=device, timeout=timeout)
+    model = HalfVAE(N, Dw, K, decoder=decoder, num_components=components, latents=table,
+                    init_noise_std=init_noise_std).to(device)
+    if init == "pca":
+        with torch.no_grad():
+            eye = torch.eye(Dw, K)
+            if decoder == "linear":
+                model.decoder.weight.copy_(eye)
+            elif decoder == "residual":
+                model.decoder.zero_correction_()
+                model.decoder.linear.weight.copy_(eye)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    mean32 = mean.float().to(device)
+    std32 = cov.diagonal().clamp_min(1e-12).sqrt().float().to(device)
     step = 0
-    if args.resume and args.checkpoint and os.path.isdir(args.checkpoint):
-        extra = load_checkpoint(args.checkpoint, model, opt, extra={"step": torch.tensor(0)})
+    if resume:
+        where["stage"] = f"loading checkpoint {checkpoint!r}"
+        extra = load_checkpoint(checkpoint, model, opt, extra={"step": torch.tensor(0)})
         step = int(extra["step"])
         if rank == 0:
-            print(f"resumed from {args.checkpoint} at step {step}", flush=True)
+            print(f"resumed from {checkpoint} at step {step}", flush=True)
+    warmup = int(prior_warmup * total)
     t0, losses = time.perf_counter(), []
     while step < total:
-        rows = batch_rows(N, args.batch_size, args.seed, step, world, rank)
-        global_b = min(N, (step % steps_per_epoch) * args.batch_size + args.batch_size) - \
-            (step % steps_per_epoch) * args.batch_size
-        x = torch.from_numpy(np.asarray(data[rows], dtype=np.float32)).to(device)
-        x = (x - mean) / std
+        where["step"], where["stage"] = step, "a training step (the latent table's exchange " \
+            "or the gradients' all_reduce)"
+        held = step < warmup
+        model.prior.means.requires_grad_(not held)
+        model.prior.logits.requires_grad_(not held)
+        f = _lr_factor(step, total, lr_decay)
+        table.table_optimizer.lr = table_lr * f
+        for group in opt.param_groups:
+            group["lr"] = lr * f
+        rows = batch_rows(N, B, seed, step, world, rank)
+        lo = (step % steps_per_epoch) * B
+        global_b = min(N, lo + B) - lo
+        if whiten == "standardize":  # float32, as the step always was
+            x = torch.from_numpy(np.asarray(arr[rows], dtype=np.float32)).to(device)
+            x = (x - mean32) / std32
+        else:
+            x = apply_transform(arr[rows], shift, proj, torch.float32).to(device)
         idx = torch.from_numpy(rows).to(device)
         loss = model(x, idx).sum() / global_b
         opt.zero_grad(set_to_none=False)
         loss.backward()
-        all_reduce_gradients(model, timeout=args.timeout)
+        all_reduce_gradients(model, timeout=timeout)
         opt.step()
         losses.append(float(loss.detach()))
         step += 1
-        if args.checkpoint and (step % args.checkpoint_every == 0 or step == total):
-            save_checkpoint(args.checkpoint, model, opt, extra={"step": torch.tensor(step)})
+        if checkpoint and (step % checkpoint_every == 0 or step == total):
+            where["stage"] = f"saving checkpoint {checkpoint!r}"
+            save_checkpoint(checkpoint, model, opt, extra={"step": torch.tensor(step)},
+                            meta={**run, "step": step})
         if step % steps_per_epoch == 0 or step == total:
             # each rank's loss is its share of the step's mean: the sum over ranks is the mean
             summed = torch.tensor([sum(losses)], dtype=torch.float64, device=device)
-            dist.all_reduce(summed)
+            comm.all_reduce_sum(summed, "all_reduce of the epoch's loss")
             if rank == 0:
-                print(f"step {step}/{total}: mean -ELBO per row {float(summed[0]) / len(losses):.4f}"
-                      f" ({time.perf_counter() - t0:.1f} s)", flush=True)
+                print(f"step {step}/{total}: mean -ELBO per row "
+                      f"{float(summed[0]) / len(losses):.4f} ({time.perf_counter() - t0:.1f} s)",
+                      flush=True)
             losses = []
-    if args.out:
-        write_means(table, args.out, standardize=args.standardize_out)
-    result = {"steps": step, "seconds": time.perf_counter() - t0, "world": world}
-    table.comm.barrier()  # no rank tears down while a peer may still talk to it
-    dist.destroy_process_group()
-    return result
+    if out:
+        where["stage"] = f"writing {out!r}"
+        write_means(table, out, standardize=standardize_out)
+    return {"steps": step, "seconds": time.perf_counter() - t0, "world": world}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -193,7 +407,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="posterior means [N, K] .npy (float32)")
     p.add_argument("--standardize-out", action="store_true",
                    help="write each column of the means standardized (zero mean, unit variance)")
-    p.add_argument("--decoder", default="linear", choices=["linear", "mlp", "residual"])
+    p.add_argument("--decoder", default="linear", choices=DECODERS)
     p.add_argument("--components", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-2, help="prior and decoder (Adam)")
     p.add_argument("--table-lr", type=float, default=5e-2, help="latent table (fused step)")
@@ -206,25 +420,38 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", help="DCP checkpoint directory")
     p.add_argument("--checkpoint-every", type=int, default=1000)
-    p.add_argument("--resume", action="store_true", help="start from --checkpoint if it exists")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds a collective may take")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from --checkpoint (which must exist, same data and settings)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds a collective may wait for the other ranks")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--whiten", default="standardize", choices=["standardize", "pca"],
+                   help="each feature standardized, or whitened principal components")
+    p.add_argument("--init", default="random", choices=["random", "pca"],
+                   help="the table's start: random, or the whitened scores (--whiten pca)")
+    p.add_argument("--init-logvar", type=float, default=-2.0)
+    p.add_argument("--init-noise-std", type=float, default=1.0)
+    p.add_argument("--lr-decay", type=float, default=0.0,
+                   help="last fraction of the steps with cosine-decaying rates")
+    p.add_argument("--prior-warmup", type=float, default=0.0,
+                   help="first fraction of the steps with the prior's means and weights held")
     return p
 
 
-def main(argv=None):
-    args = parser().parse_args(argv)
-    for name in ("latent_dim", "batch_size", "checkpoint_every"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    try:  # the table's own rule, before any process group starts
-        check_fused_optimizer(args.table_optimizer, torch.float32,
-                              getattr(torch, args.state_dtype))
+def main(argv=None) -> int:
+    """The command line: parses argv, calls fit(); a bad argument or input is one line on stderr
+    and exit status 2, a failed rank 1."""
+    args = vars(parser().parse_args(argv))
+    data, latent_dim = args.pop("data"), args.pop("latent_dim")
+    try:
+        fit(data, latent_dim, **args)
     except ValueError as e:
-        raise SystemExit(f"--state-dtype {args.state_dtype}: {e}")
-    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        raise SystemExit(f"--out: no directory for {args.out!r}")
-    fit(args)
+        print(f"fit_sharded: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except RankFailure as e:
+        print(f"fit_sharded: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

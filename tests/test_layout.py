@@ -18,6 +18,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "halfvae_ext"
 CORE = ("halfvae_ext.ops", "halfvae_ext.reference", "halfvae_ext.table_optim",
         "halfvae_ext.table_memory", "halfvae_ext.atomic_io", "halfvae_ext.models")
 DISTRIBUTED = ("halfvae_ext.distributed", "halfvae_ext.fit_sharded", "halfvae_ext.collectives",
+               "halfvae_ext.sharded_data",
                "halfvae_ext.sharded_checkpoint")
 ICA = ("halfvae_ext.ica",)
 APPLICATIONS = ICA + DISTRIBUTED + ("halfvae_ext.cli", "halfvae_ext.experiments")
