@@ -485,4 +485,7 @@ def main(argv=None, *, stdout=None, stderr=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if "halfvae_ext.fit_sharded" in sys.modules:  # a sharded run: see fit_sharded.exit_after
+        sys.modules["halfvae_ext.fit_sharded"].exit_after(status)
+    sys.exit(status)

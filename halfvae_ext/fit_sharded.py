@@ -454,5 +454,16 @@ def main(argv=None) -> int:
     return 0
 
 
+def exit_after(status: int):
+    """Leave the process with `status`. After a failed rank (1) without the interpreter's
+    finalization: gloo's threads of a timed-out collective abort it now and then
+    (std::terminate, exit -6; pytorch/pytorch#179291), although the message is out."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if status == 1:
+        os._exit(1)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_after(main())
