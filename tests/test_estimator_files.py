@@ -12,6 +12,7 @@ import torch
 
 from halfvae_ext.atomic_io import atomic_write
 from halfvae_ext.ica import HalfVAEICA, make_nonstationary, make_paper_linear
+from halfvae_ext.ica.flow_recipe import MIN_HELD_OUT, held_out_split
 
 FAST = dict(max_iter=30, n_restarts=1, tol=None, random_state=0)
 
@@ -109,28 +110,55 @@ def test_auto_decoder_is_linear_without_u(paper):
     np.testing.assert_array_equal(auto.components_, linear.components_)
 
 
+def test_held_out_split_is_fixed_disjoint_and_skipped_for_small_runs():
+    train, held = held_out_split(1000)
+    assert held.numel() == 100 and train.numel() == 900
+    assert torch.equal(torch.cat([train, held]).sort().values, torch.arange(1000))
+    again_train, again_held = held_out_split(1000)
+    assert torch.equal(held, again_held) and torch.equal(train, again_train)
+    assert held_out_split(500)[1].numel() == MIN_HELD_OUT  # at least MIN_HELD_OUT rows
+    assert held_out_split(2 * MIN_HELD_OUT - 1) == (None, None)
+
+
 def test_auto_defaults_without_u_are_the_old_ones(paper):
     est = _fit(HalfVAEICA(3, max_iter=20, random_state=0, tol=None), paper.X)
     assert est.decoder_ == "linear" and len(est.restart_elbos_) == 4
 
 
-def test_auto_decoder_is_the_flow_with_u(tmp_path):
+def test_auto_decoder_with_u_is_the_flow_or_the_linear_flow(tmp_path):
     P = make_nonstationary(60, 6, 3, n_layers=2, random_state=1)
     est = _fit(HalfVAEICA(3, max_iter=5, random_state=0, tol=None), P.X, u=P.u)
-    flow = _fit(HalfVAEICA(3, decoder="flow", max_iter=5, n_restarts=1, random_state=0,
-                           tol=None), P.X, u=P.u)
-    assert est.decoder_ == "flow" and len(est.restart_elbos_) == 1  # n_restarts="auto"
-    np.testing.assert_array_equal(est.transform(P.X), flow.transform(P.X))
-    # The file keeps "auto"; loading and resuming resolve it the same way.
+    # n_restarts="auto": restart 0 the flow, restart 1 the linear flow, kept by held-out rows.
+    assert len(est.restart_elbos_) == 2
+    assert est.decoder_ == ("flow", "linear_flow")[est.best_restart_]
+    assert est.elbo_ == est.restart_elbos_.max()
+    n_steps = len(est.model_.decoder.steps)  # the first linear map, then [coupling, linear]s
+    assert n_steps == (17 if est.decoder_ == "flow" else 1)
+    # elbo_ is the mean exact log-likelihood of the held-out rows, not of all rows.
+    _, held = held_out_split(len(P.X))
+    Xw = torch.as_tensor((P.X - est.mean_) @ est.whitening_.T)
+    codes = torch.as_tensor(np.searchsorted(est.segments_, P.u))
+    with torch.no_grad():
+        ll = est.model_.flow_log_likelihood(Xw.float(), codes)[0]
+    assert float(ll[held].mean()) == pytest.approx(est.elbo_, rel=1e-6)
+    assert float(ll.mean()) != pytest.approx(est.elbo_, rel=1e-3)
+    # The file keeps "auto"; loading and resuming resolve it the same way, also when the run
+    # stopped inside the linear flow's restart (another architecture).
     est.save(tmp_path / "auto.pt")
     loaded = HalfVAEICA.load(tmp_path / "auto.pt")
-    assert loaded.decoder == "auto" and loaded.decoder_ == "flow"
+    assert loaded.decoder == "auto" and loaded.decoder_ == est.decoder_
     np.testing.assert_array_equal(loaded.transform(P.X), est.transform(P.X))
+    for stop in (2, 7):
+        stopped = _fit(HalfVAEICA(3, max_iter=5, random_state=0, tol=None), P.X, u=P.u,
+                       stop_after=stop)
+        stopped.save(tmp_path / "stopped.pt")
+        resumed = _fit(HalfVAEICA.load(tmp_path / "stopped.pt"), P.X, u=P.u, resume=True)
+        np.testing.assert_array_equal(resumed.restart_elbos_, est.restart_elbos_)
+        np.testing.assert_array_equal(resumed.transform(P.X), est.transform(P.X))
+        (tmp_path / "stopped.pt").unlink()
     stopped = _fit(HalfVAEICA(3, max_iter=5, random_state=0, tol=None), P.X, u=P.u,
                    stop_after=2)
     stopped.save(tmp_path / "stopped.pt")
-    resumed = _fit(HalfVAEICA.load(tmp_path / "stopped.pt"), P.X, u=P.u, resume=True)
-    np.testing.assert_array_equal(resumed.transform(P.X), est.transform(P.X))
     # The same run without u is other data: refused, not silently retrained as linear.
     with pytest.raises(ValueError, match="cannot resume"):
         _fit(HalfVAEICA.load(tmp_path / "stopped.pt"), P.X, resume=True)

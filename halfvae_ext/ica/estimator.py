@@ -27,9 +27,9 @@ from .param_validation import (HALFVAEICA_PARAMETERS, InvalidParameterError, usa
                                validate_parameters)
 from .preprocessing import (FLOAT_DTYPES, Whitening, check_data, check_u, fit_whitening,
                             run_fingerprint, segment_codes)
-from .recipe import (ADDED_PARAMETER_DEFAULTS, Recipe, elbo_change, recipe_for,
-                     recipe_from_parameters, resolve_decoder, restart_seeds, torch_threads,
-                     training_parameters)
+from .recipe import Recipe, elbo_change, restart_seeds, torch_threads
+from .run_parameters import (ADDED_PARAMETER_DEFAULTS, recipe_for, recipe_from_parameters,
+                             resolve_decoder, training_parameters)
 from .restarts import RunState, run_restarts
 
 __all__ = ["HalfVAEICA"]
@@ -69,8 +69,9 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         held there and the fit maximizes the exact log-likelihood log p(h(x) | u) +
         log|det dh/dx| (``noise``, ``kl``, ``prior_warmup`` and ``table_learning_rate`` do not
         apply; mini-batches of 1000 rows unless ``batch_size`` says otherwise); ``transform`` is
-        h. "auto" (the default): "flow" when ``fit`` is given u, else "linear"; the decoder
-        used is ``decoder_``.
+        h. "auto" (the default), with u: the flow against the linear flow (h(x) = W x + b), each
+        trained on 90% of the rows and kept by the other 10%'s likelihood (``decoder_``: "flow"
+        or "linear_flow"); without u: "linear".
     hidden, activation : widths and activation of the MLPs (decoders "mlp", "residual", "flow").
     noise : "learned", float or (start, end)
         Observation noise: a learned per-feature variance; a fixed std (in whitened units); or a
@@ -106,8 +107,8 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         Fraction of each restart's epochs, at the end, over which the learning rates decay to 1%
         along a half cosine (constant before).
     n_restarts : int or "auto"
-        Independent restarts; the one with the best final ELBO is kept. "auto": 4, and 1 for the
-        flow decoder.
+        Independent restarts; the one with the best final ELBO is kept. "auto": 4; 1 for the
+        flow; 2 for "auto" with u (restart 1 the linear flow).
     n_eval_samples : int
         Monte-Carlo draws of the final ELBO that compares restarts.
     kl : {"mc", "bound"}
@@ -157,8 +158,8 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
     segments_ : ndarray [n_segments] int64  (only when fitted with u)
         The sorted distinct segment labels of u; the prior has one mixture per label.
     elbo_ : float
-        Final ELBO per sample of the kept restart (nats, in the whitened space); for the flow
-        decoder its exact log-likelihood per sample.
+        Final ELBO per sample of the kept restart (nats, in the whitened space); the flow: its
+        exact log-likelihood per sample ("auto" with u: of the held-out rows).
     elbo_history_ : ndarray [n_iter_]
         ELBO per sample at every epoch of the kept restart (one-draw estimates; the flow: the
         mean log-likelihood of the epoch's mini-batches).
@@ -389,7 +390,8 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         best = run.best
         dtype = self.mean_.dtype
         recipe = recipe_from_parameters(run.params, self.n_components_,
-                                        len(getattr(self, "segments_", ())) or 1)
+                                        len(getattr(self, "segments_", ())) or 1
+                                        ).of_restart(best.restart)
         model = recipe.build_model(best.snapshot.model["latents.mu"].shape[0],
                                    self.dewhitening_.shape[1], device)
         model.load_state_dict(best.snapshot.model)
@@ -397,7 +399,7 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         for p in model.parameters():
             p.requires_grad_(False)
         self.model_ = model
-        self.decoder_ = recipe.decoder
+        self.decoder_ = recipe.fitted_name
         self._fit_recipe = recipe
         self.best_restart_ = int(best.restart)
         self.elbo_ = float(best.elbo)

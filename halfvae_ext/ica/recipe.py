@@ -15,30 +15,30 @@
   (:func:`~halfvae_ext.ica.realign.realign_latents`) at the epochs of ``realign_epochs``.
 - Restarts are compared by the final ELBO (``final_elbo``), never by ground truth.
 
-The classes (:func:`recipe_for` maps a decoder name to its class):
+The classes (:func:`~halfvae_ext.ica.run_parameters.recipe_for` maps a decoder name to its
+class):
 
 - :class:`Recipe`: the MLP decoder, and what every decoder whose latent table is trained by
   gradient shares; :class:`LinearRecipe` and :class:`ResidualRecipe` differ in how the decoder
   starts and what it answers (a linear part, the unmixing transform);
-- :class:`FlowRecipe`: the invertible decoder, whose table is held at the decoder's inverse and
-  whose fit is the exact log-likelihood in mini-batches.
+- :class:`~halfvae_ext.ica.flow_recipe.FlowRecipe` (its own module): the invertible decoder,
+  whose table is held at the decoder's inverse and whose fit is the exact log-likelihood in
+  mini-batches; ``FlowOrLinearRecipe``: the flow against the linear flow, chosen on held-out rows.
 
 Each answers the traits the estimator asks: ``whitens_all_dimensions`` (PCA to all
 nondegenerate dimensions, or to K), ``transform_kind`` ("unmixing", "inverse" or
 "posterior_mode"), :meth:`Recipe.linear_part` and :meth:`Recipe.check_parameters`. A new decoder
-is one class in :mod:`halfvae_ext.models.decoders` and one class here. The baselines'
-``VAERecipe`` (:mod:`halfvae_ext.ica.baselines`) is a subclass too.
+is one class in :mod:`halfvae_ext.models.decoders`, one recipe class, and its name in
+``run_parameters.RECIPES``. The baselines' ``VAERecipe`` (:mod:`halfvae_ext.ica.baselines`) is a subclass too.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import math
 import types
 import warnings
 from dataclasses import dataclass, field
-from numbers import Integral
 from typing import ClassVar
 
 import numpy as np
@@ -47,15 +47,13 @@ from torch import nn
 
 from ..models import GMMPrior, HalfVAE, random_orthogonal
 from ..table_optim import FUSED_TABLE_OPTIMIZERS
-from .file_format import file_params
 from .param_validation import InvalidParameterError
 from .realign import realign_latents
 from .schedule import (elbo_change, lr_factor, noise_schedule_std, prior_warmup_epochs,
                        restart_seeds, set_prior_trainable)
 
-__all__ = ["INIT_NOISE_STD", "Recipe", "LinearRecipe", "ResidualRecipe", "FlowRecipe",
-           "recipe_for", "RECIPES", "resolve_decoder", "training_parameters",
-           "recipe_from_parameters", "ADDED_PARAMETER_DEFAULTS", "LiveRestart", "restart_seeds",
+__all__ = ["INIT_NOISE_STD", "Recipe", "LinearRecipe", "ResidualRecipe", "LiveRestart",
+           "restart_seeds",
            "reset_parameters", "torch_threads", "lr_factor", "prior_warmup_epochs", "set_prior_trainable",
            "noise_schedule_std", "final_elbo", "elbo_change", "posterior_mode",
            "FUSED_TABLE_OPTIMIZERS"]
@@ -205,7 +203,8 @@ class Recipe:
         noise = self.initial_noise
         init_lv = 2.0 * math.log(INIT_NOISE_STD if noise == "learned" else min(float(noise), 1.0))
         table_kind, state_dtype = FUSED_TABLE_OPTIMIZERS.get(self.table_optimizer, (None, None))
-        model = HalfVAE(n_rows, data_dim, self.n_components, decoder=self.decoder, prior=prior,
+        model = HalfVAE(n_rows, data_dim, self.n_components, decoder=self.make_decoder(),
+                        prior=prior,
                         hidden=self.hidden, activation=self.activation, noise=noise,
                         init_mu=torch.zeros(n_rows, self.n_components), init_logvar=init_lv,
                         init_noise_std=INIT_NOISE_STD,
@@ -214,6 +213,20 @@ class Recipe:
                         table_lr=self.table_learning_rate, kl=self.kl,
                         posterior_covariance=self.posterior_covariance)
         return model.to(device)
+
+    @property
+    def fitted_name(self) -> str:
+        """The decoder's name as the fitted estimator reports it (``decoder_``)."""
+        return self.decoder
+
+    def make_decoder(self):
+        """What build_model hands HalfVAE as its decoder: a name of DECODERS or a module."""
+        return self.decoder
+
+    def of_restart(self, restart: int) -> "Recipe":
+        """The recipe of restart ``restart`` (restarts of one recipe may differ in kind: see
+        FlowOrLinearRecipe); here every restart's is this one."""
+        return self
 
     def initialize(self, model: HalfVAE, Xw: torch.Tensor, restart: int, seed: int,
                    generator: torch.Generator) -> None:
@@ -412,138 +425,17 @@ class ResidualRecipe(Recipe):
         decoder.linear.weight.copy_(W.to(decoder.linear.weight))
 
 
-# Rows per step of a flow decoder's fit when batch_size is None: a full-batch step per epoch is
-# too few steps for the couplings (40,000 rows: 40 steps an epoch).
-FLOW_BATCH_SIZE = 1000
+# The flow's recipes and the registry of recipes by decoder name live in their own modules
+# (they import this one); their old names here still work.
+_MOVED = {"FlowRecipe": "flow_recipe", "FlowOrLinearRecipe": "flow_recipe",
+          "FLOW_BATCH_SIZE": "flow_recipe", "RECIPES": "run_parameters",
+          "recipe_for": "run_parameters", "resolve_decoder": "run_parameters",
+          "training_parameters": "run_parameters", "recipe_from_parameters": "run_parameters",
+          "ADDED_PARAMETER_DEFAULTS": "run_parameters", "NON_TRAINING_PARAMETERS": "run_parameters"}
 
 
-@dataclass(frozen=True)
-class FlowRecipe(Recipe):
-    """The invertible decoder (:class:`~halfvae_ext.models.FlowDecoder`): each row's optimal
-    posterior at zero noise is the point h(x_n) (h the decoder's inverse), so the table is not
-    trained by gradient: it is held at h(x), and the decoder and prior are trained on the ELBO's
-    zero-noise limit, the exact log-likelihood (``HalfVAE.flow_log_likelihood``), in mini-batches
-    of ``FLOW_BATCH_SIZE`` rows (unless ``batch_size``); no prior warm-up, no noise, no
-    realignment (the couplings can write any change of coordinates). The decoder starts as the
-    linear start's inverse; the restart's score is the final log-likelihood."""
-    decoder: str = "flow"
-    whitens_all_dimensions: ClassVar[bool] = False
-    transform_kind: ClassVar[str] = "inverse"
-    auto_max_iter: ClassVar[int] = 200  # an epoch is n / FLOW_BATCH_SIZE steps
-    auto_restarts: ClassVar[int] = 1
-
-    @classmethod
-    def check_parameters(cls, table_optimizer: str, posterior_covariance: str) -> None:
-        for name, value, plain in (("table_optimizer", table_optimizer, "torch"),
-                                   ("posterior_covariance", posterior_covariance, "diagonal")):
-            if value != plain:
-                raise InvalidParameterError(
-                    f"decoder='flow' holds each row's latents at the decoder's inverse (its "
-                    f"posterior at zero noise) and trains no table: {name} must be "
-                    f"{plain!r}, got {value!r}")
-
-    def start_at(self, model: HalfVAE, Xw: torch.Tensor, mu: torch.Tensor, W, generator) -> None:
-        K = self.n_components
-        unmixing = random_orthogonal(K, generator) if W is None else torch.linalg.inv(W)
-        model.decoder.start_(unmixing.to(model.latents.mu), generator)
-        self.hold_table_at_inverse(model, Xw)
-
-    @staticmethod
-    @torch.no_grad()
-    def hold_table_at_inverse(model: HalfVAE, Xw: torch.Tensor) -> None:
-        """Every row's latent mean at h(x_n), its optimum at zero noise."""
-        model.latents.mu.copy_(model.decoder.inverse(Xw)[0])
-
-    def epoch(self, model: HalfVAE, optimizers: list, Xw: torch.Tensor,
-              generator: torch.Generator, epoch: int, u=None) -> float:
-        """Adam steps on the mean log-likelihood of mini-batches (after the last epoch, the table
-        at the decoder's inverse); returns the epoch's mean log-likelihood per sample."""
-        set_prior_trainable(model.prior, False)
-        self.set_learning_rates(model, optimizers, lr_factor(epoch, self.max_iter, self.lr_decay))
-        n = Xw.shape[0]
-        perm = torch.randperm(n, generator=generator, device=generator.device).to(Xw.device)
-        total = 0.0
-        for idx in torch.split(perm, self.batch_size or FLOW_BATCH_SIZE):
-            ub = None if u is None else u.index_select(0, idx)
-            ll, _ = model.flow_log_likelihood(Xw.index_select(0, idx), ub)
-            loss = -ll.mean()
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizers[-1].step()
-            total += float(ll.detach().sum())
-        if epoch + 1 == self.max_iter:  # nothing reads the table before (a pass costs 1/4 epoch)
-            self.hold_table_at_inverse(model, Xw)
-        return total / n
-
-    def realign_epochs(self) -> set:
-        return set()
-
-    def sources(self, model: HalfVAE, Xw: torch.Tensor, train, n_steps: int, u=None) -> np.ndarray:
-        """h(Xw), the decoder's exact inverse (a row's posterior at zero noise), in float64."""
-        with torch.no_grad():
-            return copy.deepcopy(model.decoder).double().inverse(Xw)[0].cpu().numpy()
-
-    def final_elbo(self, model: HalfVAE, Xw: torch.Tensor, seed: int, u=None) -> float:
-        """The exact log-likelihood per sample (deterministic); -inf if not finite."""
-        with torch.no_grad():
-            value = float(model.flow_log_likelihood(Xw, u)[0].mean())
-        return value if math.isfinite(value) else -math.inf
-
-
-RECIPES = {"linear": LinearRecipe, "mlp": Recipe, "residual": ResidualRecipe, "flow": FlowRecipe}
-
-
-def recipe_for(decoder: str) -> type:
-    """The recipe class of a decoder name (see :data:`RECIPES`)."""
-    try:
-        return RECIPES[decoder]
-    except KeyError:
-        raise ValueError(f"decoder must be one of {sorted(RECIPES)}, got {decoder!r}") from None
-
-
-# ----------------------------------------------------------------------------- runs' parameters
-# Parameters added after files were first written, with the behaviour those files had.
-ADDED_PARAMETER_DEFAULTS = {"table_optimizer": "torch", "kl": "mc",
-                            "posterior_covariance": "diagonal"}
-# Parameters that do not change the training computation: they may differ on resume.
-NON_TRAINING_PARAMETERS = ("verbose", "checkpoint_path", "checkpoint_every", "device",
-                           "transform_max_iter", "n_threads", "tol")
-
-
-def resolve_decoder(decoder: str, with_u: bool) -> str:
-    """The decoder a fit uses: ``decoder="auto"`` is the invertible "flow" decoder when the
-    rows come with segment labels u (the setting where a nonlinear mix is identifiable, and the
-    flow's exact likelihood separates it), else "linear"; any other name is itself."""
-    if decoder != "auto":
-        return decoder
-    return "flow" if with_u else "linear"
-
-
-def training_parameters(params: dict, decoder: str) -> dict:
-    """The parameters that shape the training computation (``params``: an estimator's
-    ``get_params()``), as files hold them and with "auto" resolved for ``decoder`` (see
-    :func:`resolve_decoder`): what a run records and a resume compares."""
-    p = file_params(params)
-    for name in NON_TRAINING_PARAMETERS:
-        p.pop(name)
-    p["decoder"] = decoder
-    cls = recipe_for(decoder)
-    if p["max_iter"] == "auto":
-        p["max_iter"] = cls.auto_max_iter
-    if p["n_restarts"] == "auto":
-        p["n_restarts"] = cls.auto_restarts
-    return p
-
-
-def recipe_from_parameters(params: dict, n_components: int, n_groups: int) -> Recipe:
-    """The recipe of a run from its training parameters (``RunState.params``, which files
-    written before some parameters existed may lack: those take ADDED_PARAMETER_DEFAULTS)."""
-    cls = recipe_for(params["decoder"])
-    names = {f.name for f in dataclasses.fields(cls)} - {"n_components", "n_groups"}
-    values = {k: params.get(k, ADDED_PARAMETER_DEFAULTS.get(k)) for k in names}
-    hidden = values["hidden"]
-    values["hidden"] = (hidden,) if isinstance(hidden, Integral) else tuple(hidden)
-    if isinstance(values["noise"], list):
-        values["noise"] = tuple(values["noise"])
-    return cls(n_components=int(n_components), n_groups=n_groups, **values)
+def __getattr__(name):
+    if name in _MOVED:
+        import importlib
+        return getattr(importlib.import_module(f".{_MOVED[name]}", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

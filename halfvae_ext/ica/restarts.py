@@ -141,7 +141,8 @@ def run_restarts(run: RunState, recipe: Recipe, Xw: torch.Tensor, device, *,
     """Advance ``run`` on the whitened data Xw until it is done or ``stop_after`` epochs have run.
     u: the segment (0 .. n_groups - 1, int64) of every row of Xw for a conditional prior, or None.
 
-    Each epoch is ``recipe.epoch``. checkpoint(state): called with a consistent state (the live restart
+    Each epoch is ``recipe.of_restart(restart).epoch`` (the restart's own recipe).
+    checkpoint(state): called with a consistent state (the live restart
     snapshotted into ``current``) every ``checkpoint_every`` epochs, when a restart ends and when
     the run stops early. progress(run, epoch_elbo) after each epoch. A stopped run keeps its live
     restart in ``run.current``, so that it can continue.
@@ -149,17 +150,18 @@ def run_restarts(run: RunState, recipe: Recipe, Xw: torch.Tensor, device, *,
     budget = math.inf if stop_after is None else stop_after
     live = None
     while not run.done:
+        this = recipe.of_restart(run.restart)
         if live is None:
             if run.current is not None:
-                live = run.current.resume(recipe, Xw, device)
+                live = run.current.resume(this, Xw, device)
             else:
-                live = recipe.start(Xw, run.restart, run.seeds[run.restart], device,
+                live = this.start(Xw, run.restart, run.seeds[run.restart], device,
                                     *(() if u is None else (u,)))
             run.current = None
-        if run.epoch >= recipe.max_iter:
+        if run.epoch >= this.max_iter:
             # u only when given, so that recipes (and test doubles) without segments are unchanged.
             args = () if u is None else (u,)
-            run.finish_restart(live, recipe.final_elbo(live.model, Xw, run.seeds[run.restart],
+            run.finish_restart(live, this.final_elbo(live.model, Xw, run.seeds[run.restart],
                                                        *args))
             live = None
             if checkpoint is not None:
@@ -167,14 +169,14 @@ def run_restarts(run: RunState, recipe: Recipe, Xw: torch.Tensor, device, *,
             continue
         if budget <= 0:
             break
-        live.history.append(recipe.epoch(live.model, live.optimizers, Xw, live.generator,
+        live.history.append(this.epoch(live.model, live.optimizers, Xw, live.generator,
                                          run.epoch, *(() if u is None else (u,))))
         run.epoch += 1
         budget -= 1
         if progress is not None:
             progress(run, live.history[-1])
         if checkpoint is not None and checkpoint_every and run.epoch % checkpoint_every == 0 \
-                and run.epoch < recipe.max_iter:
+                and run.epoch < this.max_iter:
             checkpoint(dataclasses.replace(run, current=RestartSnapshot.of(live)))
     if not run.done:
         run.current = RestartSnapshot.of(live)

@@ -119,7 +119,8 @@ class _AffineCoupling(nn.Module):
 class FlowDecoder(nn.Module):
     """An invertible decoder x = g(z) of R^K (data_dim must equal latent_dim), written through its
     inverse h = g^-1: a linear map (the unmixing), then ``n_blocks`` of [affine coupling with an
-    MLP of ``hidden`` widths, linear map]. Both directions are exact and h comes with
+    MLP of ``hidden`` widths, linear map] (``n_blocks=0``: the linear flow h(x) = W x + b, linear
+    ICA by exact likelihood). Both directions are exact and h comes with
     log|det dh/dx|, so with a flow decoder a row's optimal posterior at zero noise is the point
     h(x_n) and the ELBO's zero-noise limit is the model's exact log-likelihood
     log p(h(x) | u) + log|det dh/dx| (:meth:`HalfVAE.flow_log_likelihood`): the recipe trains
@@ -130,7 +131,7 @@ class FlowDecoder(nn.Module):
     def __init__(self, dim: int, hidden=(64, 64), activation="leaky_relu", n_blocks: int = 8):
         super().__init__()
         dim = _check_pos_int("dim", dim)
-        n_blocks = _check_pos_int("n_blocks", n_blocks)
+        n_blocks = _check_pos_int("n_blocks", n_blocks, minimum=0)
         steps = [_InvertibleLinear(dim)]
         for i in range(n_blocks):
             mask = (torch.arange(dim) % 2 == i % 2).float()
