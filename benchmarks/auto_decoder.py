@@ -5,9 +5,10 @@ leaky-ReLU MLP, several data seeds. Prints one line per (mix, seed, method): MCC
     python -m benchmarks.auto_decoder [--seeds 0 1] [--sources 5] [--layers 1 2]
         [--methods halfvae_defaults_u fastica halfvae_linear_u halfvae_flow_m1]
 
-halfvae_defaults_u: HalfVAEICA(K) with u (decoder="auto": the flow); halfvae_linear_u: the
-linear decoder with u; halfvae_flow_m1: the flow with one Gaussian per segment and coupling
-MLPs (64, 64) (the settings the demo's halfvae_u uses, 200 epochs).
+halfvae_defaults_u: HalfVAEICA(K) with u (decoder="auto": the flow or the linear flow, kept
+by held-out rows); halfvae_linear_u: the linear decoder with u; halfvae_flow_m1: the flow with
+one Gaussian per segment and coupling MLPs (64, 64) (the settings the demo's halfvae_u uses,
+200 epochs).
 """
 from __future__ import annotations
 
