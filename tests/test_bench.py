@@ -118,3 +118,21 @@ def test_bench_training_times_the_fused_and_the_reference_op(tmp_path, monkeypat
     assert rows[0]["N"] == 600
     assert rows[0]["fused_seconds"] > 0 and rows[0]["reference_seconds"] > 0
     assert json.loads((tmp_path / "bench_training.json").read_text())["rows"] == rows
+
+
+def test_fit_cost_times_every_method_on_the_same_data_and_skips_past_max_cells(tmp_path,
+                                                                               capsys):
+    from benchmarks import fit_cost
+    out, png = tmp_path / "fit_cost.json", tmp_path / "fit_cost.png"
+    assert fit_cost.main(["--rows", "200", "400", "--sources", "3", "--methods", "fastica",
+                          "picard", "--max-cells", "picard=1000", "--out", str(out),
+                          "--plot", str(png)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())["results"]
+    assert [(r["rows"], r["method"]) for r in results] == [(200, "fastica"), (200, "picard"),
+                                                            (400, "fastica")]
+    assert all(r["mcc"] > 0.9 and r["seconds"] > 0 for r in results)
+    assert "picard   skipped" in printed and "| 400 x 3 | " in printed
+    assert png.stat().st_size > 0
+    with pytest.raises(SystemExit, match="--max-cells"):
+        fit_cost.main(["--max-cells", "nosuch=3"])
