@@ -25,7 +25,6 @@ import argparse
 import math
 import numbers
 import os
-import socket
 import sys
 import time
 
@@ -38,7 +37,8 @@ from .distributed import (ShardedLatentTable, all_reduce_gradients, init_process
                           load_checkpoint, save_checkpoint)
 from .models import HalfVAE
 from .sharded_data import apply_transform, data_transform, open_data, scan_data
-from .sharded_checkpoint import verify_checkpoint
+from .sharded_checkpoint import (MANIFEST, CheckpointError, refuse_fresh_start,
+                                 verify_checkpoint)
 from .table_optim import FUSED_OPTIMIZERS, check_fused_optimizer
 
 __all__ = ["fit", "main", "parser", "batch_rows", "write_means", "RankFailure"]
@@ -54,15 +54,15 @@ class RankFailure(RuntimeError):
     than ``timeout`` allows); the message says which rank, what and what to do."""
 
 
-def _ensure_env():
-    """A single process without torchrun: a group of one on a free local port."""
-    if "RANK" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+def _start_group(backend: str, timeout: float) -> None:
+    """The job's group from torchrun's environment; without it (no RANK, no WORLD_SIZE) a group
+    of one on an in-process store: no port, and os.environ is left as it was (a library caller
+    may fit again, or start its own torchrun)."""
+    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+        init_process_group(backend, timeout_s=timeout)
+    else:
+        init_process_group(backend, timeout_s=timeout, store=dist.HashStore(), rank=0,
+                           world_size=1)
 
 
 def _coprime_step(n: int, seed: int, epoch: int) -> tuple[int, int]:
@@ -171,9 +171,9 @@ def _lr_factor(step, total, lr_decay):
 def fit(data, latent_dim, *, batch_size=4096, epochs=1, steps=None, out=None,
         standardize_out=False, decoder="linear", components=3, lr=1e-2, table_lr=5e-2,
         table_optimizer="adam", state_dtype="float32", init_std=1.0, seed=0, checkpoint=None,
-        checkpoint_every=1000, resume=False, timeout=300.0, device="cpu",
-        whiten="standardize", init="random", init_logvar=-2.0, init_noise_std=1.0,
-        lr_decay=0.0, prior_warmup=0.0) -> dict:
+        checkpoint_every=1000, resume=False, trust_unverified_checkpoint=False, timeout=300.0,
+        device="cpu", whiten="standardize", init="random", init_logvar=-2.0,
+        init_noise_std=1.0, lr_decay=0.0, prior_warmup=0.0) -> dict:
     """Fit a Half-VAE with its latent table split across the ranks of the torchrun job (or of a
     process group already initialized; else one process), collectively: every rank calls it
     with the same arguments.
@@ -187,9 +187,13 @@ def fit(data, latent_dim, *, batch_size=4096, epochs=1, steps=None, out=None,
     "rowwise_adam", "rowwise_adagrad", "sgd"), state_dtype ("float32" or "bfloat16"): the
     latent table's fused optimizer. init_std, init_logvar: the table's random start and its
     logvars; seed: the start, the draws and the batches. checkpoint: a DCP directory, saved
-    every checkpoint_every steps and at the end; resume: continue from it (it must exist, be
-    undamaged and have been trained on the same data (sha256), batch_size, seed and shapes).
-    timeout: seconds a collective (and the start of the group) may wait for the other ranks.
+    every checkpoint_every steps and at the end; without resume it must not hold a checkpoint
+    or other files yet (FileExistsError naming it; an empty directory is fine); resume: continue
+    from it (it must exist, be undamaged and have been trained on the same data (sha256),
+    batch_size, seed and shapes). trust_unverified_checkpoint: resume from a checkpoint without
+    a manifest (saved by a version before manifests, or damaged), unchecked, with a warning.
+    timeout: seconds a collective (and the start of the group) may wait for the other ranks (in
+    a group the caller started, the checkpoints' collectives wait that group's own timeout).
     device: "cpu" (gloo) or "cuda" (NCCL). whiten: "standardize" (each feature) or "pca"
     (whitened principal components: K for the linear decoder, all for the others); init:
     "random" or "pca" (the table at the whitened scores, the decoder's linear part at the
@@ -203,8 +207,10 @@ def fit(data, latent_dim, *, batch_size=4096, epochs=1, steps=None, out=None,
     Raises ValueError, naming the argument, for a bad argument, data that cannot be read, a NaN
     or infinite value in data (before any output or checkpoint is written), or a resume that
     does not match its checkpoint; sharded_checkpoint.CheckpointError (a ValueError, naming the
-    directory) for a missing or damaged checkpoint; RankFailure when a collective fails or
-    times out (a peer died or hung: which rank, what, and how to resume). Never SystemExit.
+    directory) for a missing or damaged checkpoint; FileExistsError (naming it) for a new run
+    into a checkpoint directory that holds one, before anything is trained or written;
+    RankFailure when a collective fails or times out (a peer died or hung: which rank, what,
+    and how to resume). Never SystemExit.
 
     Example (one process, 3 latents of a [600, 4] array, 10 steps)::
 
@@ -251,56 +257,67 @@ def fit(data, latent_dim, *, batch_size=4096, epochs=1, steps=None, out=None,
                          f"latents")
     if out is not None:
         out = os.fspath(out)
-        if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        out_dir = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(out_dir):
             raise ValueError(f"out: no directory for {out!r}")
+        if not os.access(out_dir, os.W_OK | os.X_OK):
+            raise ValueError(f"out {out!r}: its directory is not writable (the means could not "
+                             f"be written after the training)")
         if isinstance(data, (str, os.PathLike)) and \
                 os.path.realpath(out) == os.path.realpath(os.fspath(data)):
             raise ValueError(f"out {out!r}: the same file as the data (it would be overwritten)")
     checkpoint = os.fspath(checkpoint) if checkpoint else None
+    if checkpoint and not resume:  # every rank, before the group starts: none has written yet
+        refuse_fresh_start(checkpoint, "pass resume=True (--resume) to continue its run, or "
+                           "choose another checkpoint directory or delete this one")
 
     owns_group = not dist.is_initialized()
     if owns_group:
-        _ensure_env()
         try:
-            init_process_group("gloo" if device == "cpu" else "nccl", timeout_s=float(timeout))
+            _start_group("gloo" if device == "cpu" else "nccl", float(timeout))
         except dist.DistError as e:
             raise RankFailure(
-                f"fit_sharded: rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')}: "
+                f"rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')}: "
                 f"the process group did not start within timeout={timeout:g} s (a rank did not "
                 f"start or cannot reach MASTER_ADDR {os.environ.get('MASTER_ADDR')}:"
                 f"{os.environ.get('MASTER_PORT')}): {e}") from e
-    where = {"stage": "the data pass", "step": 0}
-    ok = False
+    # saved: the step of the last complete checkpoint in `checkpoint` (None: none yet)
+    where = {"stage": "the data pass", "step": 0, "saved": None}
     try:
         result = _fit(arr, name, K, B, epochs, steps, out, standardize_out, decoder, components,
                       lr, table_lr, table_optimizer, state_dtype, init_std, seed, checkpoint,
-                      checkpoint_every, resume, timeout, device, whiten, init, init_logvar,
-                      init_noise_std, lr_decay, prior_warmup, where)
-        ok = True
+                      checkpoint_every, resume, trust_unverified_checkpoint, timeout, device,
+                      whiten, init, init_logvar, init_noise_std, lr_decay, prior_warmup, where)
         return result
     except (CollectiveError, dist.DistError) as e:
         rank, world = dist.get_rank(), dist.get_world_size()
-        again = (f"rerun with resume=True (--resume) from checkpoint {checkpoint!r}, saved every "
-                 f"{checkpoint_every} steps" if checkpoint else
-                 "rerun (with a checkpoint, a later failure can resume from it)")
         raise RankFailure(
-            f"fit_sharded: rank {rank} of {world} gave up on {where['stage']} (step "
+            f"rank {rank} of {world} gave up on {where['stage']} (step "
             f"{where['step']}): the other ranks did not take part within timeout={timeout:g} s "
             f"or a connection failed, so a rank died, hung or is slower than the timeout allows. "
-            f"Look at the other ranks' output for their own error; then {again}, or give a "
-            f"larger timeout (--timeout) if a rank is merely slow. ({type(e).__name__}: "
-            f"{str(e)[:300]})") from e
+            f"Look at the other ranks' output for their own error; then "
+            f"{_again(checkpoint, where['saved'], checkpoint_every)}, or give a larger timeout "
+            f"(--timeout) if a rank is merely slow. ({type(e).__name__}: {str(e)[:300]})") from e
     finally:
         if owns_group:
-            if ok:
-                dist.barrier()  # no rank tears down while a peer may still talk to it
             dist.destroy_process_group()
+
+
+def _again(checkpoint, saved, every):
+    """How to rerun after a failed rank: resume only where a checkpoint was saved."""
+    if not checkpoint:
+        return "rerun (with a checkpoint, a later failure can resume from it)"
+    if saved is None:
+        return (f"rerun as before, without resume: no checkpoint had been saved to "
+                f"{checkpoint!r} yet (every {every} steps)")
+    return (f"rerun with resume=True (--resume) from checkpoint {checkpoint!r} (step {saved}, "
+            f"saved every {every} steps)")
 
 
 def _fit(arr, name, K, B, epochs, steps, out, standardize_out, decoder, components, lr,
          table_lr, table_optimizer, state_dtype, init_std, seed, checkpoint, checkpoint_every,
-         resume, timeout, device_name, whiten, init, init_logvar, init_noise_std, lr_decay,
-         prior_warmup, where):
+         resume, trust_unverified, timeout, device_name, whiten, init, init_logvar,
+         init_noise_std, lr_decay, prior_warmup, where):
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cpu") if device_name == "cpu" else torch.device(
         "cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -318,8 +335,20 @@ def _fit(arr, name, K, B, epochs, steps, out, standardize_out, decoder, componen
            "table_optimizer": table_optimizer, "state_dtype": state_dtype, "whiten": whiten}
     if resume:
         where["stage"] = f"checking checkpoint {checkpoint!r}"
-        saved = verify_checkpoint(checkpoint)
-        _check_resume(saved, run, checkpoint, steps_per_epoch)
+        try:
+            saved = verify_checkpoint(checkpoint, trust_unverified=trust_unverified)
+        except CheckpointError as e:
+            if not e.no_manifest:
+                raise
+            raise CheckpointError(
+                f"resume: checkpoint {checkpoint!r} has no {MANIFEST}: it was written by an "
+                f"older version of halfvae_ext (before checkpoints had manifests) or it is "
+                f"damaged, so neither its bytes nor the data and settings it was trained on "
+                f"can be checked; nothing was loaded. If you trust it, pass "
+                f"trust_unverified_checkpoint=True (--trust-unverified-checkpoint) to resume "
+                f"from it unchecked", no_manifest=True) from None
+        if saved is not None:  # None: trusted without a manifest, nothing to compare
+            _check_resume(saved, run, checkpoint, steps_per_epoch)
     torch.manual_seed(seed)  # the decoder's start: the same on every rank
     def scores(rows):  # init="pca": each rank its own (contiguous) rows' whitened scores
         r0, r1 = int(rows[0]), int(rows[-1]) + 1
@@ -344,8 +373,9 @@ def _fit(arr, name, K, B, epochs, steps, out, standardize_out, decoder, componen
     step = 0
     if resume:
         where["stage"] = f"loading checkpoint {checkpoint!r}"
-        extra = load_checkpoint(checkpoint, model, opt, extra={"step": torch.tensor(0)})
-        step = int(extra["step"])
+        extra = load_checkpoint(checkpoint, model, opt, extra={"step": torch.tensor(0)},
+                                verified=True)
+        step = where["saved"] = int(extra["step"])
         if rank == 0:
             print(f"resumed from {checkpoint} at step {step}", flush=True)
     warmup = int(prior_warmup * total)
@@ -377,9 +407,10 @@ def _fit(arr, name, K, B, epochs, steps, out, standardize_out, decoder, componen
         losses.append(float(loss.detach()))
         step += 1
         if checkpoint and (step % checkpoint_every == 0 or step == total):
-            where["stage"] = f"saving checkpoint {checkpoint!r}"
+            where["stage"], where["step"] = f"saving checkpoint {checkpoint!r}", step
             save_checkpoint(checkpoint, model, opt, extra={"step": torch.tensor(step)},
                             meta={**run, "step": step})
+            where["saved"] = step
         if step % steps_per_epoch == 0 or step == total:
             # each rank's loss is its share of the step's mean: the sum over ranks is the mean
             summed = torch.tensor([sum(losses)], dtype=torch.float64, device=device)
@@ -392,6 +423,8 @@ def _fit(arr, name, K, B, epochs, steps, out, standardize_out, decoder, componen
     if out:
         where["stage"] = f"writing {out!r}"
         write_means(table, out, standardize=standardize_out)
+    where["stage"] = "the final barrier"  # no rank tears down while a peer may still talk to it
+    comm.barrier("the final barrier (every rank finished)")
     return {"steps": step, "seconds": time.perf_counter() - t0, "world": world}
 
 
@@ -422,6 +455,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=1000)
     p.add_argument("--resume", action="store_true",
                    help="continue from --checkpoint (which must exist, same data and settings)")
+    p.add_argument("--trust-unverified-checkpoint", action="store_true",
+                   help="--resume from a checkpoint without a manifest (an older version's or "
+                        "damaged), unchecked, with a warning")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds a collective may wait for the other ranks")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -439,16 +475,17 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """The command line: parses argv, calls fit(); a bad argument or input is one line on stderr
-    and exit status 2, a failed rank 1."""
+    """The command line: parses argv, calls fit(); a bad argument or input (a checkpoint a new
+    run would replace included) is one line on stderr and exit status 2, a failed rank or a
+    file that cannot be written 1."""
     args = vars(parser().parse_args(argv))
     data, latent_dim = args.pop("data"), args.pop("latent_dim")
     try:
         fit(data, latent_dim, **args)
-    except ValueError as e:
+    except (ValueError, FileExistsError) as e:
         print(f"fit_sharded: error: {e}", file=sys.stderr, flush=True)
         return 2
-    except RankFailure as e:
+    except (RankFailure, OSError) as e:
         print(f"fit_sharded: error: {e}", file=sys.stderr, flush=True)
         return 1
     return 0

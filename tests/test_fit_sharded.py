@@ -20,7 +20,8 @@ import pytest
 
 from halfvae_ext import fit_sharded
 from halfvae_ext.fit_sharded import RankFailure, fit, main
-from halfvae_ext.sharded_checkpoint import MANIFEST, CheckpointError
+from halfvae_ext.sharded_checkpoint import (MANIFEST, CheckpointError,
+                                            UnverifiedCheckpointWarning)
 
 
 def _free_port():
@@ -220,6 +221,19 @@ fit_sharded.batch_rows = batch_rows
 fit_sharded.exit_after(fit_sharded.main(sys.argv[1:]))
 """
 
+_HANG_IN_SAVE_AT_STEP_4 = """
+import sys, time
+from halfvae_ext import fit_sharded
+real = fit_sharded.save_checkpoint
+def save_checkpoint(path, *a, meta, **k):
+    if meta["step"] == 4:
+        print("rank 1: hanging in the save of step 4", flush=True)
+        time.sleep(3600)
+    return real(path, *a, meta=meta, **k)
+fit_sharded.save_checkpoint = save_checkpoint
+fit_sharded.exit_after(fit_sharded.main(sys.argv[1:]))
+"""
+
 
 def _run_two(cmds, cwd, timeout):
     """Start the ranks' commands (RANK 0, 1), wait for rank 0 at most `timeout` s, then kill
@@ -246,20 +260,24 @@ def _run_two(cmds, cwd, timeout):
             p.communicate()
 
 
-@pytest.mark.parametrize("where", ["training", "start"])
+@pytest.mark.parametrize("where", ["training", "start", "save"])
 def test_a_hung_rank_is_an_error_saying_which_and_what_to_do(data, tmp_path, where):
     args = [str(data), "--latent-dim", "3", "--batch-size", "128", "--steps", "10",
-            "--timeout", "5", "--checkpoint", "ck", "--out", "m.npy"]
+            "--timeout", "5", "--checkpoint", "ck", "--checkpoint-every", "2", "--out", "m.npy"]
     rank0 = [sys.executable, "-m", "halfvae_ext.fit_sharded", *args]
-    rank1 = ([sys.executable, "-c", _HANG_AT_STEP_3, *args] if where == "training" else
-             [sys.executable, "-c", "import time; time.sleep(3600)"])  # never joins
+    rank1 = {"training": [sys.executable, "-c", _HANG_AT_STEP_3, *args],
+             "save": [sys.executable, "-c", _HANG_IN_SAVE_AT_STEP_4, *args],
+             "start": [sys.executable, "-c", "import time; time.sleep(3600)"]}[where]
     rc, out, seconds = _run_two([rank0, rank1], tmp_path, timeout=90)
     assert rc == 1, out
     assert "Traceback" not in out, out
-    assert "fit_sharded: error:" in out
+    assert "fit_sharded: error:" in out and "error: fit_sharded:" not in out, out
     if where == "training":
         assert "rank 0 of 2 gave up on a training step" in out and "(step 3)" in out, out
-        assert "timeout=5 s" in out and "--resume" in out and "'ck'" in out, out
+        assert "timeout=5 s" in out and "--resume" in out and "'ck' (step 2," in out, out
+    elif where == "save":  # the last complete checkpoint is step 2's
+        assert "rank 0 of 2 gave up on saving checkpoint 'ck' (step 4)" in out, out
+        assert "--resume" in out and "'ck' (step 2," in out, out
     else:
         assert "the process group did not start within timeout=5 s" in out, out
     assert seconds < 60
@@ -297,3 +315,237 @@ def test_nan_on_two_ranks_every_rank_refuses_and_nothing_is_written(tmp_path):
     assert p.returncode != 0
     assert out.count(f"data 'bad.npy': row {BLOCK_ROWS + 3}, column 1 is NaN") == 2, out
     assert sorted(q.name for q in tmp_path.iterdir()) == ["bad.npy"]
+
+
+# ------------------------------------------------------------------- a new run's checkpoint
+def _snapshot(directory):
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_new_run_refuses_a_directory_holding_a_checkpoint(data, tmp_path, one_process, capsys):
+    ck = tmp_path / "ck"
+    _train(data, ck, 3)
+    before = _snapshot(ck)
+    out = tmp_path / "m.npy"
+    with pytest.raises(FileExistsError, match=r"holds a checkpoint.*resume=True \(--resume\)"
+                                              r".*another checkpoint directory or delete") as e:
+        _train(data, ck, 6, out=out)
+    assert e.value.filename == str(ck) and str(ck) in str(e.value)
+    assert _snapshot(ck) == before and not out.exists()
+    # the command line: one line, exit status 2, nothing trained
+    assert main([str(data), "--latent-dim", "3", "--steps", "2", "--checkpoint", str(ck)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fit_sharded: error:") and str(ck) in err and "--resume" in err
+    assert "Traceback" not in err and _snapshot(ck) == before
+    # resume=True still continues it
+    assert _train(data, ck, 6, resume=True)["steps"] == 6
+
+
+@pytest.mark.parametrize("what", ["files", "file"])
+def test_a_new_run_refuses_to_replace_files_that_are_not_a_checkpoint(data, tmp_path,
+                                                                      one_process, what):
+    ck = tmp_path / "ck"
+    if what == "files":  # e.g. --checkpoint pointed at a project directory: a save deletes it
+        ck.mkdir()
+        (ck / "notes.txt").write_text("mine")
+    else:
+        ck.write_text("mine")
+    with pytest.raises(FileExistsError, match="a new run would replace") as e:
+        _train(data, ck, 2)
+    assert e.value.filename == str(ck)
+    assert (ck / "notes.txt" if what == "files" else ck).read_text() == "mine"
+
+
+def test_a_new_run_into_an_empty_directory_is_fine(data, tmp_path, one_process):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    assert _train(data, ck, 2)["steps"] == 2
+    assert (ck / MANIFEST).is_file()
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint_named(data, tmp_path, one_process):
+    """A save killed between its two renames leaves PATH.old and no PATH: a resume says where
+    the checkpoint is, and a new run does not delete it."""
+    ck = tmp_path / "ck"
+    _train(data, ck, 2)
+    old = tmp_path / "ck.old"
+    ck.rename(old)
+    with pytest.raises(CheckpointError, match=rf"'{ck}': no such directory, but '{old}' holds"
+                                              rf" the checkpoint.*rename"):
+        _train(data, ck, 4, resume=True)
+    with pytest.raises(FileExistsError, match="interrupted save") as e:
+        _train(data, ck, 4)
+    assert e.value.filename == str(old) and (old / MANIFEST).is_file()
+
+
+def test_save_checkpoint_refuses_to_delete_a_directory_that_is_not_one(tmp_path):
+    import torch
+    import torch.distributed as dist
+    from halfvae_ext.sharded_checkpoint import save_checkpoint
+    target = tmp_path / "project"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(FileExistsError, match="holds files but no checkpoint"):
+            save_checkpoint(target, torch.nn.Linear(2, 2))
+        save_checkpoint(tmp_path / "ck", torch.nn.Linear(2, 2))
+    finally:
+        dist.destroy_process_group()
+    assert (target / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in target.iterdir()) == ["notes.txt"]
+    assert (tmp_path / "ck" / MANIFEST).is_file()
+
+
+# ----------------------------------------------------------------------------- no manifest
+def _old_checkpoint(data, ck):
+    """A checkpoint as a version before manifests wrote it: the DCP files only."""
+    _train(data, ck, 6)
+    (ck / MANIFEST).unlink()
+
+
+def test_a_checkpoint_without_manifest_is_refused_saying_why_and_how(data, tmp_path,
+                                                                    one_process, capsys):
+    ck = tmp_path / "ck"
+    _old_checkpoint(data, ck)
+    with pytest.raises(CheckpointError, match=rf"checkpoint '{ck}' has no {MANIFEST}: it was "
+                                              rf"written by an older version.*or it is damaged"
+                                              rf".*trust_unverified_checkpoint=True "
+                                              rf"\(--trust-unverified-checkpoint\)"):
+        _train(data, ck, 10, resume=True)
+    assert main([str(data), "--latent-dim", "3", "--batch-size", "128", "--steps", "10",
+                 "--checkpoint", str(ck), "--resume"]) == 2
+    assert "--trust-unverified-checkpoint" in capsys.readouterr().err
+
+
+def test_trust_unverified_checkpoint_resumes_with_a_warning(data, tmp_path, one_process,
+                                                            capsys):
+    ck = tmp_path / "ck"
+    fit(data, 3, batch_size=128, steps=10, out=tmp_path / "full.npy")
+    _old_checkpoint(data, ck)
+    with pytest.warns(UnverifiedCheckpointWarning, match=rf"'{ck}' has no {MANIFEST}"):
+        r = _train(data, ck, 10, resume=True, trust_unverified_checkpoint=True,
+                   out=tmp_path / "resumed.npy")
+    assert r["steps"] == 10 and f"resumed from {ck} at step 6" in capsys.readouterr().out
+    np.testing.assert_allclose(np.load(tmp_path / "resumed.npy"), np.load(tmp_path / "full.npy"),
+                               rtol=1e-5, atol=1e-6)
+    assert (ck / MANIFEST).is_file()  # saved again, with a manifest
+
+
+def test_trust_unverified_checkpoint_on_the_command_line(data, tmp_path, one_process):
+    ck = tmp_path / "ck"
+    _old_checkpoint(data, ck)
+    with pytest.warns(UnverifiedCheckpointWarning):
+        assert main([str(data), "--latent-dim", "3", "--batch-size", "128", "--steps", "8",
+                     "--checkpoint", str(ck), "--resume", "--trust-unverified-checkpoint"]) == 0
+
+
+@pytest.mark.filterwarnings("ignore::halfvae_ext.sharded_checkpoint.UnverifiedCheckpointWarning")
+@pytest.mark.parametrize("case", ["damaged", "not_dcp", "other_shape"])
+def test_trust_unverified_checkpoint_still_refuses(data, tmp_path, one_process, case):
+    """The opt-in covers a missing manifest only: a damaged one, a directory that is no DCP
+    checkpoint or one that does not fit the model is still a CheckpointError naming it."""
+    ck = tmp_path / "ck"
+    _train(data, ck, 4)
+    if case == "damaged":
+        shard = sorted(ck.glob("*.distcp"))[0]
+        shard.write_bytes(shard.read_bytes()[:-3])
+        expect, K = "bytes, .* were saved", 3
+    elif case == "not_dcp":
+        (ck / MANIFEST).unlink()
+        (ck / ".metadata").unlink()
+        expect, K = "not a checkpoint", 3
+    else:
+        (ck / MANIFEST).unlink()
+        expect, K = "does not fit this model", 2
+    with pytest.raises(CheckpointError, match=rf"checkpoint '{ck}'.*{expect}"):
+        fit(data, K, batch_size=128, steps=8, checkpoint=ck, resume=True,
+            trust_unverified_checkpoint=True, out=tmp_path / "m.npy")
+    assert not (tmp_path / "m.npy").exists()
+
+
+@pytest.mark.parametrize("manifest", ['{"format": "halfvae_ext.sharded_checkpoint/1", '
+                                      '"files": {"a": "b"}}', '[1, 2]', '{"files": '])
+def test_a_malformed_manifest_is_a_checkpoint_error(data, tmp_path, one_process, manifest):
+    ck = tmp_path / "ck"
+    _train(data, ck, 2)
+    (ck / MANIFEST).write_text(manifest)
+    with pytest.raises(CheckpointError, match=rf"checkpoint '{ck}'.*{MANIFEST}"):
+        _train(data, ck, 4, resume=True, trust_unverified_checkpoint=True)
+
+
+# ----------------------------------------------------------------------------- review fixes
+def test_without_torchrun_the_environment_is_left_alone(data, tmp_path, monkeypatch):
+    """A group of one needs no port: os.environ is not changed, and a second fit works."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    before = dict(os.environ)
+    for name in ("a.npy", "b.npy"):
+        assert fit(data, 3, batch_size=128, steps=2, out=tmp_path / name)["world"] == 1
+    assert dict(os.environ) == before
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+
+
+def _fail_step(monkeypatch, at):
+    from halfvae_ext.collectives import CollectiveError
+    real, calls = fit_sharded.all_reduce_gradients, []
+
+    def all_reduce_gradients(model, timeout):
+        calls.append(1)
+        if len(calls) == at + 1:
+            raise CollectiveError("all_reduce failed (a test)")
+        return real(model, timeout=timeout)
+    monkeypatch.setattr(fit_sharded, "all_reduce_gradients", all_reduce_gradients)
+
+
+@pytest.mark.parametrize("every, advice", [
+    (2, r"resume=True \(--resume\) from checkpoint '.*ck' \(step 2, saved every 2 steps\)"),
+    (1000, r"rerun as before, without resume: no checkpoint had been saved to '.*ck' yet"),
+])
+def test_rank_failure_advises_resume_only_from_a_saved_checkpoint(data, tmp_path, one_process,
+                                                                  monkeypatch, every, advice):
+    import torch.distributed as dist
+    _fail_step(monkeypatch, at=3)
+    with pytest.raises(RankFailure, match=rf"rank 0 of 1 gave up on a training step .*step 3"
+                                          rf".*{advice}"):
+        _train(data, tmp_path / "ck", 10, checkpoint_every=every)
+    assert not dist.is_initialized()
+
+
+def test_a_failed_final_barrier_is_a_rank_failure_and_the_group_is_destroyed(
+        data, tmp_path, one_process, monkeypatch):
+    import torch.distributed as dist
+    from halfvae_ext.collectives import CollectiveError, Comm
+    real = Comm.barrier
+
+    def barrier(self, what="barrier"):
+        if what.startswith("the final barrier"):
+            raise CollectiveError("peer gone (a test)")
+        return real(self, what)
+    monkeypatch.setattr(Comm, "barrier", barrier)
+    with pytest.raises(RankFailure, match="gave up on the final barrier"):
+        fit(data, 3, batch_size=128, steps=2)
+    assert not dist.is_initialized()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_an_unwritable_output_directory_is_refused_before_training(data, tmp_path):
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o555)
+    try:
+        with pytest.raises(ValueError, match="its directory is not writable"):
+            fit(data, 3, steps=2, out=d / "m.npy")
+    finally:
+        d.chmod(0o755)
+
+
+def test_main_reports_an_os_error_in_one_line(data, tmp_path, one_process, monkeypatch, capsys):
+    def write_means(*a, **k):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "m.npy"))
+    monkeypatch.setattr(fit_sharded, "write_means", write_means)
+    assert main([str(data), "--latent-dim", "3", "--steps", "2", "--out",
+                 str(tmp_path / "m.npy")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fit_sharded: error:") and "m.npy" in err and "Traceback" not in err
