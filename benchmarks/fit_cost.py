@@ -125,7 +125,7 @@ def main(argv=None) -> int:
                     cells.append("-")
                     continue
                 ratio = "" if picard is None or method == "picard" else \
-                    f" ({r['seconds'] / max(picard['seconds'], 1e-9):.0f}x)"
+                    f" ({r['seconds'] / max(picard['seconds'], 1e-9):.3g}x)"
                 cells.append(f"{r['seconds']:.3f} s{ratio}, MCC {r['mcc']:.4f}")
             print(f"| {n:,} x {k} | " + " | ".join(cells) + " |")
     if args.out:
