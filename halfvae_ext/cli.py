@@ -259,7 +259,7 @@ def _cmd_separate_sharded(args, out, err):
         result = fit_sharded.fit(args.file, args.k, batch_size=args.batch_size,
                                  steps=args.max_iter, out=args.output, standardize_out=True,
                                  decoder=args.decoder, seed=args.seed, **SHARDED_SEPARATE_RECIPE)
-    except (ValueError, fit_sharded.RankFailure) as e:
+    except (ValueError, OSError, fit_sharded.RankFailure) as e:
         raise CLIError(str(e)) from None
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"separated {shape[1]} signal(s) x {shape[0]} samples into {args.k} source(s) -> "

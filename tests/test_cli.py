@@ -348,3 +348,21 @@ def test_separate_refuses_a_plot_that_is_the_output_through_a_symlink(problem, t
     assert rc == 2
     assert_clean_error(rc, err, "error: --plot ", "the same file as -o")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   FileExistsError("CKPT holds a checkpoint")])
+def test_sharded_separate_reports_an_os_error_in_one_line(problem, tmp_path, monkeypatch, error):
+    from halfvae_ext import fit_sharded
+
+    def failing_fit(*a, **k):
+        raise error
+
+    monkeypatch.setattr(fit_sharded, "fit", failing_fit)
+    src = tmp_path / "mix.npy"
+    np.save(src, problem.X)
+    rc, stdout, err = run(["separate", str(src), "-k", "3", "-o", str(tmp_path / "s.npy"),
+                           "--sharded", "--batch-size", "64", *FAST])
+    assert rc == 1
+    assert_clean_error(rc, err, str(error))
+    assert "Traceback" not in err
