@@ -124,7 +124,38 @@ void check_idx(const at::Tensor& idx, const at::Tensor& table) {
                     table.device());
 }
 
+namespace {
+// min and max of a CPU integer tensor's values, in one loop (no ATen ops: aminmax, reshape, to
+// and cat cost ~10 us on a small batch).
+template <typename I>
+std::pair<int64_t, int64_t> cpu_bounds(const at::Tensor& t) {
+  const auto c = t.is_contiguous() ? t : t.contiguous();
+  const I* v = c.data_ptr<I>();
+  I lo = v[0], hi = v[0];
+  for (int64_t i = 1, n = c.numel(); i < n; ++i) {
+    lo = std::min(lo, v[i]);
+    hi = std::max(hi, v[i]);
+  }
+  return {static_cast<int64_t>(lo), static_cast<int64_t>(hi)};
+}
+}  // namespace
+
 void check_index_ranges(std::initializer_list<IndexRange> ranges) {
+  bool all_cpu = true;
+  for (const auto& r : ranges)
+    if (r.values != nullptr && r.values->numel() > 0)
+      all_cpu = all_cpu && r.values->device().is_cpu() &&
+                (r.values->scalar_type() == at::kLong || r.values->scalar_type() == at::kInt);
+  if (all_cpu) {
+    for (const auto& r : ranges) {
+      if (r.values == nullptr || r.values->numel() == 0) continue;
+      const auto [lo, hi] = r.values->scalar_type() == at::kLong ? cpu_bounds<int64_t>(*r.values)
+                                                                  : cpu_bounds<int32_t>(*r.values);
+      TORCH_CHECK_INDEX(lo >= 0 && hi < r.limit, r.name, " values must be in [0, ", r.limit, ")",
+                        r.what, ", got min ", lo, " and max ", hi);
+    }
+    return;
+  }
   std::vector<at::Tensor> bounds;
   for (const auto& r : ranges) {
     if (r.values == nullptr || r.values->numel() == 0) continue;

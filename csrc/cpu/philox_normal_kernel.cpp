@@ -98,7 +98,8 @@ void philox_normal_rows(const at::Tensor& seed_tensor, const at::Tensor& rows, a
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "philox_normal_rows_cpu", [&] {
     using T = scalar_t;
     T* o = out.data_ptr<T>();
-    at::parallel_for(0, (n + run - 1) / run, 1, [&](int64_t c0, int64_t c1) {
+    const int64_t grain = std::max<int64_t>(1, kParallelGrainElems / (run * K));
+    at::parallel_for(0, (n + run - 1) / run, grain, [&](int64_t c0, int64_t c1) {
       RowsScratch<T> scratch;
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t j0 = c * run, m = std::min(run, n - j0);

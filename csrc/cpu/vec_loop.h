@@ -125,6 +125,11 @@ inline void store(T* p, const Vectorized<T>& v, int64_t n) {
 constexpr int64_t kMaxPattern = 4096;
 constexpr int64_t kBlockElems = 1024;  // also the span of a float32 partial sum: keep it short
 constexpr int64_t kMaxChunks = 256;
+// The least work (elements) worth a thread of its own: smaller problems run on the calling
+// thread, without an OpenMP fork and join (~10 us on 2 busy cores, more than the whole kernel of
+// a 4096-element batch). Only how chunks are shared out depends on it, never the chunking: the
+// results are the same bit for bit whatever it is.
+constexpr int64_t kParallelGrainElems = 8192;
 
 // P = r*K, the shortest run of whole rows that is a multiple of W (K itself past kMaxPattern).
 template <typename T>
@@ -214,11 +219,16 @@ struct Blocking {
     if (blocks_per_chunk > 0) num_chunks = (num_blocks + blocks_per_chunk - 1) / blocks_per_chunk;
   }
 
+  // Chunks per thread at least: kParallelGrainElems elements of work.
+  int64_t chunk_grain() const {
+    const int64_t per_chunk = std::max<int64_t>(1, blocks_per_chunk * block_elems);
+    return std::max<int64_t>(1, (kParallelGrainElems + per_chunk - 1) / per_chunk);
+  }
   // f(chunk, first_block, end_block) for every chunk, chunks in parallel; a chunk's blocks are
   // walked in order by one thread.
   template <typename F>
   void for_each_chunk(const F& f) const {
-    at::parallel_for(0, num_chunks, 1, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, num_chunks, chunk_grain(), [&](int64_t c0, int64_t c1) {
       for (int64_t chunk = c0; chunk < c1; ++chunk)
         f(chunk, chunk * blocks_per_chunk, std::min(num_blocks, (chunk + 1) * blocks_per_chunk));
     });
@@ -228,7 +238,7 @@ struct Blocking {
   // 4096-row batch).
   template <typename Make, typename F>
   void for_each_chunk(const Make& make, const F& f) const {
-    at::parallel_for(0, num_chunks, 1, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, num_chunks, chunk_grain(), [&](int64_t c0, int64_t c1) {
       auto scratch = make();
       for (int64_t chunk = c0; chunk < c1; ++chunk)
         f(scratch, chunk, chunk * blocks_per_chunk,

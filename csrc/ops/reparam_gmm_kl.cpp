@@ -3,6 +3,8 @@
 #include "reparam_gmm_kl.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include "../arg_checks.h"
@@ -199,6 +201,194 @@ void impls(torch::Library& m) {
   m.impl("reparam_gmm_kl_rows_backward", TORCH_FN(reparam_gmm_kl_rows_backward));
 }
 
+// ------------------------------------------------------------------------- autograd (C++)
+// The ops' autograd formulas as C++ autograd Functions at the Autograd key: no Python on the
+// training step's path (the Python formula of torch.library.register_autograd cost ~100 us of a
+// small step: its setup_context, backward and the wrapping around both). The forward and backward
+// still call the ops through the dispatcher (below autograd), so torch.compile and opcheck trace
+// and check the same ops as before.
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+OptTensor opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); }
+at::Tensor or_undefined(const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); }
+bool any_requires_grad(std::initializer_list<const at::Tensor*> ts) {
+  for (const auto* t : ts)
+    if (t->defined() && t->requires_grad()) return true;
+  return false;
+}
+// An upstream gradient autograd left undefined (an output nobody used): zeros of its shape.
+at::Tensor grad_or_zeros(const at::Tensor& g, at::IntArrayRef shape, const at::Tensor& like) {
+  return g.defined() ? g : at::zeros(shape, like.options());
+}
+
+using ForwardSig = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const OptTensor&, const OptTensor&, int64_t, const OptTensor&, int64_t);
+using RowsForwardSig = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const OptTensor&, const OptTensor&, int64_t, int64_t, const OptTensor&,
+    int64_t);
+using Grads5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using BackwardSig = Grads5(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const OptTensor&, const OptTensor&, int64_t, bool,
+                           const OptTensor&, int64_t, bool);
+using RowsBackwardSig = Grads5(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, const at::Tensor&, const OptTensor&,
+                               const OptTensor&, int64_t, bool, const OptTensor&, int64_t, bool);
+
+const auto& forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("halfvae_ext::reparam_gmm_kl", "")
+                             .typed<ForwardSig>();
+  return op;
+}
+const auto& backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("halfvae_ext::reparam_gmm_kl_backward", "")
+                             .typed<BackwardSig>();
+  return op;
+}
+const auto& rows_forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("halfvae_ext::reparam_gmm_kl_rows", "")
+                             .typed<RowsForwardSig>();
+  return op;
+}
+const auto& rows_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("halfvae_ext::reparam_gmm_kl_rows_backward", "")
+                             .typed<RowsBackwardSig>();
+  return op;
+}
+
+std::vector<int64_t> kl_shape(int64_t reduction, int64_t N, int64_t K) {
+  return reduction == kReductionRow ? std::vector<int64_t>{N} : std::vector<int64_t>{N, K};
+}
+
+struct ReparamGmmKlFunction : torch::autograd::Function<ReparamGmmKlFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& mu,
+                               const at::Tensor& logvar, const at::Tensor& prior_logits,
+                               const at::Tensor& prior_means, const at::Tensor& prior_logvars,
+                               const OptTensor& eps, const OptTensor& seed, int64_t reduction,
+                               const OptTensor& prior_index, int64_t kl_kind) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [z, kl] = forward_op().call(mu, logvar, prior_logits, prior_means, prior_logvars, eps,
+                                     seed, reduction, prior_index, kl_kind);
+    ctx->save_for_backward({mu, logvar, prior_logits, prior_means, prior_logvars,
+                            or_undefined(eps), or_undefined(seed), or_undefined(prior_index)});
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["kl"] = kl_kind;
+    return {z, kl};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const auto& mu = s[0];
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    const auto N = mu.size(0), K = mu.size(1);
+    const bool prior_grads =
+        ctx->needs_input_grad(2) || ctx->needs_input_grad(3) || ctx->needs_input_grad(4);
+    auto [g_mu, g_lv, g_l, g_m, g_v] = backward_op().call(
+        grad_or_zeros(grads[0], {N, K}, mu), grad_or_zeros(grads[1], kl_shape(reduction, N, K), mu),
+        mu, s[1], s[2], s[3], s[4], opt(s[5]), opt(s[6]), reduction, prior_grads, opt(s[7]),
+        ctx->saved_data["kl"].toInt(), /*range_checked=*/true);  // saved: checked by the forward
+    const auto keep = [&](size_t i, at::Tensor& g) {
+      return ctx->needs_input_grad(i) ? g : at::Tensor();
+    };
+    return {keep(0, g_mu), keep(1, g_lv), keep(2, g_l), keep(3, g_m), keep(4, g_v),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> reparam_gmm_kl_autograd(
+    const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& prior_logits,
+    const at::Tensor& prior_means, const at::Tensor& prior_logvars, const OptTensor& eps,
+    const OptTensor& seed, int64_t reduction, const OptTensor& prior_index, int64_t kl_kind) {
+  if (!at::GradMode::is_enabled() ||
+      !any_requires_grad({&mu, &logvar, &prior_logits, &prior_means, &prior_logvars})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return forward_op().call(mu, logvar, prior_logits, prior_means, prior_logvars, eps, seed,
+                             reduction, prior_index, kl_kind);
+  }
+  auto out = ReparamGmmKlFunction::apply(mu, logvar, prior_logits, prior_means, prior_logvars,
+                                         eps, seed, reduction, prior_index, kl_kind);
+  return {out[0], out[1]};
+}
+
+// [B, K] gradients of gathered rows -> the table's gradient (duplicates summed): dense zeros with
+// the rows added in batch order, or a coalesced sparse COO tensor.
+at::Tensor table_gradient(const at::Tensor& rows_grad, const at::Tensor& idx,
+                          at::IntArrayRef shape, bool sparse) {
+  if (sparse)  // idx was range-checked by the forward
+    return at::_sparse_coo_tensor_unsafe(idx.to(at::kLong).unsqueeze(0), rows_grad, shape)
+        .coalesce();
+  return at::zeros(shape, rows_grad.options()).index_add_(0, idx, rows_grad);
+}
+
+struct ReparamGmmKlRowsFunction : torch::autograd::Function<ReparamGmmKlRowsFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& mu,
+                               const at::Tensor& logvar, const at::Tensor& idx,
+                               const at::Tensor& prior_logits, const at::Tensor& prior_means,
+                               const at::Tensor& prior_logvars, const OptTensor& eps,
+                               const OptTensor& seed, int64_t reduction, int64_t table_grad,
+                               const OptTensor& prior_index, int64_t kl_kind) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [z, kl] = rows_forward_op().call(mu, logvar, idx, prior_logits, prior_means,
+                                          prior_logvars, eps, seed, reduction, table_grad,
+                                          prior_index, kl_kind);
+    ctx->save_for_backward({mu, logvar, idx, prior_logits, prior_means, prior_logvars,
+                            or_undefined(eps), or_undefined(seed), or_undefined(prior_index)});
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["kl"] = kl_kind;
+    ctx->saved_data["table_grad"] = table_grad;
+    return {z, kl};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const auto &mu = s[0], &idx = s[2];
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    const auto B = idx.size(0), K = mu.size(1);
+    const bool prior_grads =
+        ctx->needs_input_grad(3) || ctx->needs_input_grad(4) || ctx->needs_input_grad(5);
+    auto [g_mu, g_lv, g_l, g_m, g_v] = rows_backward_op().call(
+        grad_or_zeros(grads[0], {B, K}, mu), grad_or_zeros(grads[1], kl_shape(reduction, B, K), mu),
+        mu, s[1], idx, s[3], s[4], s[5], opt(s[6]), opt(s[7]), reduction, prior_grads, opt(s[8]),
+        ctx->saved_data["kl"].toInt(), /*range_checked=*/true);  // idx, prior_index: saved
+    const bool sparse = ctx->saved_data["table_grad"].toInt() == 1;
+    const auto keep = [&](size_t i, at::Tensor& g) {
+      return ctx->needs_input_grad(i) ? g : at::Tensor();
+    };
+    return {ctx->needs_input_grad(0) ? table_gradient(g_mu, idx, mu.sizes(), sparse) : at::Tensor(),
+            ctx->needs_input_grad(1) ? table_gradient(g_lv, idx, mu.sizes(), sparse) : at::Tensor(),
+            at::Tensor(), keep(3, g_l), keep(4, g_m), keep(5, g_v), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> reparam_gmm_kl_rows_autograd(
+    const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& idx,
+    const at::Tensor& prior_logits, const at::Tensor& prior_means,
+    const at::Tensor& prior_logvars, const OptTensor& eps, const OptTensor& seed,
+    int64_t reduction, int64_t table_grad, const OptTensor& prior_index, int64_t kl_kind) {
+  if (!at::GradMode::is_enabled() ||
+      !any_requires_grad({&mu, &logvar, &prior_logits, &prior_means, &prior_logvars})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return rows_forward_op().call(mu, logvar, idx, prior_logits, prior_means, prior_logvars, eps,
+                                  seed, reduction, table_grad, prior_index, kl_kind);
+  }
+  auto out = ReparamGmmKlRowsFunction::apply(mu, logvar, idx, prior_logits, prior_means,
+                                             prior_logvars, eps, seed, reduction, table_grad,
+                                             prior_index, kl_kind);
+  return {out[0], out[1]};
+}
+
+void autograd_impls(torch::Library& m) {
+  m.impl("reparam_gmm_kl", TORCH_FN(reparam_gmm_kl_autograd));
+  m.impl("reparam_gmm_kl_rows", TORCH_FN(reparam_gmm_kl_rows_autograd));
+}
+
 }  // namespace
 }  // namespace halfvae
 
@@ -231,6 +421,7 @@ TORCH_LIBRARY_FRAGMENT(halfvae_ext, m) {
 }
 
 TORCH_LIBRARY_IMPL(halfvae_ext, CPU, m) { halfvae::impls(m); }
+TORCH_LIBRARY_IMPL(halfvae_ext, Autograd, m) { halfvae::autograd_impls(m); }
 #ifdef HALFVAE_WITH_CUDA
 TORCH_LIBRARY_IMPL(halfvae_ext, CUDA, m) { halfvae::impls(m); }
 #endif
