@@ -231,3 +231,51 @@ def test_cpu_feature_hiding_is_reported_and_checked():
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert proc.returncode != 0
     assert "HALFVAE_CPU_HIDE_FEATURES: unknown feature 'avx512'" in proc.stderr
+
+
+def test_autograd_formulas_are_cpp_and_match_the_backward_ops():
+    """reparam_gmm_kl, reparam_gmm_kl_rows and gmm_log_prob differentiate through C++ autograd
+    Functions at the Autograd key (no Python formula on the step's path). Their gradients are the
+    backward ops' outputs exactly, for any subset of inputs that require grad and with an output
+    left unused (autograd hands the formula zeros for it)."""
+    ops = torch.ops.halfvae_ext
+    for name in ("reparam_gmm_kl", "reparam_gmm_kl_rows", "gmm_log_prob"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"halfvae_ext::{name}", "Autograd")
+    mu, logvar, eps, prior = make_problem(13, 5, 3, dtype=torch.float64, requires_grad=False)
+    gz, gk = torch.randn(13, 5, dtype=torch.float64), torch.randn(13, dtype=torch.float64)
+    leaves = [mu, logvar, *prior]
+    for want in ([0], [1], [2, 4], [0, 1, 2, 3, 4]):
+        # the backward op as the formula must call it: prior sums only when a prior wants grad
+        prior_grads = any(i >= 2 for i in want)
+        full = ops.reparam_gmm_kl_backward(gz, gk, mu, logvar, *prior, eps, None, 1, prior_grads)
+        # kl alone, for the first of them only (autograd asks for that input's gradient only)
+        zero = ops.reparam_gmm_kl_backward(torch.zeros_like(gz), gk, mu, logvar, *prior, eps,
+                                           None, 1, want[0] >= 2)
+        xs = [t.clone().requires_grad_(i in want) for i, t in enumerate(leaves)]
+        z, kl = hv.reparam_gmm_kl(*xs, eps=eps)
+        got = torch.autograd.grad([z, kl], [xs[i] for i in want], [gz, gk])
+        for i, g in zip(want, got):
+            assert torch.equal(g, full[i]), (want, i)
+        z, kl = hv.reparam_gmm_kl(*xs, eps=eps)
+        (g_kl_only,) = torch.autograd.grad(kl, [xs[want[0]]], gk)  # z unused: zeros for grad_z
+        assert torch.equal(g_kl_only, zero[want[0]])
+    # rows: the table gradient is the rows' gradients added at idx (duplicates summed)
+    table_mu, table_lv = (torch.randn(7, 5, dtype=torch.float64) for _ in range(2))
+    idx = torch.tensor([3, 0, 3, 6, 1, 1, 2, 5, 3, 0, 4, 6, 2])
+    rows = ops.reparam_gmm_kl_rows_backward(gz, gk, table_mu, table_lv, idx, *prior, eps, None, 1,
+                                            False)  # the prior wants no gradient here
+    tm, tl = table_mu.clone().requires_grad_(), table_lv.clone().requires_grad_()
+    z, kl = hv.reparam_gmm_kl_rows(tm, tl, idx, *prior, eps=eps)
+    g_mu, g_lv = torch.autograd.grad([z, kl], [tm, tl], [gz, gk])
+    assert torch.equal(g_mu, torch.zeros_like(table_mu).index_add_(0, idx, rows[0]))
+    assert torch.equal(g_lv, torch.zeros_like(table_lv).index_add_(0, idx, rows[1]))
+    z, kl = hv.reparam_gmm_kl_rows(tm, tl, idx, *prior, eps=eps, table_grad="sparse")
+    (g_sparse,) = torch.autograd.grad([z, kl], [tm], [gz, gk])
+    assert g_sparse.is_sparse and g_sparse.is_coalesced()
+    assert torch.equal(g_sparse.to_dense(), g_mu)
+    # gmm_log_prob, prior only
+    p = [t.clone().requires_grad_() for t in prior]
+    lp_full = ops.gmm_log_prob_backward(gz, mu, *prior, True)
+    got = torch.autograd.grad(hv.gmm_log_prob(mu, *p), p, gz)
+    for g, w in zip(got, lp_full[1:]):
+        assert torch.equal(g, w)
