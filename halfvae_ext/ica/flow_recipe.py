@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -120,13 +121,20 @@ def held_out_split(n_rows: int, device=None):
     """(training rows, held-out rows) of a FlowOrLinearRecipe run of ``n_rows`` rows: sorted int64
     indices, a fixed pseudo-random HELD_OUT_FRACTION held out; (None, None) when n_rows is too
     small to hold out MIN_HELD_OUT rows and keep as many for training."""
+    train, held = _held_out_split_cpu(int(n_rows))
+    if train is None:
+        return None, None
+    return train.to(device), held.to(device)
+
+
+@functools.lru_cache(maxsize=4)  # asked every epoch; the tensors are never written to
+def _held_out_split_cpu(n_rows: int):
     n_held = max(MIN_HELD_OUT, int(n_rows * HELD_OUT_FRACTION))
     if n_rows < 2 * n_held:
         return None, None
     g = torch.Generator().manual_seed(_HELD_OUT_SEED)
     perm = torch.randperm(n_rows, generator=g)
-    held, train = perm[:n_held].sort().values, perm[n_held:].sort().values
-    return train.to(device), held.to(device)
+    return perm[n_held:].sort().values, perm[:n_held].sort().values
 
 
 @dataclass(frozen=True)
