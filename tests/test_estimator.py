@@ -14,7 +14,9 @@ from halfvae_ext.ica.recipe import Recipe, noise_schedule_std
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-FAST = dict(max_iter=400, n_restarts=2, random_state=0)
+# The gradient solver (solver="em" has its own tests in test_em_solver.py): these tests are of
+# its epochs, schedules and optimizer states.
+FAST = dict(max_iter=400, n_restarts=2, random_state=0, solver="adam")
 
 
 @pytest.fixture(scope="module")
@@ -662,7 +664,8 @@ def test_every_restart_diverged_leaves_nothing_to_save_or_resume(laplace, tmp_pa
     from halfvae_ext.ica.recipe import Recipe
     X = laplace.X[:200]
     ckpt = tmp_path / "ckpt.pt"
-    kw = dict(max_iter=5, n_restarts=2, tol=None, random_state=0, checkpoint_path=ckpt)
+    kw = dict(max_iter=5, n_restarts=2, tol=None, random_state=0, checkpoint_path=ckpt,
+              solver="adam")
     real_final_elbo = Recipe.final_elbo
     monkeypatch.setattr(Recipe, "final_elbo", lambda self, *a: float("nan"))
     est = HalfVAEICA(3, **kw)

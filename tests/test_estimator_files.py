@@ -120,9 +120,14 @@ def test_held_out_split_is_fixed_disjoint_and_skipped_for_small_runs():
     assert held_out_split(2 * MIN_HELD_OUT - 1) == (None, None)
 
 
-def test_auto_defaults_without_u_are_the_old_ones(paper):
+def test_auto_defaults_without_u(paper):
+    # solver="auto" without u: the linear decoder by EM, 2 restarts; the gradient solver keeps
+    # its old defaults (4 restarts).
     est = _fit(HalfVAEICA(3, max_iter=20, random_state=0, tol=None), paper.X)
-    assert est.decoder_ == "linear" and len(est.restart_elbos_) == 4
+    assert est.decoder_ == "linear" and len(est.restart_elbos_) == 2
+    assert est._run.params["solver"] == "em" and est._run.params["decoder"] == "linear_em"
+    adam = _fit(HalfVAEICA(3, max_iter=20, random_state=0, tol=None, solver="adam"), paper.X)
+    assert adam.decoder_ == "linear" and len(adam.restart_elbos_) == 4
 
 
 def test_auto_decoder_with_u_is_the_flow_or_the_linear_flow(tmp_path):

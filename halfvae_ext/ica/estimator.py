@@ -191,7 +191,7 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
                  batch_size=None, table_optimizer="torch", learning_rate=0.01,
                  table_learning_rate=0.05,
                  prior_warmup=0.3, lr_decay=0.3, n_restarts="auto", n_eval_samples=8, kl="mc",
-                 posterior_covariance="diagonal", transform_max_iter=300, tol=0.01,
+                 posterior_covariance="diagonal", solver="auto", transform_max_iter=300, tol=0.01,
                  checkpoint_path=None, checkpoint_every=None, random_state=None,
                  device="cpu", n_threads=None, verbose=False):
         self.n_components = n_components
@@ -213,6 +213,7 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         self.n_eval_samples = n_eval_samples
         self.kl = kl
         self.posterior_covariance = posterior_covariance
+        self.solver = solver
         self.transform_max_iter = transform_max_iter
         self.tol = tol
         self.checkpoint_path = checkpoint_path
@@ -244,8 +245,8 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         self._validate_params()
         if self.checkpoint_every is not None and self.checkpoint_path is None:
             raise InvalidParameterError("checkpoint_every needs a checkpoint_path")
-        recipe_for(resolve_decoder(self.decoder, with_u)).check_parameters(
-            self.table_optimizer, self.posterior_covariance)
+        decoder = resolve_decoder(self.decoder, with_u, self.get_params(deep=False))
+        recipe_for(decoder).check_parameters(self.table_optimizer, self.posterior_covariance)
         return usable_device(self.device)
 
     def _run_to_resume(self):
@@ -295,7 +296,8 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         Xa = check_data(X)
         segments, codes = (None, None) if u is None else \
             np.unique(check_u(u, Xa.shape[0]), return_inverse=True)
-        decoder = resolve_decoder(self.decoder, u is not None)
+        decoder = resolve_decoder(self.decoder, u is not None, self.get_params(deep=False),
+                                  n_rows=Xa.shape[0])
         traits = recipe_for(decoder)
         whitening, Xw_np = fit_whitening(Xa, self.n_components, self.whiten,
                                          keep_all_dims=traits.whitens_all_dimensions)
@@ -527,6 +529,7 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         naming ``path`` for a file that is not such a file or is damaged."""
         payload = file_format.read(path)
         params = file_format.estimator_params(payload["params"])
+        params.setdefault("solver", ADDED_PARAMETER_DEFAULTS["solver"])  # files from before EM
         if device is not None:
             params["device"] = device
         est = cls(**params)

@@ -195,6 +195,7 @@ HALFVAEICA_PARAMETERS = {
     "n_eval_samples": [Interval(int, 1)],
     "kl": [Options(("mc", "bound"))],
     "posterior_covariance": [Options(COVARIANCES)],
+    "solver": [Options(("auto", "em", "adam"))],
     "transform_max_iter": [Interval(int, 0)],
     "tol": [None, Interval(float, 0)],
     "checkpoint_path": [None, PathLike()],

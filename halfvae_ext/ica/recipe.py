@@ -372,6 +372,11 @@ class Recipe:
         warmup, every = prior_warmup_epochs(self.prior_warmup, T), max(T // 20, 1)
         return (set(range(every, warmup + 1, every)) | {warmup, T // 2, T}) - {0}
 
+    def converged(self, history: list) -> bool:
+        """Whether a restart with this per-epoch ELBO history may stop before max_iter (the
+        gradient recipes always run max_iter epochs: their schedules are laid out over it)."""
+        return False
+
     def final_elbo(self, model: HalfVAE, Xw: torch.Tensor, seed: int, u=None) -> float:
         """The restart's score: the ELBO per sample; -inf if not finite."""
         return final_elbo(model, Xw, seed, self.n_eval_samples, u)

@@ -141,7 +141,8 @@ def run_restarts(run: RunState, recipe: Recipe, Xw: torch.Tensor, device, *,
     """Advance ``run`` on the whitened data Xw until it is done or ``stop_after`` epochs have run.
     u: the segment (0 .. n_groups - 1, int64) of every row of Xw for a conditional prior, or None.
 
-    Each epoch is ``recipe.of_restart(restart).epoch`` (the restart's own recipe).
+    Each epoch is ``recipe.of_restart(restart).epoch`` (the restart's own recipe); a restart ends
+    after ``max_iter`` epochs or once the recipe says it has ``converged``.
     checkpoint(state): called with a consistent state (the live restart
     snapshotted into ``current``) every ``checkpoint_every`` epochs, when a restart ends and when
     the run stops early. progress(run, epoch_elbo) after each epoch. A stopped run keeps its live
@@ -158,7 +159,7 @@ def run_restarts(run: RunState, recipe: Recipe, Xw: torch.Tensor, device, *,
                 live = this.start(Xw, run.restart, run.seeds[run.restart], device,
                                     *(() if u is None else (u,)))
             run.current = None
-        if run.epoch >= this.max_iter:
+        if run.epoch >= this.max_iter or this.converged(live.history):
             # u only when given, so that recipes (and test doubles) without segments are unchanged.
             args = () if u is None else (u,)
             run.finish_restart(live, this.final_elbo(live.model, Xw, run.seeds[run.restart],

@@ -1,0 +1,259 @@
+"""The linear decoder fitted by variational EM (``solver="em"``): coordinate ascent on the Half-VAE
+ELBO with the closed-form KL bound, each block maximized exactly, plus a Newton step in the
+directions that EM alone climbs slowly.
+
+The objective is the model of :class:`~halfvae_ext.ica.recipe.LinearRecipe` (x = W z + noise,
+diagonal noise, a per-dimension Gaussian-mixture prior, a diagonal Gaussian posterior per row)
+with ``kl="bound"``: KL(q || p_k) <= sum_c r_c [KL(q || N(m_c, v_c)) + log r_c - log pi_c],
+tight at r_c proportional to pi_c exp(-KL(q || N(m_c, v_c))) (Hershey & Olsen 2007). Given r
+every block has a closed form, so one iteration (an "epoch") is, in the spirit of Attias' IFA:
+
+1. rows: each row's posterior given W, the noise and the prior, its variances in closed form
+   and its mean by two conjugate-gradient steps on the K x K system (G + diag P_n) mu_n = c_n,
+   G = W^T Psi^-1 W, warm-started at the previous mean (each CG step raises the ELBO);
+2. the prior: weights, means and variances from the rows' responsibilities (a GMM M step);
+3. a Newton step in the group of transforms z -> T z, W -> W T^-1 that leaves the reconstruction
+   unchanged (parameter expansion): plain EM moves W by O(noise variance) an iteration, so in a
+   nearly noiseless mix it stalls; the ELBO along T is the ICA likelihood of the posteriors,
+   log|det T| + E_q log p(T z), and Picard's Hessian approximation gives the step;
+4. W and the noise variances: least squares given the posteriors (the M step).
+
+The responsibilities and their sums come from the fused op's backward at ``kl="bound"``: its
+gradients are exactly the statistics EM needs (d KL / d mu = P mu - h, d KL / d logvar =
+(P s^2 - 1) / 2, and the prior's gradients are the responsibility-weighted sums), one pass over
+the rows each. An iteration is deterministic, so a run resumes exactly from the model's state;
+a restart stops when the ELBO per sample has risen by less than ``CONVERGED`` per iteration over
+the last ``CONVERGED_WINDOW`` iterations, or after ``max_iter``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..models import HalfVAE
+from .param_validation import InvalidParameterError
+from .recipe import LinearRecipe, final_elbo
+
+__all__ = ["LinearEMRecipe", "em_iteration", "CONVERGED", "CONVERGED_WINDOW", "EM_SETTINGS"]
+
+# A restart has converged when its ELBO per sample rose by less than this many nats per
+# iteration, on average over the last CONVERGED_WINDOW iterations.
+CONVERGED = 5e-4
+CONVERGED_WINDOW = 10
+# Conjugate-gradient steps of a row update (warm-started: the rows move little per iteration).
+CG_STEPS = 2
+# The largest entry of a Newton step in the transform group; larger steps are scaled down.
+MAX_STEP = 0.5
+# Floors of the variances, as the gradient recipe's (GaussianLikelihood.min_logvar).
+MIN_NOISE_LOGVAR = -12.0
+MIN_PRIOR_VAR = 1e-6
+
+# The settings that only the gradient solver uses (EM ignores them; "auto" picks EM only when
+# they keep the values EM can honour).
+EM_SETTINGS = {"batch_size": None, "table_optimizer": "torch",
+               "posterior_covariance": "diagonal"}
+
+_kl_backward = None
+
+
+def _bound_gradients(mu, logvar, logits, means, logvars, prior_index, zeros, ones):
+    """Gradients of sum_n KL_bound(q_n || p) with respect to mu, logvar [n, K] and the three
+    prior tables, from the fused op's backward (no autograd graph)."""
+    global _kl_backward
+    if _kl_backward is None:
+        from .. import ops  # noqa: F401  (loads the extension, which registers the op)
+        _kl_backward = torch.ops.halfvae_ext.reparam_gmm_kl_backward
+    return _kl_backward(zeros, ones, mu, logvar, logits, means, logvars, zeros, None, 1, True,
+                        prior_index, 1, False)
+
+
+def _conjugate_gradient(G, P, c, x, steps: int):
+    """``steps`` Jacobi-preconditioned CG steps on (G + diag P_n) x_n = c_n for every row n
+    (G [K, K] shared, P, c [n, K]) from x: the matrix products are one GEMM for all rows."""
+    dinv = 1.0 / (torch.diagonal(G) + P)
+    r = c - x @ G - P * x
+    z = dinv * r
+    p = z
+    rz = (r * z).sum(1, keepdim=True)
+    for step in range(steps):
+        Ap = torch.addcmul(p @ G, P, p)
+        pAp = (p * Ap).sum(1, keepdim=True)
+        # A row already solved has p = 0: no step (not 0/0).
+        alpha = torch.where(pAp > 0, rz / pAp.clamp_min(torch.finfo(pAp.dtype).tiny), 0.0)
+        x = torch.addcmul(x, alpha, p)
+        if step + 1 == steps:
+            break
+        r = torch.addcmul(r, alpha, Ap, value=-1.0)
+        z = dinv * r
+        rz_new = (r * z).sum(1, keepdim=True)
+        p = torch.addcmul(z, torch.where(rz > 0, rz_new / rz.clamp_min(
+            torch.finfo(rz.dtype).tiny), 0.0), p)
+        rz = rz_new
+    return x
+
+
+def _transform_step(M, S2, g_mu, P):
+    """The Newton step T = I + E in the transform group (see the module docstring), or None
+    when the approximate Hessian gives no usable step. M, S2, g_mu, P: [n, K]."""
+    n, K = M.shape
+    eye = torch.eye(K, dtype=torch.float64, device=M.device)
+    # Relative gradient of log|det T| + E_q log p(T z) at T = I; the score of the mixture given
+    # r is P z - h, whose moments under q are g_mu^T M / n plus the variance on the diagonal.
+    grad = eye - (g_mu.T @ M).double() / n - torch.diag((P * S2).double().mean(0))
+    h = P.double().mean(0)[:, None] * (M * M + S2).double().mean(0)[None, :]
+    det = h * h.T - 1.0
+    # Off the diagonal only: a rescaling of z_k with the prior rescaled along is an exact
+    # symmetry of the model, which the prior's M step follows (a diagonal step fights it).
+    E = ((h.T * grad - grad.T) / det.clamp_min(1e-2)).masked_fill(eye.bool(), 0.0)
+    if not bool(torch.isfinite(E).all()):
+        return None
+    largest = float(E.abs().max())
+    if largest > MAX_STEP:
+        E = E * (MAX_STEP / largest)
+    return eye + E
+
+
+@torch.no_grad()
+def em_iteration(X, mu, logvar, W, noise_logvar, logits, means, logvars, *, learn_noise: bool,
+                 prior_index=None, group_counts=None):
+    """One EM iteration from the state (mu, logvar [n, K], W [d, K], noise_logvar [d], prior
+    tables [K, C] or [U, K, C]) on the whitened rows X [n, d]; returns the new state as a dict of
+    tensors in the same dtypes, and ``elbo``, the ELBO per sample of the new state. prior_index
+    [n]: each row's group for a conditional prior, with group_counts [U] its rows per group."""
+    n, K = mu.shape
+    dtype = mu.dtype
+    zeros = torch.zeros_like(mu)
+    ones = torch.ones(n, dtype=dtype, device=mu.device)
+    psi = noise_logvar.clamp_min(MIN_NOISE_LOGVAR).exp()
+    Wp = W / psi[:, None]
+    G = W.T @ Wp
+
+    # 1. rows, given r at the current state
+    g_mu, g_lv, *_ = _bound_gradients(mu, logvar, logits, means, logvars, prior_index, zeros,
+                                      ones)
+    S2 = logvar.exp()
+    P = (2.0 * g_lv + 1.0) / S2
+    h = P * mu - g_mu
+    S2 = 1.0 / (torch.diagonal(G) + P)
+    logvar = S2.log()
+    mu = _conjugate_gradient(G, P, torch.addmm(h, X, Wp), mu, CG_STEPS)
+
+    # 2. the prior, from r at the new rows
+    g_mu, g_lv, g_logits, g_means, g_logvars = _bound_gradients(
+        mu, logvar, logits, means, logvars, prior_index, zeros, ones)
+    rows = float(n) if group_counts is None else group_counts.to(logits)[:, None, None]
+    v = logvars.exp()
+    w = (rows * torch.softmax(logits, -1) - g_logits).clamp_min(1e-10 * n)
+    new_means = means - v * g_means / w
+    spread = v * (w - 2.0 * g_logvars) / w - (new_means - means) ** 2
+    new_logvars = spread.clamp_min(MIN_PRIOR_VAR).log()
+    new_logits = (w / w.sum(-1, keepdim=True)).log()
+
+    # 3. the transform step, with r of step 2
+    P = (2.0 * g_lv + 1.0) / S2
+    T = _transform_step(mu, S2, g_mu, P)
+    if T is not None:
+        T = T.to(dtype)
+        mu = mu @ T.T
+        S2 = S2 @ (T * T).T
+        logvar = S2.log()
+
+    # 4. W and the noise
+    sum_s2 = S2.sum(0)
+    MtM = (mu.T @ mu).double() + torch.diag(sum_s2.double())
+    W = torch.linalg.solve(MtM, (mu.T @ X).double()).T.to(dtype)
+    R = torch.addmm(X, mu, W.T, alpha=-1.0)
+    trace = (W * W) @ (sum_s2 / n)
+    if learn_noise:
+        noise_logvar = ((R * R).mean(0) + trace).clamp_min(math.exp(MIN_NOISE_LOGVAR)).log()
+        psi = noise_logvar.exp()
+    log_lik = -0.5 * (math.log(2 * math.pi) * X.shape[1] + noise_logvar.clamp_min(
+        MIN_NOISE_LOGVAR).sum() + ((R * R).mean(0) + trace).div(psi).sum())
+    kl = _bound_kl(mu, logvar, new_logits, new_means, new_logvars, prior_index)
+    return dict(mu=mu, logvar=logvar, W=W, noise_logvar=noise_logvar, logits=new_logits,
+                means=new_means, logvars=new_logvars, elbo=float(log_lik) - kl)
+
+
+def _bound_kl(mu, logvar, logits, means, logvars, prior_index) -> float:
+    """Mean over rows of the KL bound, by the fused op's forward."""
+    from ..ops import reparam_gmm_kl
+    _, kl = reparam_gmm_kl(mu, logvar, logits, means, logvars, eps=torch.zeros_like(mu),
+                           reduction="sum", prior_index=prior_index, kl="bound")
+    return float(kl) / mu.shape[0]
+
+
+@dataclass(frozen=True)
+class LinearEMRecipe(LinearRecipe):
+    """The linear decoder fitted by variational EM (see the module docstring): ``max_iter`` caps
+    the iterations of a restart, which stops once converged; the learning rates, ``kl``,
+    ``prior_warmup``, ``lr_decay`` and ``n_eval_samples`` do not apply (the objective is the
+    ELBO with the KL bound, deterministic)."""
+    decoder: str = "linear_em"
+    solver: str = "em"
+    auto_max_iter: ClassVar[int] = 1000
+    auto_restarts: ClassVar[int] = 2
+
+    @classmethod
+    def check_parameters(cls, table_optimizer: str, posterior_covariance: str) -> None:
+        for name, value in (("table_optimizer", table_optimizer),
+                            ("posterior_covariance", posterior_covariance)):
+            if value != EM_SETTINGS[name]:
+                raise InvalidParameterError(
+                    f"solver='em' updates every row in closed form with a diagonal posterior: "
+                    f"{name} must be {EM_SETTINGS[name]!r}, got {value!r} (or use "
+                    f"solver='adam')")
+
+    @property
+    def fitted_name(self) -> str:
+        return "linear"
+
+    def make_decoder(self):
+        return "linear"
+
+    def build_model(self, n_rows: int, data_dim: int, device) -> HalfVAE:
+        model = super().build_model(n_rows, data_dim, device)
+        model.kl = "bound"
+        return model
+
+    def make_optimizers(self, model: HalfVAE) -> list:
+        return []
+
+    def set_learning_rates(self, model: HalfVAE, optimizers: list, factor: float) -> None:
+        pass
+
+    def epoch(self, model: HalfVAE, optimizers: list, Xw: torch.Tensor,
+              generator: torch.Generator, epoch: int, u=None) -> float:
+        """One EM iteration on every row (the state is the model's); returns the ELBO per sample
+        after it."""
+        lat, prior, lik = model.latents, model.prior, model.likelihood
+        index = counts = None
+        if u is not None and prior.conditional:
+            index = u
+            counts = torch.bincount(u, minlength=prior.num_groups)
+        new = em_iteration(Xw, lat.mu.detach(), lat.logvar.detach(),
+                           model.decoder.weight.detach(), lik.logvar.detach(),
+                           prior.logits.detach(), prior.means.detach(), prior.logvars.detach(),
+                           learn_noise=lik.learned, prior_index=index, group_counts=counts)
+        with torch.no_grad():
+            for param, name in ((lat.mu, "mu"), (lat.logvar, "logvar"),
+                                (model.decoder.weight, "W"), (prior.logits, "logits"),
+                                (prior.means, "means"), (prior.logvars, "logvars")):
+                param.copy_(new[name])
+            if lik.learned:
+                lik.logvar.copy_(new["noise_logvar"])
+        return new["elbo"]
+
+    def converged(self, history: list) -> bool:
+        """True once the ELBO per sample rose by less than CONVERGED a step over the last
+        CONVERGED_WINDOW iterations (a decrease counts as converged too: EM's blocks only rise,
+        so a fall is rounding or the transform step overshooting at the optimum)."""
+        if len(history) <= CONVERGED_WINDOW:
+            return False
+        return (history[-1] - history[-1 - CONVERGED_WINDOW]) / CONVERGED_WINDOW < CONVERGED
+
+    def final_elbo(self, model: HalfVAE, Xw: torch.Tensor, seed: int, u=None) -> float:
+        """The ELBO per sample with the KL bound (deterministic: one evaluation)."""
+        return final_elbo(model, Xw, seed, 1, u)
