@@ -37,7 +37,7 @@ from ..models import HalfVAE
 from .param_validation import InvalidParameterError
 from .recipe import LinearRecipe, final_elbo
 
-__all__ = ["LinearEMRecipe", "em_iteration", "CONVERGED", "CONVERGED_WINDOW", "EM_SETTINGS"]
+__all__ = ["LinearEMRecipe", "em_iteration", "row_statistics", "prior_update", "CONVERGED", "CONVERGED_WINDOW", "EM_SETTINGS"]
 
 # A restart has converged when its ELBO per sample rose by less than this many nats per
 # iteration, on average over the last CONVERGED_WINDOW iterations.
@@ -56,18 +56,63 @@ MIN_PRIOR_VAR = 1e-6
 EM_SETTINGS = {"batch_size": None, "table_optimizer": "torch",
                "posterior_covariance": "diagonal"}
 
-_kl_backward = None
+# Gauss-Hermite nodes of the expectations under q for kl="mc" (the exact ELBO, of which the
+# Monte-Carlo KL is an unbiased estimate): exact for polynomials of degree 2 * QUADRATURE - 1 in
+# z; the posteriors are far narrower than the prior's components.
+QUADRATURE = 5
 
 
-def _bound_gradients(mu, logvar, logits, means, logvars, prior_index, zeros, ones):
-    """Gradients of sum_n KL_bound(q_n || p) with respect to mu, logvar [n, K] and the three
-    prior tables, from the fused op's backward (no autograd graph)."""
-    global _kl_backward
-    if _kl_backward is None:
+class KLStatistics:
+    """The KL term's value and gradients for EM, from the fused op without autograd. kl="bound":
+    the closed-form bound at each row's posterior. kl="mc": KL(q || p) itself, the expectation
+    over q as a Gauss-Hermite sum of the op's Monte-Carlo KL at the nodes eps_j (the rows
+    repeated once per node, one op call). The gradients have the bound's algebra either way:
+    d KL / d mu = E_q psi(z) and d KL / d logvar = (s^2 E_q psi'(z) - 1) / 2 (psi = -d log p /
+    dz; Stein's lemma), the prior's are sums of responsibility-weighted moments."""
+
+    def __init__(self, kl: str, n: int, K: int, dtype, device, prior_index=None):
+        self.kl = kl
+        nodes = 1 if kl == "bound" else QUADRATURE
+        if nodes == 1:
+            self.eps = torch.zeros(n, K, dtype=dtype, device=device)
+            self.weights = torch.ones(n, dtype=dtype, device=device)
+        else:
+            t, w = _hermite_nodes(nodes)
+            self.eps = (math.sqrt(2.0) * t).to(dtype).repeat_interleave(n)[:, None].expand(
+                nodes * n, K).contiguous().to(device)
+            self.weights = (w / math.sqrt(math.pi)).to(dtype).repeat_interleave(n).to(device)
+        self.nodes = nodes
+        self.zeros = torch.zeros_like(self.eps)
+        self.prior_index = None if prior_index is None else prior_index.repeat(nodes)
+        self._code = 1 if kl == "bound" else 0
+
+    def _rows(self, t):
+        return t if self.nodes == 1 else t.repeat(self.nodes, 1)
+
+    def gradients(self, mu, logvar, logits, means, logvars):
+        """(d/d mu, d/d logvar [n, K], d/d logits, d/d means, d/d logvars) of sum_n KL(q_n || p)."""
         from .. import ops  # noqa: F401  (loads the extension, which registers the op)
-        _kl_backward = torch.ops.halfvae_ext.reparam_gmm_kl_backward
-    return _kl_backward(zeros, ones, mu, logvar, logits, means, logvars, zeros, None, 1, True,
-                        prior_index, 1, False)
+        g_mu, g_lv, g_logits, g_means, g_logvars = torch.ops.halfvae_ext.reparam_gmm_kl_backward(
+            self.zeros, self.weights, self._rows(mu), self._rows(logvar), logits, means, logvars,
+            self.eps, None, 1, True, self.prior_index, self._code, False)
+        if self.nodes > 1:
+            n = mu.shape[0]
+            g_mu = g_mu.view(self.nodes, n, -1).sum(0)
+            g_lv = g_lv.view(self.nodes, n, -1).sum(0)
+        return g_mu, g_lv, g_logits, g_means, g_logvars
+
+    def mean_kl(self, mu, logvar, logits, means, logvars) -> float:
+        """KL(q_n || p) averaged over the rows."""
+        from ..ops import reparam_gmm_kl
+        _, kl = reparam_gmm_kl(self._rows(mu), self._rows(logvar), logits, means, logvars,
+                               eps=self.eps, prior_index=self.prior_index, kl=self.kl)
+        return float((kl * self.weights).sum()) / mu.shape[0]
+
+
+def _hermite_nodes(n: int):
+    import numpy as np
+    t, w = np.polynomial.hermite.hermgauss(n)
+    return torch.from_numpy(t), torch.from_numpy(w)
 
 
 def _conjugate_gradient(G, P, c, x, steps: int):
@@ -116,44 +161,66 @@ def _transform_step(M, S2, g_mu, P):
     return eye + E
 
 
+def row_statistics(g_mu, g_lv, mu, logvar):
+    """(P, h) [n, K] of every row from the KL's gradients at (mu, logvar) (:class:`KLStatistics`):
+    P = E_q psi'(z), the prior's curvature under q, and h = P mu - E_q psi(z), so that the
+    prior's part of the ELBO is -P mu^2 / 2 + h mu + const to second order (exactly, given the
+    responsibilities, for the bound: P = sum_c r_c / v_c, h = sum_c r_c m_c / v_c). Where the
+    prior is not log-concave P can be negative; it is floored at 0, which makes the row update
+    a damped Newton step (the likelihood's curvature G keeps it well posed)."""
+    P = ((2.0 * g_lv + 1.0) / logvar.exp()).clamp_min(0.0)
+    return P, P * mu - g_mu
+
+
+def prior_update(g_logits, g_means, g_logvars, logits, means, logvars, rows):
+    """The prior's M step: weights, means and log-variances that maximize the ELBO given the
+    responsibilities r of the rows, from the KL bound's gradients with respect to the prior
+    tables (sums over rows: g_logits = rows pi - sum r, g_means = -(sum r mu - m sum r) / v,
+    g_logvars = (sum r - sum r (s^2 + (mu - m)^2) / v) / 2). rows: the row count, or [U, 1, 1]
+    per group. Returns (logits, means, logvars)."""
+    v = logvars.exp()
+    w = rows * torch.softmax(logits, -1) - g_logits
+    # A component that no row is responsible for keeps its place and width (0 / 0 otherwise).
+    alive = w > 1e-6
+    w = torch.where(alive, w, 1e-6)
+    new_means = torch.where(alive, means - v * g_means / w, means)
+    # sum r (s^2 + (mu - m_new)^2) = sum r (s^2 + (mu - m)^2) - w (m_new - m)^2
+    spread = v * (w - 2.0 * g_logvars) / w - (new_means - means) ** 2
+    new_logvars = torch.where(alive, spread.clamp_min(MIN_PRIOR_VAR).log(), logvars)
+    return (w / w.sum(-1, keepdim=True)).log(), new_means, new_logvars
+
+
 @torch.no_grad()
 def em_iteration(X, mu, logvar, W, noise_logvar, logits, means, logvars, *, learn_noise: bool,
-                 prior_index=None, group_counts=None):
+                 kl: str = "mc", prior_index=None, group_counts=None):
     """One EM iteration from the state (mu, logvar [n, K], W [d, K], noise_logvar [d], prior
     tables [K, C] or [U, K, C]) on the whitened rows X [n, d]; returns the new state as a dict of
     tensors in the same dtypes, and ``elbo``, the ELBO per sample of the new state. prior_index
-    [n]: each row's group for a conditional prior, with group_counts [U] its rows per group."""
+    [n]: each row's group for a conditional prior, with group_counts [U] its rows per group.
+    kl: "mc" (the ELBO itself) or "bound" (with the closed-form KL bound): see KLStatistics."""
     n, K = mu.shape
     dtype = mu.dtype
-    zeros = torch.zeros_like(mu)
-    ones = torch.ones(n, dtype=dtype, device=mu.device)
+    stats = KLStatistics(kl, n, K, dtype, mu.device, prior_index)
     psi = noise_logvar.clamp_min(MIN_NOISE_LOGVAR).exp()
     Wp = W / psi[:, None]
     G = W.T @ Wp
 
     # 1. rows, given r at the current state
-    g_mu, g_lv, *_ = _bound_gradients(mu, logvar, logits, means, logvars, prior_index, zeros,
-                                      ones)
-    S2 = logvar.exp()
-    P = (2.0 * g_lv + 1.0) / S2
-    h = P * mu - g_mu
+    g_mu, g_lv, *_ = stats.gradients(mu, logvar, logits, means, logvars)
+    P, h = row_statistics(g_mu, g_lv, mu, logvar)
     S2 = 1.0 / (torch.diagonal(G) + P)
     logvar = S2.log()
     mu = _conjugate_gradient(G, P, torch.addmm(h, X, Wp), mu, CG_STEPS)
 
     # 2. the prior, from r at the new rows
-    g_mu, g_lv, g_logits, g_means, g_logvars = _bound_gradients(
-        mu, logvar, logits, means, logvars, prior_index, zeros, ones)
+    g_mu, g_lv, g_logits, g_means, g_logvars = stats.gradients(mu, logvar, logits, means,
+                                                                logvars)
     rows = float(n) if group_counts is None else group_counts.to(logits)[:, None, None]
-    v = logvars.exp()
-    w = (rows * torch.softmax(logits, -1) - g_logits).clamp_min(1e-10 * n)
-    new_means = means - v * g_means / w
-    spread = v * (w - 2.0 * g_logvars) / w - (new_means - means) ** 2
-    new_logvars = spread.clamp_min(MIN_PRIOR_VAR).log()
-    new_logits = (w / w.sum(-1, keepdim=True)).log()
+    new_logits, new_means, new_logvars = prior_update(g_logits, g_means, g_logvars, logits,
+                                                      means, logvars, rows)
 
     # 3. the transform step, with r of step 2
-    P = (2.0 * g_lv + 1.0) / S2
+    P, _ = row_statistics(g_mu, g_lv, mu, logvar)
     T = _transform_step(mu, S2, g_mu, P)
     if T is not None:
         T = T.to(dtype)
@@ -166,31 +233,22 @@ def em_iteration(X, mu, logvar, W, noise_logvar, logits, means, logvars, *, lear
     MtM = (mu.T @ mu).double() + torch.diag(sum_s2.double())
     W = torch.linalg.solve(MtM, (mu.T @ X).double()).T.to(dtype)
     R = torch.addmm(X, mu, W.T, alpha=-1.0)
-    trace = (W * W) @ (sum_s2 / n)
+    sq = (R * R).mean(0) + (W * W) @ (sum_s2 / n)  # E_q (x - W z)^2 per feature
     if learn_noise:
-        noise_logvar = ((R * R).mean(0) + trace).clamp_min(math.exp(MIN_NOISE_LOGVAR)).log()
-        psi = noise_logvar.exp()
-    log_lik = -0.5 * (math.log(2 * math.pi) * X.shape[1] + noise_logvar.clamp_min(
-        MIN_NOISE_LOGVAR).sum() + ((R * R).mean(0) + trace).div(psi).sum())
-    kl = _bound_kl(mu, logvar, new_logits, new_means, new_logvars, prior_index)
+        noise_logvar = sq.clamp_min(math.exp(MIN_NOISE_LOGVAR)).log()
+    lv = noise_logvar.clamp_min(MIN_NOISE_LOGVAR)
+    log_lik = -0.5 * (math.log(2 * math.pi) * X.shape[1] + lv.sum() + (sq / lv.exp()).sum())
+    kl_mean = stats.mean_kl(mu, logvar, new_logits, new_means, new_logvars)
     return dict(mu=mu, logvar=logvar, W=W, noise_logvar=noise_logvar, logits=new_logits,
-                means=new_means, logvars=new_logvars, elbo=float(log_lik) - kl)
-
-
-def _bound_kl(mu, logvar, logits, means, logvars, prior_index) -> float:
-    """Mean over rows of the KL bound, by the fused op's forward."""
-    from ..ops import reparam_gmm_kl
-    _, kl = reparam_gmm_kl(mu, logvar, logits, means, logvars, eps=torch.zeros_like(mu),
-                           reduction="sum", prior_index=prior_index, kl="bound")
-    return float(kl) / mu.shape[0]
+                means=new_means, logvars=new_logvars, elbo=float(log_lik) - kl_mean)
 
 
 @dataclass(frozen=True)
 class LinearEMRecipe(LinearRecipe):
     """The linear decoder fitted by variational EM (see the module docstring): ``max_iter`` caps
-    the iterations of a restart, which stops once converged; the learning rates, ``kl``,
-    ``prior_warmup``, ``lr_decay`` and ``n_eval_samples`` do not apply (the objective is the
-    ELBO with the KL bound, deterministic)."""
+    the iterations of a restart, which stops once converged; ``kl`` chooses the objective (the
+    ELBO, its expectations by quadrature, or the ELBO with the KL bound); the learning rates,
+    ``prior_warmup``, ``lr_decay`` and ``n_eval_samples`` do not apply."""
     decoder: str = "linear_em"
     solver: str = "em"
     auto_max_iter: ClassVar[int] = 1000
@@ -213,11 +271,6 @@ class LinearEMRecipe(LinearRecipe):
     def make_decoder(self):
         return "linear"
 
-    def build_model(self, n_rows: int, data_dim: int, device) -> HalfVAE:
-        model = super().build_model(n_rows, data_dim, device)
-        model.kl = "bound"
-        return model
-
     def make_optimizers(self, model: HalfVAE) -> list:
         return []
 
@@ -236,7 +289,8 @@ class LinearEMRecipe(LinearRecipe):
         new = em_iteration(Xw, lat.mu.detach(), lat.logvar.detach(),
                            model.decoder.weight.detach(), lik.logvar.detach(),
                            prior.logits.detach(), prior.means.detach(), prior.logvars.detach(),
-                           learn_noise=lik.learned, prior_index=index, group_counts=counts)
+                           learn_noise=lik.learned, kl=self.kl, prior_index=index,
+                           group_counts=counts)
         with torch.no_grad():
             for param, name in ((lat.mu, "mu"), (lat.logvar, "logvar"),
                                 (model.decoder.weight, "W"), (prior.logits, "logits"),
@@ -254,6 +308,15 @@ class LinearEMRecipe(LinearRecipe):
             return False
         return (history[-1] - history[-1 - CONVERGED_WINDOW]) / CONVERGED_WINDOW < CONVERGED
 
+    @torch.no_grad()
     def final_elbo(self, model: HalfVAE, Xw: torch.Tensor, seed: int, u=None) -> float:
-        """The ELBO per sample with the KL bound (deterministic: one evaluation)."""
-        return final_elbo(model, Xw, seed, 1, u)
+        """The ELBO per sample that the iterations climb (deterministic: kl="mc" by the same
+        quadrature); -inf if not finite."""
+        lat, prior = model.latents, model.prior
+        index = u if u is not None and prior.conditional else None
+        stats = KLStatistics(self.kl, *lat.mu.shape, lat.mu.dtype, lat.mu.device, index)
+        log_lik = model.likelihood.expected_log_prob_linear(Xw, model.decoder, lat.mu,
+                                                            lat.logvar).mean()
+        elbo = float(log_lik) - stats.mean_kl(lat.mu, lat.logvar, prior.logits, prior.means,
+                                              prior.logvars)
+        return elbo if math.isfinite(elbo) else -math.inf
