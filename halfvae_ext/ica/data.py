@@ -36,6 +36,7 @@ __all__ = [
     "make_piecewise_stationary",
     "make_underdetermined",
     "make_sample_images",
+    "make_eeg_like",
 ]
 
 # Slope of the negative part of the mixing MLPs' leaky ReLU: nonzero, so each layer is invertible.
@@ -391,3 +392,80 @@ def make_sample_images(stride: int = 4, random_state=None) -> ICAProblem:
     S = _standardize(np.stack([g.ravel() for g in gray], axis=1))
     A = _well_conditioned(rng, 2)
     return ICAProblem(X=S @ A.T, S=S, A=A, name="sample_images", image_shape=shape)
+
+
+# Source kinds of make_eeg_like, cycled over the sources: super-Gaussian (sparse activity, blinks,
+# heavy tails), sub-Gaussian (line noise, a bounded drift, two-state switching) and an
+# amplitude-modulated rhythm.
+_RECORDING_KINDS = ("laplace", "blinks", "line", "student", "rhythm", "uniform", "switching")
+
+
+def _recording_source(rng: np.random.Generator, kind: str, n: int, rate: float) -> np.ndarray:
+    t = np.arange(n) / rate
+    if kind == "blinks":  # ~0.3 s bumps at random times, a few per 10 s
+        spikes = (rng.random(n) < 0.3 / rate).astype(np.float64)
+        width = int(0.1 * rate) + 1
+        kernel = np.exp(-0.5 * (np.arange(-3 * width, 3 * width + 1) / width) ** 2)
+        return np.convolve(spikes, kernel, mode="same") + 0.05 * rng.standard_normal(n)
+    if kind == "line":  # mains hum: a sine of 50 Hz at a random phase
+        return np.sin(2 * np.pi * 50.0 * t + rng.uniform(0, 2 * np.pi))
+    if kind == "student":
+        return rng.standard_t(4, size=n)
+    if kind == "rhythm":  # an 8-12 Hz oscillation whose amplitude drifts over seconds
+        envelope = 1.0 + 0.8 * np.sin(2 * np.pi * rng.uniform(0.05, 0.3) * t
+                                      + rng.uniform(0, 2 * np.pi))
+        return envelope * np.sin(2 * np.pi * rng.uniform(8.0, 12.0) * t
+                                 + rng.uniform(0, 2 * np.pi))
+    if kind == "switching":  # a two-state process, dwelling ~0.5 s in each state
+        flips = rng.random(n) < 2.0 / rate
+        return np.where(np.cumsum(flips) % 2 == 0, -1.0, 1.0) + 0.2 * rng.standard_normal(n)
+    return _iid_source(rng, kind, n)
+
+
+RADII = (0.6, 0.85)  # dipole radii (the scalp at 1)
+
+
+def _hemisphere_lattice(n: int) -> np.ndarray:
+    """[n, 3] points spread evenly over the unit sphere's upper half (a Fibonacci lattice)."""
+    i = np.arange(n) + 0.5
+    z = i / n
+    phi = np.pi * (1 + 5 ** 0.5) * i
+    rho = np.sqrt(1 - z * z)
+    return np.stack([rho * np.cos(phi), rho * np.sin(phi), z], axis=1)
+
+
+def _scalp_lead_field(rng: np.random.Generator, n_channels: int, n_sources: int) -> np.ndarray:
+    """[n_channels, n_sources], unit columns: the potentials at electrodes spread over a unit
+    sphere's upper half of current dipoles with random orientations, one under each patch of
+    scalp (spread as the electrodes are, in random order, at depths 0.15-0.4), in an infinite
+    homogeneous conductor (p . (r - r0) / |r - r0|^3): smooth, overlapping scalp maps, as EEG
+    mixing is (condition numbers of a few hundred to thousands)."""
+    electrodes = _hemisphere_lattice(n_channels)
+    places = _hemisphere_lattice(n_sources)[rng.permutation(n_sources)] \
+        * rng.uniform(*RADII, size=(n_sources, 1))
+    moments = rng.standard_normal((n_sources, 3))
+    moments /= np.linalg.norm(moments, axis=1, keepdims=True)
+    d = electrodes[:, None, :] - places[None, :, :]  # [channels, sources, 3]
+    A = (d * moments[None]).sum(-1) / np.linalg.norm(d, axis=-1) ** 3
+    return A / np.linalg.norm(A, axis=0, keepdims=True)
+
+
+def make_eeg_like(n_samples: int = 250_000, n_channels: int = 64, noise: float = 0.01,
+                  rate: float = 250.0, random_state=None) -> ICAProblem:
+    """A synthetic EEG-sized recording with known sources: ``n_channels`` sources (as many as
+    channels), cycling over sparse activity (Laplace), blinks, mains hum, heavy tails (t, 4
+    degrees of freedom), an amplitude-modulated alpha rhythm, a bounded drift (uniform) and
+    two-state switching, sampled at ``rate`` Hz; mixed by dipoles' scalp maps
+    (:func:`_scalp_lead_field`, ill-conditioned like real lead fields), plus Gaussian sensor
+    noise of ``noise`` times each clean channel's std. X [n_samples, n_channels]."""
+    n_samples = check_int("n_samples", n_samples, 2)
+    n_channels = check_int("n_channels", n_channels, 1)
+    noise = check_real("noise", noise, 0.0, np.inf, high_open=True)
+    rate = check_real("rate", rate, 0.0, np.inf, high_open=True)
+    rng = make_rng(random_state)
+    kinds = [_RECORDING_KINDS[j % len(_RECORDING_KINDS)] for j in range(n_channels)]
+    S = _standardize(np.stack([_recording_source(rng, k, n_samples, rate) for k in kinds],
+                              axis=1))
+    A = _scalp_lead_field(rng, n_channels, n_channels)
+    return ICAProblem(X=_add_relative_noise(S @ A.T, noise, rng), S=S, A=A,
+                      name=f"eeg_like_{n_channels}x{n_samples}")
