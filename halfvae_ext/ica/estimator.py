@@ -25,7 +25,7 @@ from ..atomic_io import check_writable
 from . import file_format
 from .param_validation import (HALFVAEICA_PARAMETERS, InvalidParameterError, usable_device,
                                validate_parameters)
-from .preprocessing import (FLOAT_DTYPES, Whitening, check_data, check_u, fit_whitening,
+from .preprocessing import (Whitening, check_data, check_new_rows, check_u, fit_whitening,
                             run_fingerprint, segment_codes)
 from .recipe import Recipe, elbo_change, restart_seeds, torch_threads
 from .run_parameters import (ADDED_PARAMETER_DEFAULTS, recipe_for, recipe_from_parameters,
@@ -86,8 +86,9 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         random normals, or scikit-learn's FastICA sources (an opt-in warm start).
     max_iter : int or "auto"
         Training epochs per restart (full passes over the data; one step each when
-        full-batch). "auto": 1500, and 200 for the flow decoder (each of its epochs is many
-        mini-batch steps).
+        full-batch; an EM iteration with solver "em"). "auto": 1500; 1000 for EM, whose restarts
+        stop once the ELBO per sample rises by less than 5e-4 nats an iteration; 200 for the
+        flow decoder (each of its epochs is many mini-batch steps).
     batch_size : int or None
         None (or at least n_samples): full batch. Else mini-batches (the table then uses sparse
         gradients and SparseAdam, so rows outside a batch are not moved by stale momentum).
@@ -107,13 +108,20 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         Fraction of each restart's epochs, at the end, over which the learning rates decay to 1%
         along a half cosine (constant before).
     n_restarts : int or "auto"
-        Independent restarts; the one with the best final ELBO is kept. "auto": 4; 1 for the
-        flow; 2 for "auto" with u (restart 1 the linear flow).
+        Independent restarts; the one with the best final ELBO is kept. "auto": 4; 2 for EM;
+        1 for the flow; 2 for "auto" with u (restart 1 the linear flow).
     n_eval_samples : int
         Monte-Carlo draws of the final ELBO that compares restarts.
     kl : {"mc", "bound"}
-        KL term of the ELBO: the one-draw Monte-Carlo estimate, or the closed-form upper bound
+        KL term of the ELBO: the one-draw Monte-Carlo estimate (with solver "em": its
+        expectation, the KL itself, by Gauss-Hermite quadrature), or the closed-form upper bound
         of the KL to a mixture (no sampling noise in the KL; the ELBO stays a lower bound).
+    solver : {"auto", "em", "adam"}
+        How the linear decoder is fitted. "em": variational EM (:mod:`.em_recipe`; rows,
+        prior, W and noise in closed form plus a Newton step in the unmixing; full batch,
+        diagonal posterior; tens of times faster). "adam": gradient steps (every decoder).
+        "auto": "em" for the linear decoder unless mini-batches, a fused ``table_optimizer``, a
+        full posterior or a noise schedule ask for "adam"; "adam" for the others.
     posterior_covariance : {"diagonal", "full"}
         Each row's posterior: mean-field, or a full covariance (a Cholesky factor per row; not
         with a fused ``table_optimizer`` nor the flow decoder). With u, ``n_mixture=1`` and
@@ -431,18 +439,6 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         same rows are ``posterior_means_``."""
         return self.fit(X, y, **fit_params).transform(X, u=fit_params.get("u"))
 
-    def _check_X(self, X, name="X") -> np.ndarray:
-        if X is None or isinstance(X, (str, bytes)) or np.isscalar(X):
-            raise TypeError(f"{name} must be a 2-D array-like of numbers, got {type(X).__name__}")
-        if isinstance(X, torch.Tensor):
-            X = X.detach().cpu().numpy()
-        try:
-            return validate_data(self, X, reset=False, dtype=FLOAT_DTYPES, ensure_all_finite=True)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
-        except TypeError as e:
-            raise TypeError(f"{name}: {e}") from None
-
     def transform(self, X, u=None):
         """Sources of rows X [m, n_features] -> [m, K], each row's from that row alone (the
         same call gives the same bits; other batches agree to floating-point accuracy).
@@ -458,7 +454,7 @@ class HalfVAEICA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimato
         posterior mode uses each row's segment prior); optional, and checked, for the others.
         """
         check_is_fitted(self)
-        X = self._check_X(X)
+        X = check_new_rows(self, X)
         codes = segment_codes(u, X.shape[0], getattr(self, "segments_", None))
         kind = self._fit_recipe.transform_kind
         if kind == "unmixing":

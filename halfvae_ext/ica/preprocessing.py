@@ -166,3 +166,20 @@ def segment_codes(u, n_rows: int, segments) -> np.ndarray | None:
                          f"{' ...' if unseen.size > 10 else ''} (the fitted segments are "
                          "segments_)")
     return np.searchsorted(segments, u)
+
+
+def check_new_rows(estimator, X, name: str = "X") -> np.ndarray:
+    """X [m, n_features] for a fitted estimator's transform, checked by scikit-learn's
+    validate_data (features as in fit, finite), errors naming ``name``."""
+    from sklearn.utils.validation import validate_data
+    if X is None or isinstance(X, (str, bytes)) or np.isscalar(X):
+        raise TypeError(f"{name} must be a 2-D array-like of numbers, got {type(X).__name__}")
+    if isinstance(X, torch.Tensor):
+        X = X.detach().cpu().numpy()
+    try:
+        return validate_data(estimator, X, reset=False, dtype=FLOAT_DTYPES,
+                             ensure_all_finite=True)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    except TypeError as e:
+        raise TypeError(f"{name}: {e}") from None
