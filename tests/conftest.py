@@ -67,3 +67,15 @@ def has_cuda():
 
 
 requires_cuda = pytest.mark.skipif(not has_cuda(), reason="needs a CUDA GPU and the CUDA kernels")
+
+
+def assert_same_fit(a, b):
+    """Two fitted HalfVAEICA are the same fit: model states, ELBO histories and restarts equal."""
+    import numpy as np
+    sa, sb = a.model_.state_dict(), b.model_.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    np.testing.assert_array_equal(a.elbo_history_, b.elbo_history_)
+    np.testing.assert_array_equal(a.restart_elbos_, b.restart_elbos_)
+    assert a.best_restart_ == b.best_restart_ and a.n_iter_ == b.n_iter_

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_fit
 
 from halfvae_ext import reference
 from halfvae_ext.ica import HalfVAEICA, make_linear, make_paper_linear, mean_corr_coef
@@ -214,13 +215,7 @@ def test_a_restart_stops_once_converged_and_max_iter_caps_it(laplace):
     assert capped.n_iter_ == 7
 
 
-def _same_fit(a, b):
-    sa, sb = a.model_.state_dict(), b.model_.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
-    np.testing.assert_array_equal(a.elbo_history_, b.elbo_history_)
-    np.testing.assert_array_equal(a.restart_elbos_, b.restart_elbos_)
+_same_fit = assert_same_fit
 
 
 def test_stop_save_load_resume_equals_uninterrupted(laplace, tmp_path):

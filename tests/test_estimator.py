@@ -4,6 +4,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_fit
 from sklearn.base import clone
 
 from halfvae_ext.atomic_io import atomic_torch_save
@@ -31,14 +32,7 @@ def fitted(laplace):
     return est, S
 
 
-def _state_equal(a: HalfVAEICA, b: HalfVAEICA):
-    sa, sb = a.model_.state_dict(), b.model_.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
-    np.testing.assert_array_equal(a.elbo_history_, b.elbo_history_)
-    np.testing.assert_array_equal(a.restart_elbos_, b.restart_elbos_)
-    assert a.best_restart_ == b.best_restart_ and a.n_iter_ == b.n_iter_
+_state_equal = assert_same_fit
 
 
 # ----------------------------------------------------------------------------- basics
