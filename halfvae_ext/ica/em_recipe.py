@@ -1,16 +1,19 @@
 """The linear decoder fitted by variational EM (``solver="em"``): coordinate ascent on the Half-VAE
-ELBO with the closed-form KL bound, each block maximized exactly, plus a Newton step in the
-directions that EM alone climbs slowly.
+ELBO, block by block, plus a Newton step in the directions that EM alone climbs slowly.
 
-The objective is the model of :class:`~halfvae_ext.ica.recipe.LinearRecipe` (x = W z + noise,
-diagonal noise, a per-dimension Gaussian-mixture prior, a diagonal Gaussian posterior per row)
-with ``kl="bound"``: KL(q || p_k) <= sum_c r_c [KL(q || N(m_c, v_c)) + log r_c - log pi_c],
-tight at r_c proportional to pi_c exp(-KL(q || N(m_c, v_c))) (Hershey & Olsen 2007). Given r
-every block has a closed form, so one iteration (an "epoch") is, in the spirit of Attias' IFA:
+The model is :class:`~halfvae_ext.ica.recipe.LinearRecipe`'s (x = W z + diagonal noise, a
+per-dimension Gaussian-mixture prior, a diagonal Gaussian posterior per row). With
+``kl="bound"`` the KL is KL(q || p_k) <= sum_c r_c [KL(q || N(m_c, v_c)) + log r_c - log pi_c],
+tight at r_c proportional to pi_c exp(-KL(q || N(m_c, v_c))) (Hershey & Olsen 2007), and given r
+every block has a closed form; with ``kl="mc"`` (the default) the KL itself, its expectations
+under q by Gauss-Hermite quadrature (:class:`KLStatistics`), the same algebra with the
+responsibilities taken at the quadrature nodes. One iteration (an "epoch"), in the spirit of
+Attias' IFA:
 
-1. rows: each row's posterior given W, the noise and the prior, its variances in closed form
-   and its mean by two conjugate-gradient steps on the K x K system (G + diag P_n) mu_n = c_n,
-   G = W^T Psi^-1 W, warm-started at the previous mean (each CG step raises the ELBO);
+1. rows: each row's posterior given W, the noise and the prior: its variances from the curvature
+   P_n, its mean by two conjugate-gradient steps on (G + diag P_n) mu_n = c_n, G = W^T Psi^-1 W,
+   warm-started at the previous mean (for the bound, exact block ascent; for the KL itself, a
+   damped Newton step);
 2. the prior: weights, means and variances from the rows' responsibilities (a GMM M step);
 3. a Newton step in the group of transforms z -> T z, W -> W T^-1 that leaves the reconstruction
    unchanged (parameter expansion): plain EM moves W by O(noise variance) an iteration, so in a
@@ -18,12 +21,12 @@ every block has a closed form, so one iteration (an "epoch") is, in the spirit o
    log|det T| + E_q log p(T z), and Picard's Hessian approximation gives the step;
 4. W and the noise variances: least squares given the posteriors (the M step).
 
-The responsibilities and their sums come from the fused op's backward at ``kl="bound"``: its
-gradients are exactly the statistics EM needs (d KL / d mu = P mu - h, d KL / d logvar =
-(P s^2 - 1) / 2, and the prior's gradients are the responsibility-weighted sums), one pass over
-the rows each. An iteration is deterministic, so a run resumes exactly from the model's state;
-a restart stops when the ELBO per sample has risen by less than ``CONVERGED`` per iteration over
-the last ``CONVERGED_WINDOW`` iterations, or after ``max_iter``.
+The statistics come from the fused op's backward: its gradients are exactly what EM needs
+(d KL / d mu = E_q psi(z), d KL / d logvar = (s^2 E_q psi'(z) - 1) / 2, the prior's gradients
+the responsibility-weighted sums), one op call each. An iteration is deterministic, so a run
+resumes exactly from the model's state; a restart stops when the ELBO per sample has risen by
+less than ``CONVERGED`` per iteration over the last ``CONVERGED_WINDOW`` iterations, or after
+``max_iter``.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ import torch
 
 from ..models import HalfVAE
 from .param_validation import InvalidParameterError
-from .recipe import LinearRecipe, final_elbo
+from .recipe import LinearRecipe
 
 __all__ = ["LinearEMRecipe", "em_iteration", "row_statistics", "prior_update", "CONVERGED", "CONVERGED_WINDOW", "EM_SETTINGS"]
 
