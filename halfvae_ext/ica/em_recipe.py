@@ -38,7 +38,6 @@ from typing import ClassVar
 import torch
 
 from ..models import HalfVAE
-from .param_validation import InvalidParameterError
 from .recipe import LinearRecipe
 
 __all__ = ["LinearEMRecipe", "em_iteration", "row_statistics", "prior_update", "CONVERGED", "CONVERGED_WINDOW", "EM_SETTINGS"]
@@ -55,8 +54,8 @@ MAX_STEP = 0.5
 MIN_NOISE_LOGVAR = -12.0
 MIN_PRIOR_VAR = 1e-6
 
-# The settings that only the gradient solver uses (EM ignores them; "auto" picks EM only when
-# they keep the values EM can honour).
+# The values of the settings EM can honour (others need the gradient solver: see
+# run_parameters.resolve_decoder, which refuses or falls back before a recipe is built).
 EM_SETTINGS = {"batch_size": None, "table_optimizer": "torch",
                "posterior_covariance": "diagonal"}
 
@@ -279,16 +278,6 @@ class LinearEMRecipe(LinearRecipe):
     solver: str = "em"
     auto_max_iter: ClassVar[int] = 1000
     auto_restarts: ClassVar[int] = 2
-
-    @classmethod
-    def check_parameters(cls, table_optimizer: str, posterior_covariance: str) -> None:
-        for name, value in (("table_optimizer", table_optimizer),
-                            ("posterior_covariance", posterior_covariance)):
-            if value != EM_SETTINGS[name]:
-                raise InvalidParameterError(
-                    f"solver='em' updates every row in closed form with a diagonal posterior: "
-                    f"{name} must be {EM_SETTINGS[name]!r}, got {value!r} (or use "
-                    f"solver='adam')")
 
     @property
     def fitted_name(self) -> str:
