@@ -497,3 +497,19 @@ def test_sample_images_problem():
     np.testing.assert_array_equal(ica.make_sample_images(8, random_state=0).X, p.X)
     with pytest.raises(ValueError, match="stride"):
         ica.make_sample_images(stride=0)
+
+
+def test_make_eeg_like_is_a_reproducible_mixture_of_its_sources():
+    from halfvae_ext.ica import make_eeg_like
+    P = make_eeg_like(3000, 16, noise=0.0, random_state=4)
+    assert P.X.shape == (3000, 16) and P.S.shape == (3000, 16) and P.A.shape == (16, 16)
+    np.testing.assert_allclose(P.S.mean(0), 0, atol=1e-10)
+    np.testing.assert_allclose(P.S.std(0), 1, rtol=1e-10)
+    np.testing.assert_allclose(P.X, P.S @ P.A.T, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(P.A, axis=0), 1, rtol=1e-12)
+    assert np.linalg.cond(P.A) < 1e5
+    again = make_eeg_like(3000, 16, noise=0.0, random_state=4)
+    np.testing.assert_array_equal(P.X, again.X)
+    noisy = make_eeg_like(3000, 16, noise=0.01, random_state=4)
+    np.testing.assert_array_equal(noisy.S, P.S)
+    assert 0 < np.abs(noisy.X - P.X).max() < 0.2
