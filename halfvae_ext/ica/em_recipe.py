@@ -76,19 +76,15 @@ class KLStatistics:
 
     def __init__(self, kl: str, n: int, K: int, dtype, device, prior_index=None):
         self.kl = kl
-        nodes = 1 if kl == "bound" else QUADRATURE
-        self.nodes, self.n = nodes, n
-        if nodes == 1:
-            self.eps = torch.zeros(n, K, dtype=dtype, device=device)
-            self.weights = torch.ones(n, dtype=dtype, device=device)
-            self.rows = None
-        else:
-            t, w = _hermite_nodes(nodes)
-            self.eps = (math.sqrt(2.0) * t).to(dtype).repeat_interleave(n)[:, None].expand(
-                nodes * n, K).contiguous().to(device)
-            self.weights = (w / math.sqrt(math.pi)).to(dtype).repeat_interleave(n).to(device)
-            # Every row once per node, gathered inside the kernel (no copies of the table).
-            self.rows = torch.arange(n, device=device).repeat(nodes)
+        self.nodes = nodes = 1 if kl == "bound" else QUADRATURE
+        self.n = n
+        t, w = (torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)) \
+            if nodes == 1 else _hermite_nodes(nodes)
+        self.eps = (math.sqrt(2.0) * t).to(dtype).repeat_interleave(n)[:, None].expand(
+            nodes * n, K).contiguous().to(device)
+        self.weights = (w / w.sum()).to(dtype).repeat_interleave(n).to(device)
+        # Every row once per node, gathered inside the kernel (no copies of the table).
+        self.rows = torch.arange(n, device=device).repeat(nodes)
         self.zeros = torch.zeros_like(self.eps)
         self.prior_index = None if prior_index is None else prior_index.repeat(nodes)
         self._code = 1 if kl == "bound" else 0
@@ -96,10 +92,6 @@ class KLStatistics:
     def gradients(self, mu, logvar, logits, means, logvars):
         """(d/d mu, d/d logvar [n, K], d/d logits, d/d means, d/d logvars) of sum_n KL(q_n || p)."""
         from .. import ops  # noqa: F401  (loads the extension, which registers the op)
-        if self.rows is None:
-            return torch.ops.halfvae_ext.reparam_gmm_kl_backward(
-                self.zeros, self.weights, mu, logvar, logits, means, logvars, self.eps, None, 1,
-                True, self.prior_index, self._code, False)
         g_mu, g_lv, g_logits, g_means, g_logvars = \
             torch.ops.halfvae_ext.reparam_gmm_kl_rows_backward(
                 self.zeros, self.weights, mu, logvar, self.rows, logits, means, logvars,
@@ -110,28 +102,18 @@ class KLStatistics:
 
     def mean_kl(self, mu, logvar, logits, means, logvars) -> float:
         """KL(q_n || p) averaged over the rows."""
-        from ..ops import reparam_gmm_kl, reparam_gmm_kl_rows
-        if self.rows is None:
-            _, kl = reparam_gmm_kl(mu, logvar, logits, means, logvars, eps=self.eps,
-                                   prior_index=self.prior_index, kl=self.kl)
-        else:
-            _, kl = reparam_gmm_kl_rows(mu, logvar, self.rows, logits, means, logvars,
-                                        eps=self.eps, prior_index=self.prior_index, kl=self.kl)
+        from ..ops import reparam_gmm_kl_rows
+        _, kl = reparam_gmm_kl_rows(mu, logvar, self.rows, logits, means, logvars, eps=self.eps,
+                                    prior_index=self.prior_index, kl=self.kl)
         return float((kl * self.weights).sum()) / self.n
 
 
-def kl_statistics(kl: str, n: int, K: int, dtype, device, prior_index=None) -> KLStatistics:
-    """A KLStatistics, the last one built again when asked for the same shapes (its node tables
-    are a few copies of the table's size: an iteration should not allocate them anew; a
-    restart's final_elbo releases it)."""
-    if prior_index is not None:
-        return KLStatistics(kl, n, K, dtype, device, prior_index)
-    return _cached_statistics(kl, n, K, dtype, torch.device(device))
-
-
 @functools.lru_cache(maxsize=1)
-def _cached_statistics(kl, n, K, dtype, device):
-    return KLStatistics(kl, n, K, dtype, device)
+def kl_statistics(kl: str, n: int, K: int, dtype, device, prior_index=None) -> KLStatistics:
+    """A KLStatistics, the last one given again when asked for the same arguments (prior_index:
+    the same tensor; its node tables are a few copies of the table's size, which an iteration
+    should not allocate anew; a restart's final_elbo releases it)."""
+    return KLStatistics(kl, n, K, dtype, device, prior_index)
 
 
 def _hermite_nodes(n: int):
@@ -334,5 +316,5 @@ class LinearEMRecipe(LinearRecipe):
                                                             lat.logvar).mean()
         elbo = float(log_lik) - stats.mean_kl(lat.mu, lat.logvar, prior.logits, prior.means,
                                               prior.logvars)
-        _cached_statistics.cache_clear()  # the restart is over: free its node tables
+        kl_statistics.cache_clear()  # the restart is over: free its node tables
         return elbo if math.isfinite(elbo) else -math.inf
