@@ -136,3 +136,19 @@ def test_fit_cost_times_every_method_on_the_same_data_and_skips_past_max_cells(t
     assert png.stat().st_size > 0
     with pytest.raises(SystemExit, match="--max-cells"):
         fit_cost.main(["--max-cells", "nosuch=3"])
+
+
+def test_eeg_fit_measures_each_method_in_its_own_process_and_stops_at_its_deadline(tmp_path):
+    from benchmarks import eeg_fit
+    out = tmp_path / "eeg_fit.json"
+    assert eeg_fit.main(["--samples", "3000", "--channels", "4", "--methods", "picard",
+                         "--out", str(out)]) == 0
+    data, picard = json.loads(out.read_text())["results"]
+    assert data["method"] == "data" and "seconds" not in data
+    assert picard["status"] == "ok" and picard["mcc"] > 0.9 and picard["seconds"] > 0
+    assert picard["max_rss_mb"] >= data["max_rss_mb"] > 10
+    # Importing torch alone takes longer than this deadline: the child is stopped and reaped.
+    assert eeg_fit.main(["--samples", "3000", "--channels", "4", "--methods", "halfvae",
+                         "--timeout", "0.2", "--out", str(out)]) == 0
+    stopped = json.loads(out.read_text())["results"][1]
+    assert stopped["status"] == "stopped after 0.2 s" and "mcc" not in stopped

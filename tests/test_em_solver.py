@@ -76,9 +76,9 @@ def _direct_prior_update(sums, rows):
 @pytest.mark.parametrize("groups", [None, 4])
 def test_bound_statistics_are_the_responsibilities(groups):
     mu, logvar, logits, means, logvars, index = _state(groups=groups)
-    stats = KLStatistics("bound", *mu.shape, torch.float64, "cpu", index)
+    stats = KLStatistics("bound", *mu.shape, torch.float64, "cpu")
     g_mu, g_lv, g_logits, g_means, g_logvars = stats.gradients(mu, logvar, logits, means,
-                                                               logvars)
+                                                               logvars, index)
     r = _responsibilities(mu, logvar, logits, means, logvars, index, bound=True)
     lv_rows = logvars if index is None else logvars[index]
     m_rows = means if index is None else means[index]
@@ -183,6 +183,26 @@ def test_elbo_rises_every_iteration_and_is_the_models(laplace, kl):
                                                  state["means"], state["logvars"]),
                              dtype=torch.float64)
     assert history[-1] == pytest.approx(float((log_lik - kl_rows).mean()), rel=1e-9)
+
+
+@pytest.mark.parametrize("kl,groups", [("mc", None), ("bound", None), ("mc", 4)])
+def test_an_iteration_in_chunks_is_the_iteration_on_all_rows(kl, groups):
+    # Chunks change only the order of the sums (the last chunk shorter than the others).
+    mu, logvar, logits, means, logvars, index = _state(n=103, K=3, groups=groups)
+    g = torch.Generator().manual_seed(5)
+    X = mu @ torch.randn(3, 3, generator=g, dtype=torch.float64).T \
+        + 0.1 * torch.randn(103, 3, generator=g, dtype=torch.float64)
+    counts = None if groups is None else torch.bincount(index, minlength=groups)
+    state = dict(mu=mu, logvar=logvar, W=torch.eye(3, dtype=torch.float64),
+                 noise_logvar=torch.full((3,), -3.0, dtype=torch.float64), logits=logits,
+                 means=means, logvars=logvars)
+    whole, parts = (em_iteration(X, **state, learn_noise=True, kl=kl, prior_index=index,
+                                 group_counts=counts, chunk_rows=rows) for rows in (None, 10))
+    assert em_recipe.chunks(103, 3, 10)[-1] == (100, 103)
+    assert whole.pop("elbo") == pytest.approx(parts.pop("elbo"), rel=1e-12)
+    for name in whole:
+        torch.testing.assert_close(parts[name], whole[name], rtol=1e-12, atol=1e-12,
+                                   msg=name)
 
 
 def test_em_separates_as_well_as_picard():

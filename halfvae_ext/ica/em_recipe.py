@@ -40,7 +40,8 @@ import torch
 from ..models import HalfVAE
 from .recipe import LinearRecipe
 
-__all__ = ["LinearEMRecipe", "em_iteration", "row_statistics", "prior_update", "CONVERGED", "CONVERGED_WINDOW", "EM_SETTINGS"]
+__all__ = ["LinearEMRecipe", "em_iteration", "row_statistics", "prior_update", "chunks",
+           "CONVERGED", "CONVERGED_WINDOW", "EM_SETTINGS"]
 
 # A restart has converged when its ELBO per sample rose by less than this many nats per
 # iteration, on average over the last CONVERGED_WINDOW iterations.
@@ -64,6 +65,8 @@ EM_SETTINGS = {"batch_size": None, "table_optimizer": "torch",
 # z, and the posteriors are far narrower than the prior's components (on the demo's problems 2,
 # 3 and 5 nodes give the same sources to 4 digits).
 QUADRATURE = 3
+# Elements ([rows, K]) of a chunk of an iteration's passes over the rows (see ``chunks``).
+CHUNK_ELEMENTS = 1 << 17
 
 
 class KLStatistics:
@@ -74,7 +77,7 @@ class KLStatistics:
     d KL / d mu = E_q psi(z) and d KL / d logvar = (s^2 E_q psi'(z) - 1) / 2 (psi = -d log p /
     dz; Stein's lemma), the prior's are sums of responsibility-weighted moments."""
 
-    def __init__(self, kl: str, n: int, K: int, dtype, device, prior_index=None):
+    def __init__(self, kl: str, n: int, K: int, dtype, device):
         self.kl = kl
         self.nodes = nodes = 1 if kl == "bound" else QUADRATURE
         self.n = n
@@ -86,34 +89,49 @@ class KLStatistics:
         # Every row once per node, gathered inside the kernel (no copies of the table).
         self.rows = torch.arange(n, device=device).repeat(nodes)
         self.zeros = torch.zeros_like(self.eps)
-        self.prior_index = None if prior_index is None else prior_index.repeat(nodes)
         self._code = 1 if kl == "bound" else 0
 
-    def gradients(self, mu, logvar, logits, means, logvars):
-        """(d/d mu, d/d logvar [n, K], d/d logits, d/d means, d/d logvars) of sum_n KL(q_n || p)."""
+    def _index(self, prior_index):
+        return None if prior_index is None else prior_index.repeat(self.nodes)
+
+    def gradients(self, mu, logvar, logits, means, logvars, prior_index=None):
+        """(d/d mu, d/d logvar [n, K], d/d logits, d/d means, d/d logvars) of sum_n KL(q_n || p);
+        prior_index [n]: each row's group for a conditional prior."""
         from .. import ops  # noqa: F401  (loads the extension, which registers the op)
         g_mu, g_lv, g_logits, g_means, g_logvars = \
             torch.ops.halfvae_ext.reparam_gmm_kl_rows_backward(
                 self.zeros, self.weights, mu, logvar, self.rows, logits, means, logvars,
-                self.eps, None, 1, True, self.prior_index, self._code, True)
+                self.eps, None, 1, True, self._index(prior_index), self._code, True)
         K = mu.shape[1]
         return (g_mu.view(self.nodes, self.n, K).sum(0), g_lv.view(self.nodes, self.n, K).sum(0),
                 g_logits, g_means, g_logvars)
 
-    def mean_kl(self, mu, logvar, logits, means, logvars) -> float:
-        """KL(q_n || p) averaged over the rows."""
+    def kl_sum(self, mu, logvar, logits, means, logvars, prior_index=None) -> float:
+        """sum_n KL(q_n || p) over the rows."""
         from ..ops import reparam_gmm_kl_rows
         _, kl = reparam_gmm_kl_rows(mu, logvar, self.rows, logits, means, logvars, eps=self.eps,
-                                    prior_index=self.prior_index, kl=self.kl)
-        return float((kl * self.weights).sum()) / self.n
+                                    prior_index=self._index(prior_index), kl=self.kl)
+        return float((kl * self.weights).sum())
+
+    def mean_kl(self, mu, logvar, logits, means, logvars, prior_index=None) -> float:
+        """KL(q_n || p) averaged over the rows."""
+        return self.kl_sum(mu, logvar, logits, means, logvars, prior_index) / self.n
 
 
-@functools.lru_cache(maxsize=1)
-def kl_statistics(kl: str, n: int, K: int, dtype, device, prior_index=None) -> KLStatistics:
-    """A KLStatistics, the last one given again when asked for the same arguments (prior_index:
-    the same tensor; its node tables are a few copies of the table's size, which an iteration
-    should not allocate anew; a restart's final_elbo releases it)."""
-    return KLStatistics(kl, n, K, dtype, device, prior_index)
+@functools.lru_cache(maxsize=2)
+def kl_statistics(kl: str, n: int, K: int, dtype, device) -> KLStatistics:
+    """A KLStatistics, the same one given again when asked for the same arguments (its node
+    tables are a few copies of a chunk's size, which an iteration should not allocate anew; two
+    sizes: a full chunk and the last one; a restart's final_elbo releases them)."""
+    return KLStatistics(kl, n, K, dtype, device)
+
+
+def chunks(n: int, K: int, rows=None):
+    """[(start, stop)] of the row chunks an iteration's passes take in turn: about
+    CHUNK_ELEMENTS elements each, so that a chunk's temporaries stay in cache (a pass over the
+    whole table per elementwise operation would be bound by memory bandwidth)."""
+    rows = rows or max(1, CHUNK_ELEMENTS // K)
+    return [(a, min(n, a + rows)) for a in range(0, n, rows)]
 
 
 def _hermite_nodes(n: int):
@@ -147,15 +165,17 @@ def _conjugate_gradient(G, P, c, x, steps: int):
     return x
 
 
-def _transform_step(M, S2, g_mu, P):
+def _transform_step(score, curvature, curvature_s2, second, n: int):
     """The Newton step T = I + E in the transform group (see the module docstring), or None
-    when the approximate Hessian gives no usable step. M, S2, g_mu, P: [n, K]."""
-    n, K = M.shape
-    eye = torch.eye(K, dtype=torch.float64, device=M.device)
+    when the approximate Hessian gives no usable step. From sums over the rows (float64):
+    score = g_mu^T M [K, K], curvature = sum P, curvature_s2 = sum P S2, second = sum M^2 + S2
+    [K], with M, S2 the rows' means and variances, g_mu, P their KL statistics."""
+    K = score.shape[0]
+    eye = torch.eye(K, dtype=torch.float64, device=score.device)
     # Relative gradient of log|det T| + E_q log p(T z) at T = I; the score of the mixture given
     # r is P z - h, whose moments under q are g_mu^T M / n plus the variance on the diagonal.
-    grad = eye - (g_mu.T @ M).double() / n - torch.diag((P * S2).double().mean(0))
-    h = P.double().mean(0)[:, None] * (M * M + S2).double().mean(0)[None, :]
+    grad = eye - score / n - torch.diag(curvature_s2 / n)
+    h = (curvature / n)[:, None] * (second / n)[None, :]
     det = h * h.T - 1.0
     # Off the diagonal only: a rescaling of z_k with the prior rescaled along is an exact
     # symmetry of the model, which the prior's M step follows (a diagonal step fights it).
@@ -199,55 +219,84 @@ def prior_update(g_logits, g_means, g_logvars, logits, means, logvars, rows):
 
 @torch.no_grad()
 def em_iteration(X, mu, logvar, W, noise_logvar, logits, means, logvars, *, learn_noise: bool,
-                 kl: str = "mc", prior_index=None, group_counts=None):
+                 kl: str = "mc", prior_index=None, group_counts=None, chunk_rows=None):
     """One EM iteration from the state (mu, logvar [n, K], W [d, K], noise_logvar [d], prior
     tables [K, C] or [U, K, C]) on the whitened rows X [n, d]; returns the new state as a dict of
     tensors in the same dtypes, and ``elbo``, the ELBO per sample of the new state. prior_index
     [n]: each row's group for a conditional prior, with group_counts [U] its rows per group.
-    kl: "mc" (the ELBO itself) or "bound" (with the closed-form KL bound): see KLStatistics."""
+    kl: "mc" (the ELBO itself) or "bound" (with the closed-form KL bound): see KLStatistics.
+    The rows are taken in chunks of ``chunk_rows`` (default: see ``chunks``) in three passes:
+    rows and the sums of the prior's and the transform's steps; the transform and the sums of
+    W's; the residuals."""
     n, K = mu.shape
     dtype = mu.dtype
-    stats = kl_statistics(kl, n, K, dtype, mu.device, prior_index)
+    parts = chunks(n, K, chunk_rows)
+    wide = dict(dtype=torch.float64, device=mu.device)
     psi = noise_logvar.clamp_min(MIN_NOISE_LOGVAR).exp()
     Wp = W / psi[:, None]
     G = W.T @ Wp
+    diag_G = torch.diagonal(G)
 
-    # 1. rows, given r at the current state
-    g_mu, g_lv, *_ = stats.gradients(mu, logvar, logits, means, logvars)
-    P, h = row_statistics(g_mu, g_lv, mu, logvar)
-    S2 = 1.0 / (torch.diagonal(G) + P)
-    logvar = S2.log()
-    mu = _conjugate_gradient(G, P, torch.addmm(h, X, Wp), mu, CG_STEPS)
-
-    # 2. the prior, from r at the new rows
-    g_mu, g_lv, g_logits, g_means, g_logvars = stats.gradients(mu, logvar, logits, means,
-                                                                logvars)
+    # 1. rows, given r at the current state; 2. sums for the prior's M step at the new rows,
+    # and for 3. the transform step
+    new_mu, S2 = torch.empty_like(mu), torch.empty_like(mu)
+    prior_grads = None
+    score = torch.zeros(K, K, **wide)
+    curvature, curvature_s2, second = (torch.zeros(K, **wide) for _ in range(3))
+    for a, b in parts:
+        stats = kl_statistics(kl, b - a, K, dtype, mu.device)
+        index = None if prior_index is None else prior_index[a:b]
+        g_mu, g_lv, *_ = stats.gradients(mu[a:b], logvar[a:b], logits, means, logvars, index)
+        P, h = row_statistics(g_mu, g_lv, mu[a:b], logvar[a:b])
+        s2 = torch.reciprocal(diag_G + P, out=S2[a:b])
+        m = _conjugate_gradient(G, P, torch.addmm(h, X[a:b], Wp), mu[a:b], CG_STEPS)
+        new_mu[a:b] = m
+        lv = s2.log()
+        g_mu, g_lv, *grads = stats.gradients(m, lv, logits, means, logvars, index)
+        prior_grads = grads if prior_grads is None else \
+            [total + part for total, part in zip(prior_grads, grads)]
+        P, _ = row_statistics(g_mu, g_lv, m, lv)
+        score += (g_mu.T @ m).double()
+        curvature += P.sum(0, dtype=torch.float64)
+        curvature_s2 += (P * s2).sum(0, dtype=torch.float64)
+        second += torch.addcmul(s2, m, m).sum(0, dtype=torch.float64)
     rows = float(n) if group_counts is None else group_counts.to(logits)[:, None, None]
-    new_logits, new_means, new_logvars = prior_update(g_logits, g_means, g_logvars, logits,
-                                                      means, logvars, rows)
+    new_logits, new_means, new_logvars = prior_update(*prior_grads, logits, means, logvars, rows)
+    T = _transform_step(score, curvature, curvature_s2, second, n)
 
-    # 3. the transform step, with r of step 2
-    P, _ = row_statistics(g_mu, g_lv, mu, logvar)
-    T = _transform_step(mu, S2, g_mu, P)
+    # 3. the transform, and the sums of W's least squares and of the KL at the new state
+    MtM = torch.zeros(K, K, **wide)
+    MtX = torch.zeros(K, X.shape[1], **wide)
+    sum_s2 = torch.zeros(K, **wide)
+    kl_total = 0.0
     if T is not None:
         T = T.to(dtype)
-        mu = mu @ T.T
-        S2 = S2 @ (T * T).T
-        logvar = S2.log()
+    for a, b in parts:
+        m, s2 = new_mu[a:b], S2[a:b]
+        if T is not None:
+            m.copy_(m @ T.T)
+            s2.copy_(s2 @ (T * T).T)
+        MtM += (m.T @ m).double()
+        MtX += (m.T @ X[a:b]).double()
+        sum_s2 += s2.sum(0, dtype=torch.float64)
+        lv = s2.log_()  # S2 becomes the new logvar
+        index = None if prior_index is None else prior_index[a:b]
+        kl_total += kl_statistics(kl, b - a, K, dtype, mu.device).kl_sum(
+            m, lv, new_logits, new_means, new_logvars, index)
 
     # 4. W and the noise
-    sum_s2 = S2.sum(0)
-    MtM = (mu.T @ mu).double() + torch.diag(sum_s2.double())
-    W = torch.linalg.solve(MtM, (mu.T @ X).double()).T.to(dtype)
-    R = torch.addmm(X, mu, W.T, alpha=-1.0)
-    sq = (R * R).mean(0) + (W * W) @ (sum_s2 / n)  # E_q (x - W z)^2 per feature
+    W = torch.linalg.solve(MtM + torch.diag(sum_s2), MtX).T.to(dtype)
+    sq = (W * W).double() @ sum_s2  # sum_n E_q (x_n - W z_n)^2 per feature
+    for a, b in parts:
+        R = torch.addmm(X[a:b], new_mu[a:b], W.T, alpha=-1.0)
+        sq += (R * R).sum(0, dtype=torch.float64)
+    sq = (sq / n).to(dtype)
     if learn_noise:
         noise_logvar = sq.clamp_min(math.exp(MIN_NOISE_LOGVAR)).log()
     lv = noise_logvar.clamp_min(MIN_NOISE_LOGVAR)
     log_lik = -0.5 * (math.log(2 * math.pi) * X.shape[1] + lv.sum() + (sq / lv.exp()).sum())
-    kl_mean = stats.mean_kl(mu, logvar, new_logits, new_means, new_logvars)
-    return dict(mu=mu, logvar=logvar, W=W, noise_logvar=noise_logvar, logits=new_logits,
-                means=new_means, logvars=new_logvars, elbo=float(log_lik) - kl_mean)
+    return dict(mu=new_mu, logvar=S2, W=W, noise_logvar=noise_logvar, logits=new_logits,
+                means=new_means, logvars=new_logvars, elbo=float(log_lik) - kl_total / n)
 
 
 @dataclass(frozen=True)
@@ -311,10 +360,14 @@ class LinearEMRecipe(LinearRecipe):
         quadrature); -inf if not finite."""
         lat, prior = model.latents, model.prior
         index = u if u is not None and prior.conditional else None
-        stats = kl_statistics(self.kl, *lat.mu.shape, lat.mu.dtype, lat.mu.device, index)
+        n, K = lat.mu.shape
+        kl_total = 0.0
+        for a, b in chunks(n, K):
+            kl_total += kl_statistics(self.kl, b - a, K, lat.mu.dtype, lat.mu.device).kl_sum(
+                lat.mu[a:b], lat.logvar[a:b], prior.logits, prior.means, prior.logvars,
+                None if index is None else index[a:b])
         log_lik = model.likelihood.expected_log_prob_linear(Xw, model.decoder, lat.mu,
                                                             lat.logvar).mean()
-        elbo = float(log_lik) - stats.mean_kl(lat.mu, lat.logvar, prior.logits, prior.means,
-                                              prior.logvars)
+        elbo = float(log_lik) - kl_total / n
         kl_statistics.cache_clear()  # the restart is over: free its node tables
         return elbo if math.isfinite(elbo) else -math.inf
