@@ -62,6 +62,7 @@ class ICAProblem:
     mixer: Optional[Callable[[np.ndarray], np.ndarray]] = None
     u: Optional[np.ndarray] = None
     image_shape: Optional[tuple] = None  # (height, width) when each source is an image
+    noise_var: Optional[np.ndarray] = None  # [n_observed] variance of the added sensor noise
 
     @property
     def n_samples(self) -> int:
