@@ -152,3 +152,18 @@ def test_eeg_fit_measures_each_method_in_its_own_process_and_stops_at_its_deadli
                          "--timeout", "0.2", "--out", str(out)]) == 0
     stopped = json.loads(out.read_text())["results"][1]
     assert stopped["status"] == "stopped after 0.2 s" and "mcc" not in stopped
+
+
+def test_underdetermined_benchmark_runs_every_method_on_the_same_data(tmp_path, capsys):
+    from benchmarks import underdetermined
+    out = tmp_path / "ud.json"
+    assert underdetermined.main(["--sets", "3:2", "--activity", "0.1", "--seeds", "0",
+                                 "--samples", "1500", "--max-iter", "20", "--out",
+                                 str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["posterior mean, true", "lasso, true A",
+                                           "clustering + lasso", "exact EM (Half-VAE's)"]
+    assert all(r["snr"] > 8.0 for r in rows)  # each a working separation of 3 from 2
+    assert "| 3 -> 2 | 0.1 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--sets"):
+        underdetermined.main(["--sets", "2:3"])
