@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .data import check_int, make_rng
+from .preprocessing import check_data
 
 __all__ = ["cluster_directions", "l1_decode"]
 
@@ -48,9 +49,7 @@ def cluster_directions(X, n_components: int, *, energy_quantile: float = 0.5,
     k-means++-style starts (each next line a kept row far in angle from the lines so far); the
     start with the largest sum of w cos^2 to the nearest line wins. Signs are normalized to a
     nonnegative largest entry."""
-    X = np.asarray(X, dtype=np.float64)
-    if X.ndim != 2 or X.shape[0] < 2:
-        raise ValueError(f"X must be [n_samples >= 2, n_features], got shape {X.shape}")
+    X = check_data(X).astype(np.float64, copy=False)
     K = check_int("n_components", n_components, 1)
     if not 0.0 <= energy_quantile < 1.0:
         raise ValueError(f"energy_quantile must be in [0, 1), got {energy_quantile!r}")
@@ -81,8 +80,9 @@ def l1_decode(X, A, alpha: float) -> np.ndarray:
     """Sources [n, K] = argmin_s |x - A s|^2 / (2 D) + alpha |s|_1 for every row x of X [n, D]
     (scikit-learn's SparseCoder, LARS; A [D, K], its columns the atoms)."""
     from sklearn.decomposition import SparseCoder
-    X, A = np.asarray(X, dtype=np.float64), np.asarray(A, dtype=np.float64)
-    if A.ndim != 2 or X.ndim != 2 or A.shape[0] != X.shape[1]:
+    X, A = check_data(X, min_samples=1).astype(np.float64, copy=False), \
+        np.asarray(A, dtype=np.float64)
+    if A.ndim != 2 or A.shape[0] != X.shape[1]:
         raise ValueError(f"X [n, D] and A [D, K] must share D; got {X.shape} and {A.shape}")
     if not alpha > 0:
         raise ValueError(f"alpha must be positive, got {alpha!r}")

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from .data import ICAProblem, check_int, check_real, make_rng
-from .metrics import _check_pair, match_components
+from .metrics import _check_pair, align_sources
+from .preprocessing import check_data
 
 __all__ = ["make_sparse_mixture", "exact_posterior", "bernoulli_gaussian_prior",
            "exact_em_step", "fit_exact_em", "ExactEMFit", "check_configurations", "matched_snr", "matched_si_sdr", "column_angle_errors", "MAX_CONFIGURATIONS"]
@@ -253,10 +254,7 @@ def fit_exact_em(X, n_components: int, *, n_mixture: int = 3, max_iter: int = 30
     is kept; the sources are its posterior means. X [n, D], D < n_components allowed (the
     case this is for); C^K <= MAX_CONFIGURATIONS."""
     from .sparse_baselines import cluster_directions
-    X = np.asarray(X, dtype=np.float64)
-    if X.ndim != 2 or X.shape[0] < 2 or not np.all(np.isfinite(X)):
-        raise ValueError(f"X must be a finite [n_samples >= 2, n_features] array, got shape "
-                         f"{X.shape}")
+    X = check_data(X).astype(np.float64, copy=False)
     K = check_int("n_components", n_components, 1)
     C = check_int("n_mixture", n_mixture, 1)
     check_configurations(K, C)
@@ -287,9 +285,8 @@ def fit_exact_em(X, n_components: int, *, n_mixture: int = 3, max_iter: int = 30
 
 
 def _matched(S_true, S_est):
-    t, e = _check_pair(S_true, S_est)
-    perm, signs, _ = match_components(t, e)
-    return t, e[:, perm] * signs
+    """(S_true, S_est's columns matched to it in order and sign), both float64."""
+    return _check_pair(S_true, S_est)[0], align_sources(S_true, S_est)
 
 
 def matched_snr(S_true, S_est) -> np.ndarray:
