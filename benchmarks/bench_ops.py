@@ -205,6 +205,10 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="sizes 16,20,23 and C=3 only, shorter budget (a few minutes on 2 cores)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    p.add_argument("--impls", default=None,
+                   help="implementations to time, comma-separated (default all): fused, "
+                        "fused_rng, randn+fused, eager, distributions, compile; e.g. --impls "
+                        "fused --variants mc,prior_index for the conditional prior's ratio alone")
     p.add_argument("--slow-max-log2", type=int, default=24,
                    help="skip eager/distributions/compile above this size (they take seconds)")
     p.add_argument("--out", default="results/bench")
@@ -231,6 +235,13 @@ def main(argv=None):
     }
     if not args.no_compile:
         impls["compile"] = torch.compile(reference_kl, dynamic=False)
+    if args.impls is not None:
+        wanted = args.impls.split(",")
+        unknown = [n for n in wanted if n not in impls and n != "compile"]
+        if unknown or "fused" not in wanted:
+            sys.exit(f"bench_ops: --impls takes fused (always) and any of {', '.join(impls)}, "
+                     f"compile; got {args.impls!r}")
+        impls = {n: f for n, f in impls.items() if n in wanted}
     slow = {"eager", "distributions", "compile"}
 
     meta = {"device": str(device), "dtype": args.dtype, "K": K, "groups": args.groups,
@@ -305,12 +316,13 @@ def main(argv=None):
         return run
 
     memory = {"log2_NK": mem_lg, "C": C, "necessary_bytes": necessary}
-    for name in ("fused", "fused_rng", "eager", "distributions"):
+    measured = [n for n in ("fused", "fused_rng", "eager", "distributions") if n in impls]
+    for name in measured:
         step(impls[name])()  # warm-up
         memory[name] = peak_memory(step(impls[name]), device)
     print(f"\npeak memory of one fwd+bwd step, N*K=2^{mem_lg}, C={C} "
           f"(outputs + upstream grads + input grads = {necessary / 2**20:.1f} MiB):")
-    for name in ("fused", "fused_rng", "eager", "distributions"):
+    for name in measured:
         print(f"  {name:14s} {memory[name] / 2**20:9.1f} MiB  ({memory[name] / necessary:.2f}x)")
 
     summarize(rows, meta)
@@ -334,7 +346,8 @@ def summarize(rows, meta):
         s = r["seconds"]
         f = s["fused"]
         parts = [f"{n} {s[n] / f:6.1f}x" for n in ("eager", "distributions", "compile") if n in s]
-        parts.append(f"randn+fused/fused_rng {s['randn+fused'] / s['fused_rng']:.2f}x")
+        if "randn+fused" in s and "fused_rng" in s:
+            parts.append(f"randn+fused/fused_rng {s['randn+fused'] / s['fused_rng']:.2f}x")
         parts.append(f"copy floor reached {s['copy floor'] / f * 100:5.1f}%")
         parts.append(f"fused = {f / s['exp pass']:.2f} exp passes "
                      f"(fwd {fwd[key(r)] / s['exp pass']:.2f})")

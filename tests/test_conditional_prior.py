@@ -47,12 +47,14 @@ def assert_all_close(actual, expected, tol):
 
 
 # (N, K, C, U, groups present). The CPU kernels read the per-group tables directly when K is a
-# multiple of the vector width (4 float64 lanes on AVX2, 8 on AVX-512), else copy them per block;
+# multiple of the vector width W (4 float64 lanes on AVX2, 8 on AVX-512), blend the tables of the
+# W/K rows a vector holds when K divides W (K = 2; K = 4 on AVX-512), else copy them per block;
 # they keep all U groups when the tables are small next to the batch (4*U*K*C <= N), else only
-# those present (the last case has groups absent: their gradients must be zero). K = 4099 is past
-# the pattern limit (partial vectors at each row's end).
+# those present (the (40, 8, ...) and (41, 2, ...) cases have groups absent: their gradients must
+# be zero). An odd N with K = 2 ends in a partial vector. K = 4099 is past the pattern limit
+# (partial vectors at each row's end).
 CASES = [(600, 8, 3, 5, None), (600, 5, 2, 4, None), (40, 8, 3, 9, 6), (30, 13, 1, 3, None),
-         (3, 4099, 2, 2, None)]
+         (3, 4099, 2, 2, None), (601, 2, 3, 5, None), (41, 2, 2, 9, 6), (300, 4, 3, 7, None)]
 
 
 @pytest.mark.parametrize("reduction", ["row", "none"])
@@ -192,7 +194,7 @@ def test_fused_table_step_equals_sparse_gradients_and_sparse_adam(K, kl):
 
 
 @pytest.mark.parametrize("kl", KL_KINDS)
-@pytest.mark.parametrize("K", [4, 3])  # float64: the direct and the copying path
+@pytest.mark.parametrize("K", [4, 3, 2])  # float64: direct or blended (4), copied (3), blended (2)
 def test_gradcheck_every_input_float64(K, kl):
     mu, logvar, eps, prior, pi = conditional_problem(7, K, 2, 3, seed=K)
     for reduction in ("row", "none"):
@@ -314,7 +316,7 @@ def test_kl_bound_and_jensen_bound_bracket_the_monte_carlo_kl(C):
 
 
 @pytest.mark.parametrize("kl", KL_KINDS)
-@pytest.mark.parametrize("K", [8, 5])
+@pytest.mark.parametrize("K", [16, 8, 5, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_one_group_for_all_rows_equals_the_unconditional_op_on_its_table(dtype, K, kl):
     """Every row in group u: z, kl and the latents' gradients are bit for bit those of the [K, C]
@@ -341,11 +343,16 @@ def test_one_group_for_all_rows_equals_the_unconditional_op_on_its_table(dtype, 
 
 
 @pytest.mark.parametrize("kl", KL_KINDS)
-@pytest.mark.parametrize("K,U", [(8, 40), (5, 40), (8, 5000)])
-def test_prior_gradients_do_not_depend_on_the_thread_count(K, U, kl):
+@pytest.mark.parametrize("K,U,runs", [(8, 40, False), (5, 40, False), (8, 5000, False),
+                                      (4, 40, False), (16, 40, True), (4, 3, True)])
+def test_prior_gradients_do_not_depend_on_the_thread_count(K, U, runs, kl):
     """Bit for bit, float32 (where a different order of the sums would show): all U groups kept
-    (U = 40), or only those present (U = 5000); the tables read directly (K = 8) or copied (5)."""
+    (U = 40), or only those present (U = 5000); the tables read directly, blended or copied (K =
+    16 or 8, 4, 5 on AVX-512); rows in runs of one group (runs: sums in registers until the group
+    changes)."""
     mu, logvar, eps, prior, pi = conditional_problem(20000, K, 3, U, dtype=torch.float32, seed=U)
+    if runs:
+        pi = pi.sort().values
     inputs = [mu, logvar, *prior]
 
     def run():
@@ -471,3 +478,30 @@ def test_bad_kl_raises():
         hv.reparam_gmm_kl(mu, logvar, *prior, eps=eps, prior_index=pi, kl="exact")
     with pytest.raises(ValueError, match="kl code must be 0"):
         _ops.reparam_gmm_kl(mu, logvar, *prior, eps, None, 1, pi, 2)
+
+
+@pytest.mark.parametrize("kl", KL_KINDS)
+@pytest.mark.parametrize("K", [2, 4, 8, 16])
+def test_rows_in_runs_of_one_group_match_reference_float64(K, kl):
+    """Rows sorted by group, runs of hundreds of rows (past the 64 rows after which a group's
+    float accumulators are folded into the float64 sums), then a stretch of random groups: the
+    registers that sum a run must hand every term on, at a change of group, at a fold and at the
+    chunk's end. float64 and float32 (K = 2..16 cover the direct, vector-row and blended paths on
+    AVX2 and AVX-512)."""
+    N, C, U = 2500, 3, 4
+    mu, logvar, eps, prior, pi = conditional_problem(N, K, C, U, seed=K)
+    pi = torch.cat([pi[:2000].sort().values, pi[2000:]])
+    out = hv.reparam_gmm_kl(mu, logvar, *prior, eps=eps, prior_index=pi, kl=kl, reduction="none")
+    want = ref.reparam_gmm_kl(mu, logvar, *prior, eps=eps, prior_index=pi, kl=kl, reduction="none")
+    assert_all_close(out, want, 1e-10)
+    inputs = [mu, logvar, *prior]
+    truth = weighted_grads(want, inputs)
+    assert_all_close(weighted_grads(out, inputs), truth, 1e-9)
+    lp = hv.gmm_log_prob(mu, *prior, prior_index=pi)
+    lp_want = ref.gmm_log_prob(mu, *prior, prior_index=pi)
+    assert_all_close(weighted_grads([lp], [mu, *prior]), weighted_grads([lp_want], [mu, *prior]),
+                     1e-9)
+    f32 = [t.detach().float().requires_grad_() for t in inputs]
+    out32 = hv.reparam_gmm_kl(f32[0], f32[1], *f32[2:], eps=eps.float(), prior_index=pi, kl=kl,
+                              reduction="none")
+    assert_float32_close_to_truth(weighted_grads(out32, f32), truth)

@@ -2,7 +2,7 @@
 #include <ATen/Dispatch.h>
 
 #include "../kernel_table.h"
-#include "vec_loop.h"
+#include "prior_sources.h"
 
 namespace halfvae::cpu {
 inline namespace CPU_CAPABILITY {

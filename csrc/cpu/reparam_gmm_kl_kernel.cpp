@@ -6,7 +6,7 @@
 #include "../kernel_table.h"
 #include "prefetch.h"
 #include "row_step.h"
-#include "vec_loop.h"
+#include "prior_sources.h"
 
 namespace halfvae::cpu {
 inline namespace CPU_CAPABILITY {
