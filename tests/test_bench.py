@@ -167,3 +167,16 @@ def test_underdetermined_benchmark_runs_every_method_on_the_same_data(tmp_path, 
     assert "| 3 -> 2 | 0.1 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--sets"):
         underdetermined.main(["--sets", "2:3"])
+
+
+def test_bench_ops_times_only_the_chosen_implementations(tmp_path, capsys):
+    from benchmarks.bench_ops import main as bench_ops
+    result = bench_ops(["--impls", "fused", "--variants", "mc,prior_index", "--latents", "4",
+                        "--sizes", "10", "--components", "3", "--budget", "0.01",
+                        "--out", str(tmp_path)])
+    assert {r["variant"] for r in result["rows"]} == {"mc", "prior_index"}
+    for r in result["rows"]:
+        assert set(r["seconds"]) == {"fused", "copy floor", "exp pass"}
+    assert "fused prior_index/mc" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--impls"):
+        bench_ops(["--impls", "eager", "--sizes", "10", "--out", str(tmp_path)])
